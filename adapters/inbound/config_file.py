@@ -1,0 +1,362 @@
+"""The operator's configuration: the original system's config.ini, new keys, and environment overrides.
+
+Lookup order for every key: environment variable, then the file, then the default. Environment names:
+- keys of [CONFIG]: the key itself (`CORP_SECRET`) or `KFDIFY_CORP_SECRET`;
+- keys of other sections: `SECTION_KEY` (`MEMCACHE_HOST`, `SERVER_PORT`) or `KFDIFY_SECTION_KEY`.
+The `KFDIFY_` form wins when both are set. Bad settings are collected and reported together.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+T = TypeVar("T")
+
+ENV_PREFIX = "KFDIFY_"
+MAIN = "CONFIG"
+
+
+class ConfigError(Exception):
+    """Every bad or missing setting, each with what is expected."""
+
+    def __init__(self, problems: list[str], source: str) -> None:
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"configuration is not usable ({source}):\n{lines}")
+
+
+@dataclass(frozen=True, slots=True)
+class MemcacheSettings:
+    servers: tuple[tuple[str, int], ...]
+    connect_timeout: float = 5.0
+    timeout: float = 5.0
+    prefix: str = "kfdify"
+
+
+@dataclass(frozen=True, slots=True)
+class KfRouteSettings:
+    """A [KF:<open_kfid>] section: that account's own Dify app and texts."""
+
+    open_kfid: str
+    dify_api_base: str
+    dify_api_key: str
+    texts: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    corp_id: str
+    corp_secret: str
+    token: str
+    encoding_aes_key: str
+    dify_api_base: str
+    dify_api_key: str
+    agent_id: str = ""
+    wecom_api_base: str = "https://qyapi.weixin.qq.com"
+    admin_token: str = ""
+    dify_response_mode: str = "streaming"
+    log_level: str = "INFO"
+    log_format: str = "text"
+    host: str = "0.0.0.0"
+    port: int = 11850
+    shutdown_grace_s: float = 20.0
+    memcache: MemcacheSettings | None = None
+    # [BOT]: behaviour knobs, already typed.
+    max_message_age_s: float = 600.0
+    conversation_idle_ttl_s: float = 86400.0
+    dify_concurrency: int = 32
+    dify_connect_timeout_s: float = 10.0
+    dify_idle_timeout_s: float = 45.0
+    dify_total_timeout_s: float = 180.0
+    dify_retries: int = 1
+    dify_inputs: dict[str, str] = field(default_factory=dict)
+    interim_after_s: float = 0.0
+    reset_words: tuple[str, ...] = ()
+    handoff_words: tuple[str, ...] = ()
+    recovery_interval_s: float = 60.0
+    texts: dict[str, str] = field(default_factory=dict)
+    kf_routes: tuple[KfRouteSettings, ...] = ()
+    source: str = ""
+
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never appear in logs, errors or /status."""
+        values = [self.corp_secret, self.token, self.encoding_aes_key, self.dify_api_key, self.admin_token]
+        values += [r.dify_api_key for r in self.kf_routes]
+        return tuple(v for v in values if v)
+
+
+TEXT_KEYS = (
+    "fallback",
+    "unsupported",
+    "reset_done",
+    "truncated",
+    "interim",
+    "handoff",
+    "handoff_failed",
+    "rate_limited",
+    "welcome",
+)
+
+
+class _Reader:
+    def __init__(self, parser: configparser.ConfigParser, environ: Mapping[str, str]) -> None:
+        self.parser = parser
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def env_names(self, section: str, key: str) -> tuple[str, ...]:
+        key = key.upper()
+        if section.upper() == MAIN:
+            return (ENV_PREFIX + key, key)
+        flat = f"{section.upper()}_{key}"
+        return (ENV_PREFIX + flat, flat)
+
+    def raw(self, section: str, key: str) -> str | None:
+        for name in self.env_names(section, key):
+            value = self.environ.get(name)
+            if value is not None and value.strip() != "":
+                return value.strip()
+        if self.parser.has_option(section, key):
+            value = self.parser.get(section, key).strip()
+            return value if value != "" else None
+        return None
+
+    def where(self, section: str, key: str) -> str:
+        return f"[{section}] {key} (env {self.env_names(section, key)[0]})"
+
+    def text(self, section: str, key: str, default: str | None = None, *, required: bool = False) -> str:
+        value = self.raw(section, key)
+        if value is None:
+            if required:
+                self.problems.append(f"{self.where(section, key)} is missing")
+            return default or ""
+        if required and value.lower().startswith("your_"):
+            self.problems.append(f"{self.where(section, key)} still holds the example placeholder {value!r}")
+        return value
+
+    def typed(self, section: str, key: str, default: T, cast: Callable[[str], T], expected: str) -> T:
+        value = self.raw(section, key)
+        if value is None:
+            return default
+        try:
+            return cast(value)
+        except (TypeError, ValueError):
+            self.problems.append(f"{self.where(section, key)} = {value!r}: expected {expected}")
+            return default
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError(value)
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 < number < 65536:
+        raise ValueError(value)
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(value)
+    return number
+
+
+def _words(value: str) -> tuple[str, ...]:
+    return tuple(w.strip() for w in re.split(r"[,，|\n]", value) if w.strip())
+
+
+def _url(value: str) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(value)
+    return value.rstrip("/")
+
+
+def _servers(value: str) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in (s.strip() for s in value.split(",")):
+        if not item:
+            continue
+        host, _, port = item.rpartition(":")
+        if not host:
+            raise ValueError(item)
+        out.append((host.strip("[]"), _port(port)))
+    if not out:
+        raise ValueError(value)
+    return tuple(out)
+
+
+_AES_KEY = re.compile(r"^[A-Za-z0-9]{43}$")
+
+
+def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
+    """Read `path` (None: ./config.ini if present) and the environment. Raises ConfigError."""
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    explicit = path is not None
+    file = Path(path or "config.ini")
+    source = str(file)
+    pre_problems: list[str] = []
+    if file.is_file():
+        try:
+            with file.open(encoding="utf-8-sig") as handle:
+                parser.read_file(handle)
+        except (configparser.Error, UnicodeDecodeError, OSError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError([f"cannot read the file: {first}"], source) from None
+    elif explicit:
+        pre_problems.append(f"no configuration file at {file} (copy config.example.ini and fill it in)")
+    else:
+        source = "environment (no ./config.ini)"
+    r = _Reader(parser, environ)
+    r.problems.extend(pre_problems)
+
+    corp_id = r.text(MAIN, "CORP_ID", required=True)
+    corp_secret = r.text(MAIN, "CORP_SECRET", required=True)
+    token = r.text(MAIN, "TOKEN", required=True)
+    if token and (len(token) > 128 or any(c.isspace() for c in token)):
+        r.problems.append(
+            f"{r.where(MAIN, 'TOKEN')}: expected the callback Token from WeCom (letters/digits)"
+        )
+    aes_key = r.text(MAIN, "ENCODING_AES_KEY", required=True)
+    if aes_key and not aes_key.lower().startswith("your_") and not _AES_KEY.match(aes_key):
+        r.problems.append(
+            f"{r.where(MAIN, 'ENCODING_AES_KEY')}: expected exactly 43 letters and digits "
+            f"(got {len(aes_key)} characters)"
+        )
+    dify_base = r.text(MAIN, "DIFY_API_BASE", required=True)
+    if dify_base and not dify_base.lower().startswith("your_"):
+        dify_base = r.typed(
+            MAIN, "DIFY_API_BASE", dify_base, _url, "an http(s) URL such as https://api.dify.ai/v1"
+        )
+    dify_key = r.text(MAIN, "DIFY_API_KEY", required=True)
+    wecom_base = r.typed(
+        MAIN, "WECOM_API_BASE", "https://qyapi.weixin.qq.com", _url, "an http(s) URL (default WeCom's)"
+    )
+    mode = r.text(MAIN, "DIFY_RESPONSE_MODE", "streaming").lower()
+    if mode not in ("streaming", "blocking"):
+        r.problems.append(f"{r.where(MAIN, 'DIFY_RESPONSE_MODE')} = {mode!r}: expected streaming or blocking")
+        mode = "streaming"
+    log_level = r.text(MAIN, "LOG_LEVEL", "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        r.problems.append(
+            f"{r.where(MAIN, 'LOG_LEVEL')} = {log_level!r}: expected DEBUG, INFO, WARNING or ERROR"
+        )
+        log_level = "INFO"
+    log_format = r.text(MAIN, "LOG_FORMAT", "text").lower()
+    if log_format not in ("text", "json"):
+        r.problems.append(f"{r.where(MAIN, 'LOG_FORMAT')} = {log_format!r}: expected text or json")
+        log_format = "text"
+
+    memcache = _memcache(r)
+    inputs_raw = r.raw("BOT", "DIFY_INPUTS")
+    inputs: dict[str, str] = {}
+    if inputs_raw:
+        try:
+            parsed: Any = json.loads(inputs_raw)
+            if not isinstance(parsed, dict):
+                raise ValueError
+            inputs = {str(k): str(v) for k, v in parsed.items()}
+        except ValueError:
+            r.problems.append(
+                f'{r.where("BOT", "DIFY_INPUTS")}: expected a JSON object like {{"lang": "zh"}}'
+            )
+
+    texts = {k: v for k in TEXT_KEYS if (v := r.raw("TEXTS", k)) is not None}
+    settings = Settings(
+        corp_id=corp_id,
+        corp_secret=corp_secret,
+        token=token,
+        encoding_aes_key=aes_key,
+        dify_api_base=dify_base,
+        dify_api_key=dify_key,
+        agent_id=r.text(MAIN, "AGENT_ID", ""),
+        wecom_api_base=wecom_base,
+        admin_token=r.text(MAIN, "ADMIN_TOKEN", ""),
+        dify_response_mode=mode,
+        log_level=log_level,
+        log_format=log_format,
+        host=r.text("SERVER", "HOST", "0.0.0.0"),
+        port=r.typed("SERVER", "PORT", 11850, _port, "a port number 1-65535"),
+        shutdown_grace_s=r.typed("SERVER", "SHUTDOWN_GRACE", 20.0, _positive_float, "seconds (a number ≥ 0)"),
+        memcache=memcache,
+        max_message_age_s=r.typed("BOT", "MAX_MESSAGE_AGE", 600.0, _positive_float, "seconds (a number ≥ 0)"),
+        conversation_idle_ttl_s=r.typed(
+            "BOT", "CONVERSATION_IDLE_TTL", 86400.0, _positive_float, "seconds (a number ≥ 0)"
+        ),
+        dify_concurrency=max(1, r.typed("BOT", "DIFY_CONCURRENCY", 32, _positive_int, "a whole number ≥ 1")),
+        dify_connect_timeout_s=r.typed("BOT", "DIFY_CONNECT_TIMEOUT", 10.0, _positive_float, "seconds"),
+        dify_idle_timeout_s=r.typed("BOT", "DIFY_IDLE_TIMEOUT", 45.0, _positive_float, "seconds"),
+        dify_total_timeout_s=r.typed("BOT", "DIFY_TOTAL_TIMEOUT", 180.0, _positive_float, "seconds"),
+        dify_retries=r.typed("BOT", "DIFY_RETRIES", 1, _positive_int, "a whole number ≥ 0"),
+        dify_inputs=inputs,
+        interim_after_s=r.typed("BOT", "INTERIM_AFTER", 0.0, _positive_float, "seconds (0 = off)"),
+        reset_words=r.typed("BOT", "RESET_WORDS", (), _words, "words separated by commas"),
+        handoff_words=r.typed("BOT", "HANDOFF_WORDS", (), _words, "words separated by commas"),
+        recovery_interval_s=r.typed("BOT", "RECOVERY_INTERVAL", 60.0, _positive_float, "seconds (0 = off)"),
+        texts=texts,
+        kf_routes=_routes(r, dify_key),
+        source=source,
+    )
+    if r.problems:
+        raise ConfigError(r.problems, source)
+    return settings
+
+
+def _memcache(r: _Reader) -> MemcacheSettings | None:
+    section = "MEMCACHE"
+    backend = r.text(section, "backend", "").lower()
+    has_section = r.parser.has_section(section)
+    servers_raw = r.raw(section, "servers")
+    host = r.raw(section, "host")
+    if backend not in ("", "memory", "memcached"):
+        r.problems.append(f"{r.where(section, 'backend')} = {backend!r}: expected memcached or memory")
+        return None
+    if backend == "memory":
+        return None
+    if not (backend == "memcached" or has_section or servers_raw or host):
+        return None
+    if servers_raw:
+        servers = r.typed(section, "servers", (), _servers, "host:port[,host:port...]")
+    else:
+        port = r.typed(section, "port", 11211, _port, "a port number 1-65535")
+        servers = ((host or "localhost", port),)
+    return MemcacheSettings(
+        servers=servers,
+        connect_timeout=r.typed(section, "connect_timeout", 5.0, _positive_float, "seconds"),
+        timeout=r.typed(section, "timeout", 5.0, _positive_float, "seconds"),
+        prefix=r.text(section, "prefix", "kfdify"),
+    )
+
+
+def _routes(r: _Reader, default_key: str) -> tuple[KfRouteSettings, ...]:
+    routes = []
+    for section in r.parser.sections():
+        if not section.upper().startswith("KF:"):
+            continue
+        open_kfid = section.split(":", 1)[1].strip()
+        base = r.parser.get(section, "DIFY_API_BASE", fallback="").strip()
+        key = r.parser.get(section, "DIFY_API_KEY", fallback="").strip()
+        if not open_kfid:
+            r.problems.append(f"[{section}]: expected [KF:<open_kfid>]")
+            continue
+        if base:
+            try:
+                base = _url(base)
+            except ValueError:
+                r.problems.append(f"[{section}] DIFY_API_BASE = {base!r}: expected an http(s) URL")
+        texts = {k: r.parser.get(section, k).strip() for k in TEXT_KEYS if r.parser.has_option(section, k)}
+        routes.append(KfRouteSettings(open_kfid, base, key or default_key, texts))
+    return tuple(routes)

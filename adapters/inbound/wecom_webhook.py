@@ -1,0 +1,131 @@
+"""`/webhook`: WeCom's URL verification (GET) and callbacks (POST), acknowledged in milliseconds."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import PlainTextResponse, Response
+
+from adapters.inbound.wecom_crypto import MAX_BODY_BYTES, CallbackRejected, WeComCrypto, parse_notice
+from application import telemetry as t
+from application.telemetry import Telemetry
+from domain.messages import CallbackNotice
+
+log = logging.getLogger("kfdify.webhook")
+
+_REQUIRED_GET = ("msg_signature", "timestamp", "nonce", "echostr")
+_REQUIRED_POST = ("msg_signature", "timestamp", "nonce")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """Read at most `limit` bytes; a longer body (declared or actual) is refused without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise BodyTooLarge
+        except ValueError:
+            raise BodyTooLarge from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class WeComWebhook:
+    def __init__(
+        self,
+        *,
+        crypto: WeComCrypto,
+        on_notice: Callable[[CallbackNotice], None],
+        telemetry: Telemetry,
+        accepting: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self._crypto = crypto
+        self._on_notice = on_notice
+        self._telemetry = telemetry
+        self._accepting = accepting
+
+    async def verify(self, request: Request) -> Response:
+        params = request.query_params
+        missing = [name for name in _REQUIRED_GET if not params.get(name)]
+        if missing:
+            return self._reject(request, 400, f"missing query parameters: {', '.join(missing)}")
+        try:
+            echo = self._crypto.verify_url(
+                msg_signature=params["msg_signature"],
+                timestamp=params["timestamp"],
+                nonce=params["nonce"],
+                echostr=params["echostr"],
+            )
+        except CallbackRejected as exc:
+            return self._reject(request, _status_for(exc), exc.reason)
+        log.info("webhook URL verified")
+        # Exactly the decrypted text: no quotes, no BOM, no newline.
+        return Response(echo.encode("utf-8"), media_type="text/plain; charset=utf-8")
+
+    async def receive(self, request: Request) -> Response:
+        started = time.monotonic()
+        self._telemetry.count("callbacks")
+        if not self._accepting():
+            # Shutting down: WeCom retries within seconds and another instance (or we, restarted) answers.
+            return self._reject(request, 503, "shutting down")
+        params = request.query_params
+        missing = [name for name in _REQUIRED_POST if not params.get(name)]
+        if missing:
+            return self._reject(request, 400, f"missing query parameters: {', '.join(missing)}")
+        try:
+            body = await read_limited(request, MAX_BODY_BYTES)
+        except BodyTooLarge:
+            return self._reject(request, 413, f"body larger than {MAX_BODY_BYTES} bytes")
+        except ClientDisconnect:
+            return self._reject(request, 400, "client went away mid-body")
+        try:
+            xml = self._crypto.decrypt_callback(
+                msg_signature=params["msg_signature"],
+                timestamp=params["timestamp"],
+                nonce=params["nonce"],
+                body=body,
+            )
+            notice = parse_notice(xml)
+        except CallbackRejected as exc:
+            return self._reject(request, _status_for(exc), exc.reason)
+        if notice.asks_for_pull:
+            self._on_notice(notice)
+        else:
+            self._telemetry.count_labelled("callback_events", notice.event or "unknown")
+        elapsed = time.monotonic() - started
+        self._telemetry.observe(t.CALLBACK_ACK, elapsed)
+        log.info(
+            "callback received event=%s kf=%s in %.1f ms",
+            notice.event or "-",
+            notice.open_kfid or "-",
+            elapsed * 1000,
+        )
+        return PlainTextResponse("success")
+
+    def _reject(self, request: Request, status: int, reason: str) -> Response:
+        self._telemetry.count_labelled("callbacks_rejected", str(status))
+        client = request.client.host if request.client else "-"
+        log.warning("webhook %s rejected with %d from %s: %s", request.method, status, client, reason)
+        return PlainTextResponse(reason, status_code=status)
+
+
+def _status_for(exc: CallbackRejected) -> int:
+    # -40001 signature mismatch: 403; a body over the limit: 413; anything malformed: 400.
+    if exc.code == -40001:
+        return 403
+    if "too large" in exc.reason:
+        return 413
+    return 400

@@ -1,0 +1,296 @@
+"""Answer one customer message: commands, the Dify question, and the replies within WeCom's limits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from application import telemetry as t
+from application.errors import ChatEngineError, ConversationGone, WeComError
+from application.options import BotOptions, ReplyTexts
+from application.ports import Clock, ConversationStore, KfChannel
+from application.routing import KfRoute, Routing
+from application.telemetry import Telemetry
+from domain.chat import Answer, Question
+from domain.commands import CommandKind, CommandSet
+from domain.conversation import after_answer, current_conversation_id
+from domain.dedupe import DedupeKey, outbound_msgid
+from domain.messages import InboundMessage, Kind
+from domain.replies import MESSAGES_PER_CUSTOMER_MESSAGE, split_reply
+
+log = logging.getLogger("kfdify.answer")
+
+
+class Outcome(StrEnum):
+    ANSWERED = "answered"
+    RESET = "reset"
+    HANDOFF = "handoff"
+    UNSUPPORTED = "unsupported"
+    FALLBACK = "fallback"
+    SILENT = "silent"  # a human owns the session, or nothing could be sent
+
+
+class ReplySession:
+    """The replies to one customer message: at most 5, named after it so that a resend is a repeat."""
+
+    def __init__(
+        self,
+        *,
+        channel: KfChannel,
+        message: InboundMessage,
+        telemetry: Telemetry,
+        options: BotOptions,
+        quota: int = MESSAGES_PER_CUSTOMER_MESSAGE,
+    ) -> None:
+        self._channel = channel
+        self._message = message
+        self._key = DedupeKey.for_message(message)
+        self._telemetry = telemetry
+        self._options = options
+        self.quota = quota
+        self.used = 0
+        self.human_owns_session = False
+
+    @property
+    def remaining(self) -> int:
+        return self.quota - self.used
+
+    async def send(self, text: str) -> bool:
+        """Send one text (already within 2048 bytes). False when it could not be sent."""
+        if self.human_owns_session or self.remaining <= 0 or not text.strip():
+            return False
+        part = self.used
+        self.used += 1
+        msgid = outbound_msgid(self._key, part)
+        attempts = 1 + max(self._options.send_retries, 0)
+        for attempt in range(attempts):
+            started = time.monotonic()
+            try:
+                await self._channel.send_text(self._message.customer, text, msgid=msgid)
+            except WeComError as exc:
+                self._telemetry.observe(t.SEND, time.monotonic() - started)
+                if exc.errcode == WeComError.SESSION_NOT_SENDABLE:
+                    # A human servicer owns the session (or the 48 h window closed): stay quiet, no error.
+                    self.human_owns_session = True
+                    self._telemetry.count("replies_suppressed_human")
+                    log.info(
+                        "reply not sent: session is not the bot's (95018) kf=%s customer=%s msgid=%s",
+                        self._message.open_kfid,
+                        self._message.external_userid,
+                        self._message.msgid,
+                    )
+                    return False
+                self._telemetry.count_labelled("wecom_errors", str(exc.errcode))
+                if exc.is_transient and attempt + 1 < attempts:
+                    # Same outbound msgid on the retry: WeCom refuses a repeat if the first one did land.
+                    await asyncio.sleep(
+                        self._options.send_retry_delay_s * (attempt + 1) * (1 + random.random())
+                    )
+                    continue
+                log.warning(
+                    "reply part %d failed kf=%s customer=%s msgid=%s errcode=%s errmsg=%s",
+                    part,
+                    self._message.open_kfid,
+                    self._message.external_userid,
+                    self._message.msgid,
+                    exc.errcode,
+                    exc.errmsg,
+                )
+                return False
+            else:
+                elapsed = time.monotonic() - started
+                self._telemetry.observe(t.SEND, elapsed)
+                self._telemetry.count("replies_sent")
+                self._telemetry.reachability("wecom", True)
+                log.info(
+                    "reply sent kf=%s customer=%s msgid=%s part=%d bytes=%d in %.0f ms",
+                    self._message.open_kfid,
+                    self._message.external_userid,
+                    self._message.msgid,
+                    part,
+                    len(text.encode()),
+                    elapsed * 1000,
+                )
+                return True
+        return False
+
+    async def send_answer(self, text: str, texts: ReplyTexts) -> int:
+        """Split `text` into what the remaining quota allows; returns how many parts went out."""
+        parts = split_reply(text, max_parts=self.remaining, truncation_notice=texts.truncated)
+        sent = 0
+        for part in parts:
+            if not await self.send(part):
+                break
+            sent += 1
+        return sent
+
+
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    answer: Answer
+    elapsed: float
+
+
+class AnswerCustomerMessage:
+    """One customer message in, the right replies out. Never raises for Dify or WeCom failures."""
+
+    def __init__(
+        self,
+        *,
+        conversations: ConversationStore,
+        channel: KfChannel,
+        routing: Routing,
+        clock: Clock,
+        options: BotOptions,
+        telemetry: Telemetry,
+        render: Callable[[str], str] = lambda text: text,
+    ) -> None:
+        self._conversations = conversations
+        self._channel = channel
+        self._routing = routing
+        self._clock = clock
+        self._options = options
+        self._telemetry = telemetry
+        self._render = render
+        self._commands = CommandSet.of(reset=options.reset_words, handoff=options.handoff_words)
+        self._dify_slots = asyncio.Semaphore(max(options.dify_concurrency, 1))
+
+    async def __call__(self, message: InboundMessage) -> Outcome:
+        route = self._routing.for_kf(message.open_kfid)
+        replies = ReplySession(
+            channel=self._channel, message=message, telemetry=self._telemetry, options=self._options
+        )
+        if message.kind is not Kind.TEXT:
+            await replies.send(route.texts.unsupported)
+            self._telemetry.count("unsupported")
+            return Outcome.UNSUPPORTED if not replies.human_owns_session else Outcome.SILENT
+
+        command = self._commands.parse(message.text)
+        if command is not None and command.kind is CommandKind.RESET:
+            await self._conversations.delete_conversation(message.customer)
+            self._telemetry.count("resets")
+            log.info("conversation reset kf=%s customer=%s", message.open_kfid, message.external_userid)
+            await replies.send(route.texts.reset_done)
+            return Outcome.RESET
+
+        return await self._answer_with_dify(message, route, replies)
+
+    async def _answer_with_dify(
+        self, message: InboundMessage, route: KfRoute, replies: ReplySession
+    ) -> Outcome:
+        ask = asyncio.ensure_future(self._ask(message, route))
+        try:
+            if self._options.interim_after_s > 0:
+                done, _ = await asyncio.wait({ask}, timeout=self._options.interim_after_s)
+                if not done and replies.remaining > 1:
+                    await replies.send(route.texts.interim)
+            asked = await ask
+        except ChatEngineError as exc:
+            self._telemetry.count("fallbacks")
+            log.warning(
+                "dify failed kf=%s customer=%s msgid=%s code=%s status=%s: %s",
+                message.open_kfid,
+                message.external_userid,
+                message.msgid,
+                exc.code,
+                exc.status,
+                exc.message[:300],
+            )
+            await replies.send(route.texts.fallback)
+            return Outcome.FALLBACK if not replies.human_owns_session else Outcome.SILENT
+        finally:
+            if not ask.done():
+                ask.cancel()
+
+        text = self._render(asked.answer.text)
+        if not text.strip():
+            log.warning(
+                "dify answered with nothing kf=%s customer=%s msgid=%s",
+                message.open_kfid,
+                message.external_userid,
+                message.msgid,
+            )
+            self._telemetry.count("empty_answers")
+            await replies.send(route.texts.fallback)
+            return Outcome.FALLBACK
+        sent = await replies.send_answer(text, route.texts)
+        if sent == 0:
+            return Outcome.SILENT
+        self._telemetry.count("answered")
+        return Outcome.ANSWERED
+
+    async def _ask(self, message: InboundMessage, route: KfRoute) -> _Asked:
+        customer = message.customer
+        conversation = await self._conversations.get_conversation(customer)
+        idle = self._options.conversation_idle_ttl_s
+        conversation_id = current_conversation_id(conversation, now=self._clock.now(), idle_ttl_s=idle)
+        retries_left = max(self._options.dify_retries, 0)
+        restarted = False
+        while True:
+            question = Question(
+                user=customer.dify_user(),
+                query=message.text,
+                conversation_id=conversation_id,
+                inputs=dict(self._options.inputs),
+                trace_id=_trace_id(message),
+            )
+            started = time.monotonic()
+            try:
+                async with self._dify_slots:
+                    log.info(
+                        "asking dify kf=%s customer=%s msgid=%s conversation=%s",
+                        message.open_kfid,
+                        message.external_userid,
+                        message.msgid,
+                        conversation_id or "new",
+                    )
+                    answer = await route.engine.ask(question)
+            except ConversationGone:
+                elapsed = time.monotonic() - started
+                if conversation_id is None or restarted:
+                    raise ChatEngineError("conversation_gone", "Dify refused a new conversation") from None
+                log.info(
+                    "dify conversation gone, starting a new one kf=%s customer=%s",
+                    message.open_kfid,
+                    message.external_userid,
+                )
+                self._telemetry.count("conversations_restarted")
+                await self._conversations.delete_conversation(customer)
+                conversation, conversation_id, restarted = None, None, True
+                continue
+            except ChatEngineError as exc:
+                self._telemetry.observe(t.DIFY, time.monotonic() - started)
+                self._telemetry.count_labelled("dify_errors", exc.code)
+                self._telemetry.reachability("dify", exc.code not in ("unreachable",), exc.code)
+                if exc.retryable and retries_left > 0:
+                    retries_left -= 1
+                    await asyncio.sleep(self._options.dify_retry_delay_s * (1 + random.random()))
+                    continue
+                raise
+            elapsed = time.monotonic() - started
+            self._telemetry.observe(t.DIFY, elapsed)
+            self._telemetry.reachability("dify", True)
+            log.info(
+                "dify answered kf=%s customer=%s msgid=%s chars=%d in %.0f ms",
+                message.open_kfid,
+                message.external_userid,
+                message.msgid,
+                len(answer.text),
+                elapsed * 1000,
+            )
+            updated = after_answer(
+                conversation, conversation_id=answer.conversation_id, now=self._clock.now(), idle_ttl_s=idle
+            )
+            if answer.conversation_id:
+                await self._conversations.put_conversation(customer, updated)
+            return _Asked(answer, elapsed)
+
+
+def _trace_id(message: InboundMessage) -> str:
+    """Dify's X-Trace-Id allows [A-Za-z0-9_-]{1,128}; the WeCom msgid ties the two logs together."""
+    return "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "-_" else "_" for ch in message.msgid)[:128]

@@ -1,0 +1,227 @@
+"""Background work: coalesced pulls per kf account, one ordered drain per customer, recovery, shutdown.
+
+A callback only calls `notify()`, which never waits: the webhook acknowledges WeCom in milliseconds.
+
+Pull coordination across instances (store-side counter + lease):
+- whoever is notified first bumps the kf account's request counter, then tries to take the pull lease;
+- the lease holder reads the counter before pulling and again after releasing the lease, and pulls again
+  when it changed. Either the holder sees a request made meanwhile, or the requester's lease attempt comes
+  after the release and succeeds: a callback never goes unanswered, and pulls never pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from application.drain_customer import DrainCustomer, DrainOutcome
+from application.errors import WeComError
+from application.options import BotOptions
+from application.ports import StateStore
+from application.pull_messages import PullMessages
+from application.telemetry import Telemetry
+from domain.messages import CallbackNotice, CustomerRef
+
+log = logging.getLogger("kfdify.dispatch")
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        pull: PullMessages,
+        drain: DrainCustomer,
+        options: BotOptions,
+        telemetry: Telemetry,
+        owner: str,
+    ) -> None:
+        self._store = store
+        self._pull = pull
+        self._drain = drain
+        self._options = options
+        self._telemetry = telemetry
+        self._owner = owner
+        self._pulls: dict[str, asyncio.Task[None]] = {}
+        self._pull_again: set[str] = set()
+        self._tokens: dict[str, str] = {}
+        self._drains: dict[CustomerRef, asyncio.Task[None]] = {}
+        self._drain_again: set[CustomerRef] = set()
+        self._recovery: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # --- entry points -------------------------------------------------------------------------------------
+
+    def notify(self, open_kfid: str, token: str = "") -> None:
+        """New data waits at WeCom for this kf account. Returns at once."""
+        if self._closing or not open_kfid:
+            return
+        if token:
+            self._tokens[open_kfid] = token
+        if open_kfid in self._pulls:
+            self._pull_again.add(open_kfid)
+            self._telemetry.count("pulls_coalesced")
+            return
+        self._pulls[open_kfid] = self._spawn(
+            self._pull_loop(open_kfid), lambda: self._pulls.pop(open_kfid, None)
+        )
+
+    def on_notice(self, notice: CallbackNotice) -> None:
+        """A `kf_msg_or_event` callback. Older payloads lack OpenKfId: then every known account is pulled."""
+        if notice.open_kfid:
+            self.notify(notice.open_kfid, notice.token)
+        elif not self._closing:
+            self._spawn(self._notify_known(notice.token), lambda: None)
+
+    async def _notify_known(self, token: str) -> None:
+        for open_kfid in await self._store.known_kfs():
+            self.notify(open_kfid, token)
+
+    def drain(self, customer: CustomerRef) -> None:
+        if self._closing:
+            return
+        if customer in self._drains:
+            self._drain_again.add(customer)
+            return
+        self._drains[customer] = self._spawn(
+            self._drain_loop(customer), lambda: self._drains.pop(customer, None)
+        )
+
+    async def start(self) -> None:
+        self._recovery = asyncio.create_task(self._recovery_loop())
+
+    async def stop(self, grace_s: float) -> int:
+        """Stop taking work; give replies in flight `grace_s` to finish; hand back the rest. Returns how many
+        tasks had to be cancelled."""
+        self._closing = True
+        if self._recovery is not None:
+            self._recovery.cancel()
+        tasks = [*self._pulls.values(), *self._drains.values()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        else:
+            pending = set()
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        if self._recovery is not None:
+            await asyncio.gather(self._recovery, return_exceptions=True)
+        return len(pending)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pulls or self._drains)
+
+    async def idle(self) -> None:
+        """Wait until no pull or drain runs (tests and benchmarks)."""
+        while self._pulls or self._drains:
+            await asyncio.wait([*self._pulls.values(), *self._drains.values()])
+
+    # --- loops --------------------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], on_done: Callable[[], object]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._tasks.discard(finished)
+            on_done()
+
+        task.add_done_callback(done)
+        return task
+
+    async def _pull_loop(self, open_kfid: str) -> None:
+        pause = 0.0
+        while True:
+            if pause:
+                await asyncio.sleep(pause)
+            self._pull_again.discard(open_kfid)
+            token = self._tokens.pop(open_kfid, "")
+            try:
+                again = await self._pull_once(open_kfid, token)
+                pause = 0.0
+            except WeComError as exc:
+                log.warning("pull failed kf=%s errcode=%s %s", open_kfid, exc.errcode, exc.errmsg)
+                again = exc.is_transient
+                pause = min(max(pause * 2, 1.0), 30.0) * (1 + random.random() / 2)
+                await self._drain_recorded(open_kfid)
+            except Exception:
+                log.exception("pull failed kf=%s", open_kfid)
+                again = False
+                await self._drain_recorded(open_kfid)
+            if self._closing or not (again or open_kfid in self._pull_again):
+                return
+
+    async def _pull_once(self, open_kfid: str, token: str) -> bool:
+        """One coordinated pull. True when another pull is due at once."""
+        await self._store.remember_kf(open_kfid)
+        await self._store.request_pull(open_kfid, token)
+        if not await self._store.acquire_pull(
+            open_kfid, owner=self._owner, lease_s=self._options.pull_lease_s
+        ):
+            self._telemetry.count("pulls_elsewhere")
+            # The holder will see our request when it finishes. Only a local callback that came in while
+            # we asked warrants another try, after a short pause.
+            if open_kfid in self._pull_again:
+                await asyncio.sleep(0.2)
+                return True
+            return False
+        try:
+            before, shared_token = await self._store.pull_requests(open_kfid)
+            result = await self._pull(open_kfid, token=token or shared_token)
+        finally:
+            await self._store.release_pull(open_kfid, owner=self._owner)
+        self._telemetry.count("pulls")
+        for customer in result.customers:
+            self.drain(customer)
+        after, _ = await self._store.pull_requests(open_kfid)
+        return after != before or open_kfid in self._pull_again
+
+    async def _drain_recorded(self, open_kfid: str) -> None:
+        """Pages recorded before a pull failed are answered now, not at the next recovery pass."""
+        try:
+            for customer in await self._store.customers_with_pending(open_kfid):
+                self.drain(customer)
+        except Exception:
+            log.exception("listing pending customers of kf=%s failed", open_kfid)
+
+    async def _drain_loop(self, customer: CustomerRef) -> None:
+        wait = self._options.busy_poll_s
+        while True:
+            self._drain_again.discard(customer)
+            try:
+                outcome = await self._drain(customer)
+            except Exception:
+                log.exception("drain failed kf=%s customer=%s", customer.open_kfid, customer.external_userid)
+                outcome = DrainOutcome.WAITING
+            if self._closing:
+                return
+            if outcome is DrainOutcome.WAITING:
+                await asyncio.sleep(wait * (1 + random.random() / 2))
+                wait = min(wait * 1.5, 5.0)
+                continue
+            if customer not in self._drain_again:
+                return
+
+    async def _recovery_loop(self) -> None:
+        """Pick up what lost callbacks and crashed instances left behind; also runs once at start."""
+        interval = self._options.recovery_interval_s
+        while not self._closing:
+            try:
+                await self.recover()
+            except Exception:
+                log.exception("recovery pass failed")
+            if interval <= 0:
+                return
+            await asyncio.sleep(interval * (0.8 + random.random() * 0.4))
+
+    async def recover(self) -> None:
+        for open_kfid in await self._store.known_kfs():
+            for customer in await self._store.customers_with_pending(open_kfid):
+                self.drain(customer)
+            self.notify(open_kfid)

@@ -1,0 +1,188 @@
+"""The ports the use cases need, in domain words. Adapters implement them structurally (no inheritance)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from domain.chat import Answer, AppInfo, AppParameters, Question
+from domain.conversation import Conversation
+from domain.dedupe import DedupeKey
+from domain.messages import CustomerRef, InboundMessage, SyncPage
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Unix seconds."""
+        ...
+
+
+# --- State (one adapter implements all of these: in-process or Memcached) -------------------------------
+
+
+class ConversationStore(Protocol):
+    async def get_conversation(self, customer: CustomerRef) -> Conversation | None: ...
+
+    async def put_conversation(self, customer: CustomerRef, conversation: Conversation) -> None:
+        """Store it; it expires by itself after the configured idle time."""
+        ...
+
+    async def delete_conversation(self, customer: CustomerRef) -> bool:
+        """True when there was one."""
+        ...
+
+
+class MessageState(StrEnum):
+    NEW = "new"  # nobody handled it and nobody holds a live lease on it
+    BUSY = "busy"  # an instance holds a live lease on it
+    DONE = "done"  # handled; the mark outlives WeCom's three-day history
+
+
+class MessageLedger(Protocol):
+    """Who handles which customer message: each msgid is handled exactly once."""
+
+    async def begin(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
+        """Atomically claim the message for `owner`. True exactly once while the message is not DONE and
+        no other live lease exists. A lease whose holder died expires after `lease_s`."""
+        ...
+
+    async def renew(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
+        """Extend `owner`'s lease. False when `owner` no longer holds it."""
+        ...
+
+    async def finish(self, key: DedupeKey) -> None:
+        """Mark the message DONE (whoever holds the lease)."""
+        ...
+
+    async def release(self, key: DedupeKey, *, owner: str) -> None:
+        """Give the lease back without finishing (shutdown): another instance may take it at once."""
+        ...
+
+    async def state(self, key: DedupeKey) -> MessageState: ...
+
+
+class Inbox(Protocol):
+    """Customer messages pulled but not yet handled. Survives a crash so nothing pulled is lost."""
+
+    async def record(self, messages: Sequence[InboundMessage]) -> None:
+        """Add messages (idempotent per msgid), keeping each customer's messages in send order."""
+        ...
+
+    async def pending(self, customer: CustomerRef) -> list[InboundMessage]:
+        """The customer's unhandled messages, oldest first."""
+        ...
+
+    async def remove(self, customer: CustomerRef, msgid: str) -> None: ...
+
+    async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]: ...
+
+
+class CursorStore(Protocol):
+    async def get_cursor(self, open_kfid: str) -> str | None: ...
+
+    async def set_cursor(self, open_kfid: str, cursor: str) -> None: ...
+
+
+class PullCoordination(Protocol):
+    """One pull per kf account at a time across all instances, and no pull request ever lost."""
+
+    async def acquire_pull(self, open_kfid: str, *, owner: str, lease_s: float) -> bool:
+        """Atomically take the kf account's pull lease. Expires by itself after `lease_s`."""
+        ...
+
+    async def renew_pull(self, open_kfid: str, *, owner: str, lease_s: float) -> bool: ...
+
+    async def release_pull(self, open_kfid: str, *, owner: str) -> None:
+        """Release only if `owner` still holds it."""
+        ...
+
+    async def request_pull(self, open_kfid: str, token: str = "") -> None:
+        """Note that new data is waiting (bumps a counter) and remember the newest callback token."""
+        ...
+
+    async def pull_requests(self, open_kfid: str) -> tuple[int, str]:
+        """(request counter, newest callback token or "")."""
+        ...
+
+
+class KfRegistry(Protocol):
+    async def remember_kf(self, open_kfid: str) -> None: ...
+
+    async def known_kfs(self) -> list[str]: ...
+
+
+class StoreAdmin(Protocol):
+    @property
+    def backend(self) -> str:
+        """ "memory" or "memcached"."""
+        ...
+
+    async def ping(self) -> bool:
+        """True when the store answers now."""
+        ...
+
+    async def clear(self) -> None:
+        """Forget this service's conversations, marks, inbox and cursors (only this namespace)."""
+        ...
+
+
+class StateStore(
+    ConversationStore, MessageLedger, Inbox, CursorStore, PullCoordination, KfRegistry, StoreAdmin, Protocol
+):
+    """Everything the service keeps between messages."""
+
+
+# --- Dify ------------------------------------------------------------------------------------------------
+
+
+class ChatEngine(Protocol):
+    async def ask(self, question: Question) -> Answer:
+        """Ask the AI app. Raises ConversationGone when the conversation id is unusable, ChatEngineError
+        otherwise (with Dify's code and whether a retry may help)."""
+        ...
+
+    async def info(self) -> AppInfo: ...
+
+    async def parameters(self) -> AppParameters: ...
+
+
+# --- WeCom kf --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceState:
+    state: int
+    servicer_userid: str = ""
+
+
+class KfChannel(Protocol):
+    """The WeCom kf API: read messages, answer customers, manage sessions. Raises WeComError."""
+
+    async def sync_messages(
+        self, open_kfid: str, *, cursor: str | None, token: str | None, limit: int = 1000
+    ) -> SyncPage: ...
+
+    async def send_text(self, customer: CustomerRef, text: str, *, msgid: str) -> str:
+        """Send a text (≤2048 bytes); returns WeCom's msgid."""
+        ...
+
+    async def get_service_state(self, customer: CustomerRef) -> ServiceState: ...
+
+    async def transfer_service_state(
+        self, customer: CustomerRef, *, state: int, servicer_userid: str = ""
+    ) -> str:
+        """Move the session; returns the msg_code WeCom hands back ("" when none)."""
+        ...
+
+    async def send_on_event(
+        self, code: str, text: str, *, msgid: str, menu: Sequence[tuple[str, str]] = ()
+    ) -> str:
+        """`kf/send_msg_on_event` with a single-use code: a text, or a msgmenu of (id, content) click items
+        headed by `text` when `menu` is given."""
+        ...
+
+    async def check_access(self) -> None:
+        """Fetch an access token now (raises WeComError on a bad corp id/secret, untrusted IP, ...)."""
+        ...

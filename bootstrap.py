@@ -1,0 +1,316 @@
+"""Composition root: settings → containers → the Starlette app; the command line. The only module that knows
+concrete classes.
+
+    python bootstrap.py [--config PATH]            serve (default ./config.ini)
+    python bootstrap.py check [--config PATH]      validate the configuration and try every dependency
+    python bootstrap.py simulate [--config PATH]   chat with the Dify app in the console, as a customer would
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from dependency_injector import containers, providers
+
+from adapters.inbound.admin_api import AdminApi
+from adapters.inbound.config_file import ConfigError, Settings, load_settings
+from adapters.inbound.http import create_app, lifespan_for
+from adapters.inbound.log_setup import configure_logging
+from adapters.inbound.wecom_crypto import WeComCrypto
+from adapters.inbound.wecom_webhook import WeComWebhook
+from adapters.outbound.dify import DifyChatEngine
+from adapters.outbound.memory_store import MemoryStateStore
+from adapters.outbound.system_clock import SystemClock
+from adapters.outbound.wecom_api import WeComKfChannel
+from application.admin import ConversationAdmin, StatusReport
+from application.answer_message import AnswerCustomerMessage
+from application.dispatcher import Dispatcher
+from application.drain_customer import DrainCustomer
+from application.lifecycle import Lifecycle
+from application.options import BotOptions, ReplyTexts
+from application.ports import ChatEngine
+from application.pull_messages import LogItems, PullMessages
+from application.routing import KfRoute, Routing
+from application.telemetry import Telemetry
+
+VERSION = "0.1.0"
+log = logging.getLogger("kfdify")
+
+
+# --- builders: settings → objects ----------------------------------------------------------------------
+
+
+def build_store(settings: Settings) -> Any:
+    if settings.memcache is None:
+        return MemoryStateStore(conversation_idle_ttl_s=settings.conversation_idle_ttl_s)
+    from adapters.outbound.memcached_store import MemcachedStateStore
+    from application.failover_store import FailoverStateStore
+
+    primary = MemcachedStateStore(
+        servers=settings.memcache.servers,
+        prefix=settings.memcache.prefix,
+        connect_timeout=settings.memcache.connect_timeout,
+        timeout=settings.memcache.timeout,
+        conversation_idle_ttl_s=settings.conversation_idle_ttl_s,
+    )
+    fallback = MemoryStateStore(conversation_idle_ttl_s=settings.conversation_idle_ttl_s)
+    return FailoverStateStore(primary, fallback)
+
+
+def build_dify(
+    settings: Settings, *, base_url: str | None = None, api_key: str | None = None
+) -> DifyChatEngine:
+    return DifyChatEngine(
+        base_url=base_url or settings.dify_api_base,
+        api_key=api_key or settings.dify_api_key,
+        response_mode=settings.dify_response_mode,
+        connect_timeout=settings.dify_connect_timeout_s,
+        idle_timeout=settings.dify_idle_timeout_s,
+        total_timeout=settings.dify_total_timeout_s,
+    )
+
+
+def build_options(settings: Settings) -> BotOptions:
+    defaults = BotOptions()
+    return BotOptions(
+        texts=build_texts(settings.texts),
+        reset_words=settings.reset_words or defaults.reset_words,
+        handoff_words=settings.handoff_words or defaults.handoff_words,
+        max_message_age_s=settings.max_message_age_s,
+        conversation_idle_ttl_s=settings.conversation_idle_ttl_s,
+        dify_concurrency=settings.dify_concurrency,
+        dify_retries=settings.dify_retries,
+        inputs=dict(settings.dify_inputs),
+        interim_after_s=settings.interim_after_s,
+        recovery_interval_s=settings.recovery_interval_s,
+    )
+
+
+def build_texts(overrides: Mapping[str, str], base: ReplyTexts | None = None) -> ReplyTexts:
+    base = base or ReplyTexts()
+    values = {name: getattr(base, name) for name in ReplyTexts.__dataclass_fields__}
+    # Config files cannot hold a leading newline; "\n" written literally is one.
+    values.update({k: v.replace("\\n", "\n") for k, v in overrides.items() if k in values})
+    return ReplyTexts(**values)
+
+
+def build_routing(settings: Settings, default_engine: ChatEngine, options: BotOptions) -> Routing:
+    default = KfRoute("default", default_engine, options.texts)
+    routes: dict[str, KfRoute] = {}
+    for route in settings.kf_routes:
+        same_app = (route.dify_api_base or settings.dify_api_base) == settings.dify_api_base and (
+            route.dify_api_key == settings.dify_api_key
+        )
+        engine: ChatEngine = (
+            default_engine
+            if same_app
+            else build_dify(settings, base_url=route.dify_api_base or None, api_key=route.dify_api_key)
+        )
+        routes[route.open_kfid] = KfRoute(route.open_kfid, engine, build_texts(route.texts, options.texts))
+    return Routing(default=default, routes=routes)
+
+
+def owner_id() -> str:
+    """Names this process in leases: host, pid and a random part (pids repeat across restarts)."""
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _closers(*objects: Any) -> list[Callable[[], Awaitable[object]]]:
+    closers: list[Callable[[], Awaitable[object]]] = []
+    seen: set[int] = set()
+    for obj in objects:
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        close = getattr(obj, "aclose", None)
+        if close is not None:
+            closers.append(close)
+    return closers
+
+
+def start_notes(settings: Settings, store: Any) -> list[tuple[int, str]]:
+    notes = [(logging.INFO, f"kf-dify {VERSION} listening on {settings.host}:{settings.port}")]
+    if store.backend == "memory":
+        notes.append(
+            (
+                logging.WARNING,
+                "state store: in-process memory: state is lost on restart and not shared between instances "
+                "(configure [MEMCACHE] for production)",
+            )
+        )
+    else:
+        notes.append(
+            (logging.INFO, f"state store: memcached {settings.memcache.servers if settings.memcache else ''}")
+        )
+    if not settings.admin_token:
+        notes.append((logging.WARNING, "ADMIN_TOKEN is not set: the admin endpoints refuse every request"))
+    return notes
+
+
+# --- containers ----------------------------------------------------------------------------------------
+
+
+class Adapters(containers.DeclarativeContainer):
+    """The real outbound adapters (and the callback crypto)."""
+
+    settings = providers.Dependency(instance_of=Settings)
+    clock = providers.Singleton(SystemClock)
+    store = providers.Singleton(build_store, settings)
+    channel = providers.Singleton(
+        WeComKfChannel,
+        corp_id=settings.provided.corp_id,
+        corp_secret=settings.provided.corp_secret,
+        api_base=settings.provided.wecom_api_base,
+    )
+    engine = providers.Singleton(build_dify, settings)
+    crypto = providers.Singleton(
+        WeComCrypto,
+        token=settings.provided.token,
+        encoding_aes_key=settings.provided.encoding_aes_key,
+        receive_id=settings.provided.corp_id,
+    )
+
+
+class Application(containers.DeclarativeContainer):
+    settings = providers.Dependency(instance_of=Settings)
+    adapters = providers.DependenciesContainer()
+
+    owner = providers.Singleton(owner_id)
+    telemetry = providers.Singleton(Telemetry)
+    options = providers.Singleton(build_options, settings)
+    routing = providers.Singleton(build_routing, settings, adapters.engine, options)
+    started_at = providers.Singleton(lambda clock: clock.now(), adapters.clock)
+
+    answer = providers.Singleton(
+        AnswerCustomerMessage,
+        conversations=adapters.store,
+        channel=adapters.channel,
+        routing=routing,
+        clock=adapters.clock,
+        options=options,
+        telemetry=telemetry,
+    )
+    observer = providers.Singleton(LogItems, telemetry)
+    pull = providers.Singleton(
+        PullMessages,
+        store=adapters.store,
+        channel=adapters.channel,
+        clock=adapters.clock,
+        options=options,
+        telemetry=telemetry,
+        observer=observer,
+        owner=owner,
+        persistent_store=providers.Callable(lambda store: store.backend != "memory", adapters.store),
+        started_at=started_at,
+    )
+    drain = providers.Singleton(
+        DrainCustomer, store=adapters.store, answer=answer, options=options, telemetry=telemetry, owner=owner
+    )
+    dispatcher = providers.Singleton(
+        Dispatcher,
+        store=adapters.store,
+        pull=pull,
+        drain=drain,
+        options=options,
+        telemetry=telemetry,
+        owner=owner,
+    )
+    lifecycle = providers.Singleton(
+        Lifecycle,
+        dispatcher=dispatcher,
+        grace_s=settings.provided.shutdown_grace_s,
+        closers=providers.Callable(_closers, adapters.channel, adapters.engine, adapters.store, routing),
+        start_notes=providers.Callable(start_notes, settings, adapters.store),
+    )
+    webhook = providers.Singleton(
+        WeComWebhook,
+        crypto=adapters.crypto,
+        on_notice=dispatcher.provided.on_notice,
+        telemetry=telemetry,
+        accepting=providers.Callable(lambda lc: lambda: lc.accepting, lifecycle),
+    )
+    conversation_admin = providers.Singleton(
+        ConversationAdmin,
+        store=adapters.store,
+        configured_kfs=providers.Callable(lambda s: [r.open_kfid for r in s.kf_routes], settings),
+    )
+    status = providers.Singleton(StatusReport, store=adapters.store, telemetry=telemetry, version=VERSION)
+    admin = providers.Singleton(
+        AdminApi,
+        admin_token=settings.provided.admin_token,
+        conversations=conversation_admin,
+        status=status,
+    )
+    app = providers.Singleton(
+        create_app,
+        webhook=webhook,
+        admin=admin,
+        lifespan=providers.Callable(lifespan_for, lifecycle.provided.start, lifecycle.provided.stop),
+    )
+
+
+def build_container(settings: Settings, adapters: containers.Container | None = None) -> Application:
+    adapters = adapters or Adapters(settings=settings)
+    return Application(settings=settings, adapters=adapters)
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bootstrap.py", description="kf-dify: WeCom kf × Dify bridge")
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "check", "simulate"])
+    parser.add_argument("--config", default=None, help="path to config.ini (default ./config.ini)")
+    return parser.parse_args(list(argv))
+
+
+def load_or_exit(path: str | None, environ: Mapping[str, str]) -> Settings:
+    try:
+        return load_settings(path, environ)
+    except ConfigError as exc:
+        print(f"kf-dify: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
+    container = build_container(settings)
+    app = container.app()
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
+        server_header=False,
+    )
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    env = os.environ if environ is None else environ
+    settings = load_or_exit(args.config, env)
+    if args.command == "serve":
+        serve(settings)
+        return 0
+    if args.command == "check":
+        from adapters.inbound.cli_check import run_check
+
+        return run_check(settings, build_store=build_store, build_dify=build_dify)
+    from adapters.inbound.cli_simulate import run_simulate
+
+    return run_simulate(settings, build_container=build_container)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""Property tests: whatever arrives, the crypto succeeds or raises CallbackRejected, never anything else.
+
+KF_FUZZ_EXAMPLES raises the example count for a longer local run (e.g. KF_FUZZ_EXAMPLES=20000).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+from xml.sax.saxutils import escape
+
+from Crypto.Cipher import AES
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapters.inbound.wecom_crypto import CallbackRejected, WeComCrypto, parse_notice
+from domain.messages import CallbackNotice
+
+TOKEN = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo"
+KEY = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt"
+RECEIVE_ID = "ww1436e0e65a779aee"
+AES_KEY = base64.b64decode(KEY + "=")
+CRYPTO = WeComCrypto(token=TOKEN, encoding_aes_key=KEY, receive_id=RECEIVE_ID)
+
+# database=None: no .hypothesis/ directory in the repo; deadline=None: AES timing varies on shared CI runners.
+FUZZ = settings(max_examples=int(os.environ.get("KF_FUZZ_EXAMPLES", "200")), deadline=None, database=None)
+
+params = st.text(max_size=64)
+identifiers = st.text(alphabet=st.characters(codec="ascii", categories=["L", "N"]), max_size=40)
+
+
+def outcome_of_get(encrypted: str, **overrides: str) -> str | CallbackRejected:
+    query = {"timestamp": "1700000000", "nonce": "1", "echostr": encrypted}
+    query["msg_signature"] = CRYPTO.signature(query["timestamp"], query["nonce"], encrypted)
+    query.update(overrides)
+    try:
+        return CRYPTO.verify_url(**query)
+    except CallbackRejected as rejection:
+        return rejection
+
+
+def outcome_of_post(body: bytes, *, msg_signature: str, timestamp: str, nonce: str) -> str | CallbackRejected:
+    try:
+        return CRYPTO.decrypt_callback(
+            msg_signature=msg_signature, timestamp=timestamp, nonce=nonce, body=body
+        )
+    except CallbackRejected as rejection:
+        return rejection
+
+
+@FUZZ
+@given(body=st.binary(max_size=2048), msg_signature=params, timestamp=params, nonce=params)
+def test_arbitrary_post_bodies_are_refused_cleanly(
+    body: bytes, msg_signature: str, timestamp: str, nonce: str
+) -> None:
+    assert isinstance(
+        outcome_of_post(body, msg_signature=msg_signature, timestamp=timestamp, nonce=nonce), CallbackRejected
+    )
+
+
+@FUZZ
+@given(encrypt=st.text(max_size=512), timestamp=params, nonce=params)
+def test_signed_envelopes_around_arbitrary_text_only_succeed_or_are_refused(
+    encrypt: str, timestamp: str, nonce: str
+) -> None:
+    body = f"<xml><Encrypt>{escape(encrypt)}</Encrypt></xml>".encode("utf-8", "surrogatepass")
+    outcome = outcome_of_post(
+        body, msg_signature=CRYPTO.signature(timestamp, nonce, encrypt), timestamp=timestamp, nonce=nonce
+    )
+    assert isinstance(outcome, str | CallbackRejected)
+
+
+@FUZZ
+@given(msg_signature=params, timestamp=params, nonce=params, echostr=st.text(max_size=256))
+def test_arbitrary_get_parameters_are_refused_cleanly(
+    msg_signature: str, timestamp: str, nonce: str, echostr: str
+) -> None:
+    try:
+        CRYPTO.verify_url(msg_signature=msg_signature, timestamp=timestamp, nonce=nonce, echostr=echostr)
+    except CallbackRejected:
+        return
+    raise AssertionError("an unsigned GET was accepted")
+
+
+@FUZZ
+@given(echostr=st.text(max_size=256))
+def test_signed_arbitrary_echostr_only_succeeds_or_is_refused(echostr: str) -> None:
+    assert isinstance(outcome_of_get(echostr), str | CallbackRejected)
+
+
+@FUZZ
+@given(ciphertext=st.binary(max_size=512) | st.binary(min_size=1, max_size=24).map(lambda b: b * 16))
+def test_signed_arbitrary_ciphertext_only_succeeds_or_is_refused(ciphertext: bytes) -> None:
+    assert isinstance(outcome_of_get(base64.b64encode(ciphertext).decode()), str | CallbackRejected)
+
+
+@FUZZ
+@given(plaintext=st.binary(max_size=200).map(lambda b: b + b"\x00" * (-len(b) % 16)))
+def test_arbitrary_decrypted_bytes_only_succeed_or_are_refused(plaintext: bytes) -> None:
+    # Encrypting raw blocks reaches the padding and layout checks, which random ciphertext rarely gets past.
+    ciphertext = AES.new(AES_KEY, AES.MODE_CBC, iv=AES_KEY[:16]).encrypt(plaintext)
+    assert isinstance(outcome_of_get(base64.b64encode(ciphertext).decode()), str | CallbackRejected)
+
+
+@FUZZ
+@given(
+    msg=st.binary(max_size=100),
+    msg_len=st.integers(min_value=0, max_value=2**32 - 1),
+    receive_id=st.sampled_from([RECEIVE_ID.encode(), b"", b"ww", b"\xff" * 18]),
+)
+def test_well_padded_plaintexts_with_any_layout_only_succeed_or_are_refused(
+    msg: bytes, msg_len: int, receive_id: bytes
+) -> None:
+    data = os.urandom(16) + struct.pack(">I", msg_len) + msg + receive_id
+    pad = 32 - len(data) % 32
+    ciphertext = AES.new(AES_KEY, AES.MODE_CBC, iv=AES_KEY[:16]).encrypt(data + bytes([pad]) * pad)
+    outcome = outcome_of_get(base64.b64encode(ciphertext).decode())
+    honest = msg_len == len(msg) and receive_id == RECEIVE_ID.encode()
+    if isinstance(outcome, str):
+        assert outcome.encode("utf-8") == msg[:msg_len]
+    else:
+        assert not honest or outcome.code == -40008  # only invalid UTF-8 may refuse an honest layout
+
+
+@FUZZ
+@given(plaintext=st.text(max_size=300), timestamp=st.text(max_size=16), nonce=st.text(max_size=16))
+def test_anything_we_encrypt_decrypts_to_itself(plaintext: str, timestamp: str, nonce: str) -> None:
+    body, signature = CRYPTO.encrypt_callback(plaintext, timestamp=timestamp, nonce=nonce)
+    assert (
+        CRYPTO.decrypt_callback(msg_signature=signature, timestamp=timestamp, nonce=nonce, body=body)
+        == plaintext
+    )
+
+
+@FUZZ
+@given(xml=st.text(max_size=512) | st.binary(max_size=512).map(lambda b: b.decode("latin-1")))
+def test_parse_notice_on_arbitrary_text_returns_a_notice_or_refuses(xml: str) -> None:
+    try:
+        assert isinstance(parse_notice(xml), CallbackNotice)
+    except CallbackRejected as rejection:
+        assert rejection.code == -40002
+
+
+@FUZZ
+@given(
+    event=identifiers,
+    token=identifiers,
+    open_kfid=identifiers,
+    create_time=st.integers(min_value=0, max_value=2**40),
+    order=st.permutations(range(4)),
+    cdata=st.booleans(),
+)
+def test_parse_notice_reads_fields_in_any_order(
+    event: str, token: str, open_kfid: str, create_time: int, order: list[int], cdata: bool
+) -> None:
+    def wrap(value: str) -> str:
+        return f"<![CDATA[{value}]]>" if cdata else value
+
+    fields = [
+        f"<Event>{wrap(event)}</Event>",
+        f"<Token>{wrap(token)}</Token>",
+        f"<OpenKfId>{wrap(open_kfid)}</OpenKfId>",
+        f"<CreateTime>{create_time}</CreateTime>",
+    ]
+    xml = "<xml>\n" + "\n".join(fields[i] for i in order) + "\n<MsgType>event</MsgType></xml>"
+    assert parse_notice(xml) == CallbackNotice(
+        event=event or "event", token=token, open_kfid=open_kfid, create_time=create_time
+    )
