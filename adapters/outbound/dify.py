@@ -1,0 +1,474 @@
+"""DifyChatEngine: the ChatEngine port over Dify's service API (specs/dify-api.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+from urllib.parse import urljoin
+
+import anyio
+import httpx
+
+from application.errors import ChatEngineError, ConversationGone
+from domain.chat import Answer, AnswerFile, AppInfo, AppParameters, Question
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+_TRACE_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_MAX_ERROR_BODY = 64 * 1024
+_MAX_MESSAGE_CHARS = 500
+# Dify follows a failed `workflow_finished` with the `error` event that explains it (spec §3.3); wait this
+# long for it so the application gets Dify's code, not just "workflow_failed".
+_FAILED_WORKFLOW_GRACE_S = 2.0
+# Transient by nature (spec §4.2, §8.1); status-based rules (5xx, 429) are applied on top.
+_RETRYABLE_CODES = frozenset({"too_many_requests", "completion_request_error", "internal_server_error"})
+
+
+class DifyChatEngine:
+    """Asks one Dify chat app (chat, agent-chat, advanced-chat or agent) through its app API key."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str,
+        response_mode: str = "streaming",
+        connect_timeout: float = 10,
+        read_timeout: float = 60,
+        idle_timeout: float = 45,
+        total_timeout: float = 180,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if response_mode not in ("streaming", "blocking"):
+            raise ValueError(f"response_mode must be 'streaming' or 'blocking', not {response_mode!r}")
+        self._base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._response_mode = response_mode
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._idle_timeout = idle_timeout
+        self._total_timeout = total_timeout
+        self._owns_client = client is None
+        # httpx defaults to 5 s for everything (spec §0 #9); every request below passes explicit timeouts.
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            headers={"User-Agent": "kf-dify"},
+        )
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    # --- the port ---------------------------------------------------------------------------------------
+
+    async def ask(self, question: Question) -> Answer:
+        streaming = self._response_mode == "streaming"
+        # Streaming: pings arrive every 10 s, so httpx's read timer only fires when the server is silent;
+        # the idle guard in _read_stream is what catches ping-only hangs.
+        read = self._idle_timeout if streaming else self._read_timeout
+        timeout = httpx.Timeout(
+            connect=self._connect_timeout, read=read, write=read, pool=self._connect_timeout
+        )
+        try:
+            with anyio.fail_after(self._total_timeout):
+                async with self._client.stream(
+                    "POST",
+                    self._url("/chat-messages"),
+                    json=self._chat_payload(question),
+                    headers=self._headers(question.trace_id),
+                    timeout=timeout,
+                ) as response:
+                    if not response.is_success:
+                        body = await _read_capped(response)
+                        raise self._http_error(
+                            response.status_code,
+                            body,
+                            response.reason_phrase,
+                            had_conversation=bool(question.conversation_id),
+                        )
+                    # Dify 1.13.0 answers some blocking requests with SSE (spec §8.3 #32351): trust the
+                    # Content-Type, not the mode that was asked for.
+                    if _is_event_stream(response):
+                        return await self._read_stream(response, question)
+                    return self._blocking_answer(await response.aread(), response.status_code, question)
+        except TimeoutError:
+            raise ChatEngineError(
+                "timeout", f"no answer within {self._total_timeout:g} s", retryable=True
+            ) from None
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, "POST /chat-messages") from exc
+
+    async def info(self) -> AppInfo:
+        body = await self._get_json("/info")
+        return AppInfo(name=_text(body.get("name")), mode=_text(body.get("mode")))
+
+    async def parameters(self) -> AppParameters:
+        body = await self._get_json("/parameters")
+        speech = body.get("speech_to_text")
+        file_upload = body.get("file_upload")
+        system = body.get("system_parameters")
+        limits: Mapping[str, Any] = system if isinstance(system, Mapping) else {}
+        questions = body.get("suggested_questions")
+        return AppParameters(
+            opening_statement=_text(body.get("opening_statement")),
+            suggested_questions=tuple(q for q in questions if isinstance(q, str))
+            if isinstance(questions, list)
+            else (),
+            speech_to_text=isinstance(speech, Mapping) and bool(speech.get("enabled")),
+            file_upload=dict(file_upload) if isinstance(file_upload, Mapping) else {},
+            file_size_limit_mb=_int(limits.get("file_size_limit")),
+            image_file_size_limit_mb=_int(limits.get("image_file_size_limit")),
+            audio_file_size_limit_mb=_int(limits.get("audio_file_size_limit")),
+        )
+
+    # --- request building -------------------------------------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        # Absolute URLs so an injected client with its own base_url cannot redirect us elsewhere.
+        return f"{self._base_url}{path}"
+
+    def _headers(self, trace_id: str = "") -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self._api_key}"}
+        # Dify accepts X-Trace-Id of 1-128 chars from [A-Za-z0-9_-] (spec §1).
+        safe = _TRACE_ID_UNSAFE.sub("", trace_id)[:128]
+        if safe:
+            headers["X-Trace-Id"] = safe
+        return headers
+
+    def _chat_payload(self, question: Question) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "query": question.query,
+            "inputs": dict(question.inputs),  # required by Dify, even when empty (spec §2.1)
+            "user": question.user,
+            "response_mode": self._response_mode,
+        }
+        if question.conversation_id:  # omitted and "" both start a new conversation (spec §2.1)
+            payload["conversation_id"] = question.conversation_id
+        if question.files:
+            payload["files"] = [
+                {"type": f.kind, "transfer_method": "local_file", "upload_file_id": f.upload_file_id}
+                for f in question.files
+            ]
+        return payload
+
+    async def _get_json(self, path: str) -> Mapping[str, Any]:
+        timeout = httpx.Timeout(
+            connect=self._connect_timeout,
+            read=self._read_timeout,
+            write=self._read_timeout,
+            pool=self._connect_timeout,
+        )
+        try:
+            with anyio.fail_after(self._total_timeout):
+                response = await self._client.get(self._url(path), headers=self._headers(), timeout=timeout)
+        except TimeoutError:
+            raise ChatEngineError(
+                "timeout", f"GET {path}: no answer within {self._total_timeout:g} s", retryable=True
+            ) from None
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, f"GET {path}") from exc
+        if not response.is_success:
+            raise self._http_error(
+                response.status_code, response.content, response.reason_phrase, had_conversation=False
+            )
+        body = _json_object(response.content)
+        if body is None:
+            raise ChatEngineError(
+                "bad_response", f"GET {path}: body is not a JSON object", status=response.status_code
+            )
+        return body
+
+    # --- answers ----------------------------------------------------------------------------------------
+
+    def _blocking_answer(self, raw: bytes, status: int, question: Question) -> Answer:
+        body = _json_object(raw)
+        if body is None or not isinstance(body.get("answer"), str):
+            raise ChatEngineError("bad_response", "blocking answer is not the expected JSON", status=status)
+        conversation_id = _text(body.get("conversation_id")) or question.conversation_id
+        if not conversation_id:
+            raise ChatEngineError("bad_response", "blocking answer has no conversation_id", status=status)
+        return Answer(
+            text=body["answer"],
+            conversation_id=conversation_id,
+            message_id=_text(body.get("message_id")) or _text(body.get("id")),
+        )
+
+    async def _read_stream(self, response: httpx.Response, question: Question) -> Answer:
+        assembly = _AnswerAssembly(self._base_url)
+        had_conversation = bool(question.conversation_id)
+        saw_content = False
+        # Set by a failed workflow_finished: raised unless the explaining `error` event arrives in time.
+        pending_failure: ChatEngineError | None = None
+        idle_deadline = anyio.current_time() + self._idle_timeout
+        async with _closing(response.aiter_lines()) as lines:
+            while True:
+                line: str | None = None
+                timed_out = True
+                with anyio.move_on_at(idle_deadline):
+                    try:
+                        line = await anext(lines)
+                    except StopAsyncIteration:
+                        line = None
+                    except httpx.ReadTimeout:
+                        break  # the server went fully silent: same as the idle guard below
+                    except httpx.TransportError as exc:
+                        raise ChatEngineError(
+                            "stream_incomplete", f"stream broke: {type(exc).__name__}", retryable=True
+                        ) from exc
+                    timed_out = False
+                if timed_out:
+                    break
+                if line is None:
+                    if pending_failure is not None:
+                        raise pending_failure
+                    raise ChatEngineError(
+                        "stream_incomplete", "stream ended before message_end", retryable=True
+                    )
+                event = _sse_event(line)
+                if event is None or event.get("event") == "ping":
+                    continue  # keep-alives do not count as progress (spec §0 #10)
+                kind = event.get("event")
+                if pending_failure is not None:
+                    if kind == "error":
+                        raise self._stream_error(event, had_conversation)
+                    continue
+                saw_content = True
+                idle_deadline = anyio.current_time() + self._idle_timeout
+                if kind == "error":
+                    raise self._stream_error(event, had_conversation)
+                if kind == "workflow_paused":
+                    raise ChatEngineError(
+                        "workflow_paused", "chatflow paused for human input", retryable=False
+                    )
+                assembly.feed(event)
+                if kind == "message_end":
+                    # Chatflow then sends workflow_finished, and some versions never close (spec §8.3
+                    # #21568): the answer is complete here, so stop and let the context close the response.
+                    return assembly.answer(question)
+                if kind == "workflow_finished":
+                    data = event.get("data")
+                    status = data.get("status") if isinstance(data, Mapping) else None
+                    if status != "failed":
+                        return assembly.answer(question)
+                    error = data.get("error") if isinstance(data, Mapping) else None
+                    pending_failure = ChatEngineError(
+                        "workflow_failed", self._scrub(_text(error)) or "chatflow run failed", retryable=False
+                    )
+                    idle_deadline = min(idle_deadline, anyio.current_time() + _FAILED_WORKFLOW_GRACE_S)
+        if pending_failure is not None:
+            raise pending_failure
+        if had_conversation and not saw_content:
+            # Heuristic for Dify #38800 (spec §8.3): a well-formed but unknown conversation_id makes some 2026
+            # builds stream pings forever instead of answering 404. A ping-only stream on a request that
+            # carried a conversation id is therefore reported as ConversationGone, so the application starts
+            # a new conversation (once). The cost: a chatflow ping-only hang (#35611) also resets the
+            # conversation, and the retry then fails with a plain idle_timeout.
+            log.warning(
+                "Dify sent only pings for %g s to a request with a conversation id; treating it as gone",
+                self._idle_timeout,
+            )
+            raise ConversationGone(f"no answer event within {self._idle_timeout:g} s (only pings)")
+        raise ChatEngineError(
+            "idle_timeout", f"no answer event within {self._idle_timeout:g} s", retryable=True
+        )
+
+    # --- errors -----------------------------------------------------------------------------------------
+
+    def _http_error(
+        self, status: int, body: bytes, reason: str, *, had_conversation: bool
+    ) -> ChatEngineError:
+        envelope = _json_object(body)
+        code = _text(envelope.get("code")) if envelope is not None else ""
+        message = _text(envelope.get("message")) if envelope is not None else ""
+        if not code:
+            # Gateway pages (502/504 HTML, Cloudflare 524, nginx 413) carry no envelope (spec §4.1).
+            return self._classify(
+                f"http_{status}", message or f"HTTP {status} {reason}".strip(), status, False
+            )
+        return self._classify(code, message, status, had_conversation)
+
+    def _stream_error(self, event: Mapping[str, Any], had_conversation: bool) -> ChatEngineError:
+        status = event.get("status")
+        return self._classify(
+            _text(event.get("code")) or "stream_error",
+            _text(event.get("message")),
+            status if isinstance(status, int) else None,
+            had_conversation,
+        )
+
+    def _classify(
+        self, code: str, message: str, status: int | None, had_conversation: bool
+    ) -> ChatEngineError:
+        message = self._scrub(message)
+        # Spec §4.2: these three mean "drop the stored id and ask again without it". The Conversation Not
+        # Exists message may carry a Flask suffix (#28481), hence the prefix match.
+        if code == "not_found" and message.lower().startswith("conversation not exists"):
+            return ConversationGone(message, status=status)
+        if code == "conversation_completed":
+            return ConversationGone(message, status=status)
+        if code == "invalid_param" and had_conversation and _blames_conversation_id(message):
+            return ConversationGone(message, status=status)
+        retryable = code in _RETRYABLE_CODES or (
+            status is not None and (status >= 500 or (status == 429 and code != "rate_limit_error"))
+        )
+        return ChatEngineError(code, message, status=status, retryable=retryable)
+
+    def _transport_error(self, exc: httpx.HTTPError, what: str) -> ChatEngineError:
+        detail = self._scrub(f"{what}: {type(exc).__name__}: {exc}")[:_MAX_MESSAGE_CHARS]
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return ChatEngineError("unreachable", detail, retryable=True)
+        if isinstance(exc, httpx.TimeoutException):
+            return ChatEngineError("timeout", detail, retryable=True)
+        if isinstance(exc, httpx.DecodingError):
+            return ChatEngineError("bad_response", detail, retryable=False)
+        if isinstance(exc, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
+            return ChatEngineError("unreachable", detail, retryable=False)  # misconfigured base_url
+        return ChatEngineError("unreachable", detail, retryable=True)
+
+    def _scrub(self, text: str) -> str:
+        text = text[:_MAX_MESSAGE_CHARS]
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+
+class _AnswerAssembly:
+    """Builds one answer from stream events (spec §3.5)."""
+
+    def __init__(self, base_url: str) -> None:
+        self._base_url = base_url + "/"
+        self._text = ""  # every delta in arrival order, since the last message_replace
+        self._message_text = ""  # `message` deltas only
+        self._agent_text = ""  # `agent_message` deltas only
+        self._files: list[AnswerFile] = []
+        self._conversation_id = ""
+        self._message_id = ""
+
+    def feed(self, event: Mapping[str, Any]) -> None:
+        kind = event.get("event")
+        self._conversation_id = _text(event.get("conversation_id")) or self._conversation_id
+        message_id = _text(event.get("message_id"))
+        if not message_id and kind in ("message", "agent_message", "message_end", "message_replace"):
+            message_id = _text(event.get("id"))  # `id` of other events is a thought, file or run id
+        self._message_id = message_id or self._message_id
+        if kind == "message":
+            delta = _text(event.get("answer"))
+            self._message_text += delta
+            self._text += delta
+        elif kind == "agent_message":
+            delta = _text(event.get("answer"))
+            self._agent_text += delta
+            self._text += delta
+        elif kind == "message_replace":  # output moderation replaces everything so far
+            self._text = self._message_text = _text(event.get("answer"))
+            self._agent_text = ""
+        elif kind == "message_file" and event.get("belongs_to", "assistant") == "assistant":
+            url = _text(event.get("url"))
+            if url:
+                # The URL may be relative to the Dify host (spec §3.3, not verified).
+                self._files.append(
+                    AnswerFile(kind=_text(event.get("type")), url=urljoin(self._base_url, url))
+                )
+
+    @property
+    def text(self) -> str:
+        # New Agent (`agent` mode) closes with one `message` repeating the whole answer it already streamed as
+        # `agent_message` deltas (spec §3.3): when the `message` text repeats the agent text, it is the
+        # answer. Otherwise (Agent annotation replies as `message`, spec §3.5) the deltas are concatenated in
+        # arrival order.
+        if self._agent_text and self._message_text.startswith(self._agent_text):
+            return self._message_text
+        return self._text
+
+    def answer(self, question: Question) -> Answer:
+        conversation_id = self._conversation_id or question.conversation_id
+        if not conversation_id:
+            raise ChatEngineError("bad_response", "stream carried no conversation_id")
+        return Answer(
+            text=self.text,
+            conversation_id=conversation_id,
+            message_id=self._message_id,
+            files=tuple(self._files),
+        )
+
+
+def _sse_event(line: str) -> Mapping[str, Any] | None:
+    """The JSON of a `data:` line; None for blank lines, `event: ping`, comments and other fields."""
+    if not line.startswith("data:"):
+        return None
+    payload = line[5:]
+    if payload.startswith(" "):
+        payload = payload[1:]
+    if not payload.strip():
+        return None
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        raise ChatEngineError("bad_response", "stream event is not JSON") from None
+    if not isinstance(event, dict):
+        raise ChatEngineError("bad_response", "stream event is not a JSON object")
+    return event
+
+
+def _is_event_stream(response: httpx.Response) -> bool:
+    content_type: str = response.headers.get("content-type", "")
+    return content_type.lower().startswith("text/event-stream")
+
+
+async def _read_capped(response: httpx.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async with _closing(response.aiter_bytes()) as stream:
+        async for chunk in stream:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= _MAX_ERROR_BODY:
+                break
+    return b"".join(chunks)
+
+
+@asynccontextmanager
+async def _closing(iterator: AsyncIterator[_T]) -> AsyncIterator[AsyncIterator[_T]]:
+    """Close httpx's async generator when we stop early (terminal event), not whenever the GC gets to it."""
+    try:
+        yield iterator
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _json_object(raw: bytes) -> Mapping[str, Any] | None:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _blames_conversation_id(message: str) -> bool:
+    # "conversation_id must be a valid UUID" (newest), or a pydantic "Input should be a valid UUID" about it;
+    # a bad upload_file_id also says "valid UUID", so file complaints are excluded.
+    if "conversation_id" in message:
+        return True
+    return "valid uuid" in message.lower() and "file" not in message.lower()
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float | str):
+        try:
+            return int(float(value))
+        except ValueError:
+            return 0
+    return 0

@@ -1,0 +1,556 @@
+"""FakeDifyServer: a Starlette app speaking Dify's service API (specs/dify-api.md), programmable by tests."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+Turn = tuple[str, str]  # (query, answer), oldest first
+AnswerFunction = Callable[[str, Sequence[Turn]], str]
+
+PING = b"event: ping\n\n"
+_EVENT_STREAM = "text/event-stream"
+
+
+def echo_answer(query: str, history: Sequence[Turn]) -> str:
+    return f"答：{query}"
+
+
+@dataclass
+class Fault:
+    """One scripted deviation for the next request to `path` (consumed in order, first match wins)."""
+
+    path: str = "/v1/chat-messages"
+    # Answer with this HTTP status and body instead: a dict goes out as JSON, a str as-is (a gateway's HTML).
+    status: int | None = None
+    body: Any = None
+    content_type: str | None = None
+    # Slow first byte: wait this long before sending the response headers.
+    delay: float = 0.0
+    # In-stream `error` event after N answer chunks (blocking: an HTTP error with the same envelope).
+    error_after: int | None = None
+    error_code: str = "completion_request_error"
+    error_message: str = "[openai] Rate Limit Error"
+    error_status: int = 400
+    # The stream ends (clean EOF) after N answer chunks, with no terminal event.
+    eof_after: int | None = None
+    # The stream sends only pings until the client gives up (or `hang_limit`) ...
+    pings_only: bool = False
+    # ... or does so after N answer chunks.
+    stall_after: int | None = None
+    # Output moderation: `message_replace` with this text just before message_end.
+    replace_with: str | None = None
+    # Tool-generated files: one `message_file` event per (type, url).
+    files: tuple[tuple[str, str], ...] = ()
+    # Chatflow only: the run fails (workflow_finished failed, then an `error` event unless told otherwise).
+    workflow_failed: bool = False
+    error_after_workflow_failed: bool = True
+    # Chatflow only: a Human Input node pauses the run (the stream ends at workflow_paused).
+    workflow_paused: bool = False
+    # Dify 1.13.0 (spec §8.3 #32351): a blocking request is answered with text/event-stream.
+    sse_for_blocking: bool = False
+    # Dify #21568: the stream stays open (pinging) after the terminal event.
+    keep_open_after_end: bool = False
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    headers: Mapping[str, str]  # lower-case names
+    json: Any
+    query: Mapping[str, str]
+
+
+@dataclass
+class _Conversation:
+    id: str
+    user: str
+    turns: list[Turn] = field(default_factory=list)
+    status: str = "normal"
+
+
+@dataclass
+class _Sleep:
+    seconds: float
+
+
+@dataclass
+class _Call:
+    action: Callable[[], None]
+
+
+_Step = Mapping[str, Any] | _Sleep | _Call
+
+
+class FakeDifyServer:
+    """One Dify app behind one API key: chat, agent-chat, advanced-chat or agent (New Agent) mode."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str = "app-fake-key",
+        mode: str = "chat",
+        app_name: str = "Fake Dify app",
+        answer: AnswerFunction = echo_answer,
+        chunk_size: int = 4,
+        chunk_delay: float = 0.0,
+        ping_interval: float = 10.0,
+        hang_limit: float = 30.0,
+        opening_statement: str | None = None,
+        suggested_questions: Sequence[str] = (),
+        speech_to_text: bool = False,
+        file_upload: Mapping[str, Any] | None = None,
+        system_parameters: Mapping[str, Any] | None = None,
+        not_found_suffix: str = "",
+        hang_on_unknown_conversation: bool = False,
+    ) -> None:
+        self.api_key = api_key
+        self.mode = mode
+        self.app_name = app_name
+        self.answer = answer
+        self.chunk_size = chunk_size
+        self.chunk_delay = chunk_delay
+        self.ping_interval = ping_interval
+        self.hang_limit = hang_limit  # cap for streams that would otherwise never end
+        self.opening_statement = opening_statement
+        self.suggested_questions = tuple(suggested_questions)
+        self.speech_to_text = speech_to_text
+        self.file_upload: dict[str, Any] = dict(file_upload) if file_upload is not None else {}
+        self.system_parameters: dict[str, Any] = (
+            dict(system_parameters)
+            if system_parameters is not None
+            else {
+                "file_size_limit": 15,
+                "image_file_size_limit": 10,
+                "audio_file_size_limit": 50,
+                "video_file_size_limit": 100,
+                "workflow_file_upload_limit": 10,
+            }
+        )
+        # Flask's hint appended to 404 messages in some versions (spec §8.3 #28481).
+        self.not_found_suffix = not_found_suffix
+        # Dify #38800 (spec §8.3): streaming with an unknown conversation id pings forever instead of 404.
+        self.hang_on_unknown_conversation = hang_on_unknown_conversation
+        self.requests: list[RecordedRequest] = []
+        self.faults: deque[Fault] = deque()
+        self.conversations: dict[str, _Conversation] = {}
+        self.pings_sent = 0
+        self.active_streams = 0
+        self._app = Starlette(
+            routes=[
+                Route("/v1/chat-messages", self._chat_messages, methods=["POST"]),
+                Route("/v1/info", self._info, methods=["GET"]),
+                Route("/v1/parameters", self._parameters, methods=["GET"]),
+            ],
+            exception_handlers={HTTPException: self._http_exception},
+        )
+
+    @property
+    def app(self) -> Starlette:
+        return self._app
+
+    # --- knobs ------------------------------------------------------------------------------------------
+
+    def inject(self, fault: Fault) -> None:
+        self.faults.append(fault)
+
+    def history(self, conversation_id: str) -> list[Turn]:
+        return list(self.conversations[conversation_id].turns)
+
+    def delete_conversation(self, conversation_id: str) -> None:
+        """Soft delete, as DELETE /conversations/{id} does: the id then gives 404 on chat."""
+        self.conversations.pop(conversation_id, None)
+
+    def end_conversation(self, conversation_id: str) -> None:
+        """The conversation's status is no longer `normal`: chat gives 400 conversation_completed."""
+        self.conversations[conversation_id].status = "ended"
+
+    def chat_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path == "/v1/chat-messages"]
+
+    # --- endpoints --------------------------------------------------------------------------------------
+
+    async def _chat_messages(self, request: Request) -> Response:
+        body = await self._record(request)
+        if (denied := self._auth(request)) is not None:
+            return denied
+        fault = self._take_fault(request.url.path)
+        if fault is not None and fault.delay:
+            await anyio.sleep(fault.delay)
+        if fault is not None and fault.status is not None:
+            return _raw(fault.status, fault.body, fault.content_type)
+        if not isinstance(body, dict):
+            return _error(400, "invalid_param", "Invalid JSON body")
+        user = body.get("user")
+        if not isinstance(user, str) or not user:
+            return _error(400, "invalid_param", "Arg user must be provided.")
+        response_mode = body.get("response_mode") or "blocking"  # omitted means blocking (spec §0 #2)
+        if response_mode not in ("blocking", "streaming"):
+            return _error(400, "invalid_param", "response_mode must be 'blocking' or 'streaming'")
+        if not isinstance(body.get("inputs"), dict):
+            return _error(400, "invalid_param", "inputs: Field required")
+        conversation_id = body.get("conversation_id") or ""
+        if conversation_id and not _is_uuid(conversation_id):
+            return _error(400, "invalid_param", "conversation_id must be a valid UUID")
+        query = body.get("query")
+        if not isinstance(query, str) or not query:
+            return _error(400, "invalid_param", "query is required")
+        files = body.get("files") or []
+        if not isinstance(files, list) or not all(_is_file_reference(f) for f in files):
+            return _error(400, "invalid_param", "Invalid upload file id format")
+        streaming = response_mode == "streaming"
+        if not streaming and self.mode == "agent-chat":
+            return _error(400, "invalid_param", "Agent Chat App does not support blocking mode")
+        if not streaming and self.mode == "agent":
+            return _error(400, "bad_request", "Agent App only supports streaming response mode.")
+
+        if conversation_id:
+            conversation = self.conversations.get(conversation_id)
+            if conversation is None or conversation.user != user:
+                if streaming and self.hang_on_unknown_conversation:
+                    return self._stream([_Sleep(self.hang_limit)])
+                return _error(404, "not_found", "Conversation Not Exists." + self.not_found_suffix)
+            if conversation.status != "normal":
+                return _error(
+                    400,
+                    "conversation_completed",
+                    "The conversation has ended. Please start a new conversation.",
+                )
+        else:
+            # Dify creates the conversation before generating, so even a failed first turn leaves it behind.
+            conversation = _Conversation(id=str(uuid.uuid4()), user=user)
+            self.conversations[conversation.id] = conversation
+
+        fault = fault or Fault()
+        text = self.answer(query, tuple(conversation.turns))
+        if fault.replace_with is not None:
+            final = fault.replace_with
+        else:
+            final = text
+        message_id = str(uuid.uuid4())
+        task_id = str(uuid.uuid4())
+
+        def remember() -> None:
+            conversation.turns.append((query, final))
+
+        if streaming or fault.sse_for_blocking:
+            return self._stream(self._events(conversation, query, text, message_id, task_id, fault, remember))
+        if fault.error_after is not None:
+            return _error(fault.error_status, fault.error_code, fault.error_message)
+        if fault.pings_only or fault.eof_after is not None or fault.stall_after is not None:
+            await anyio.sleep(self.hang_limit)  # blocking has no stream to break: it just never answers
+        remember()
+        return JSONResponse(
+            {
+                "event": "message",
+                "task_id": task_id,
+                "id": message_id,
+                "message_id": message_id,
+                "conversation_id": conversation.id,
+                "mode": self.mode,
+                "answer": final,
+                "metadata": {"usage": _USAGE, "retriever_resources": []},
+                "created_at": int(time.time()),
+            }
+        )
+
+    async def _info(self, request: Request) -> Response:
+        await self._record(request)
+        if (denied := self._auth(request)) is not None:
+            return denied
+        if (fault := self._take_fault(request.url.path)) is not None:
+            await anyio.sleep(fault.delay)
+            if fault.status is not None:
+                return _raw(fault.status, fault.body, fault.content_type)
+        return JSONResponse(
+            {"name": self.app_name, "description": "", "tags": [], "mode": self.mode, "author_name": "test"}
+        )
+
+    async def _parameters(self, request: Request) -> Response:
+        await self._record(request)
+        if (denied := self._auth(request)) is not None:
+            return denied
+        if (fault := self._take_fault(request.url.path)) is not None:
+            await anyio.sleep(fault.delay)
+            if fault.status is not None:
+                return _raw(fault.status, fault.body, fault.content_type)
+        return JSONResponse(
+            {
+                "opening_statement": self.opening_statement,
+                "suggested_questions": list(self.suggested_questions),
+                "suggested_questions_after_answer": {"enabled": False},
+                "speech_to_text": {"enabled": self.speech_to_text},
+                "text_to_speech": {"enabled": False, "voice": "", "language": "", "autoPlay": "disabled"},
+                "retriever_resource": {"enabled": True},
+                "annotation_reply": {"enabled": False},
+                "more_like_this": {"enabled": False},
+                "sensitive_word_avoidance": {"enabled": False, "type": "", "configs": []},
+                "user_input_form": [],
+                "file_upload": self.file_upload,
+                "system_parameters": self.system_parameters,
+            }
+        )
+
+    async def _http_exception(self, request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
+        return _error(status, code, f"The requested URL was not found on the server ({request.url.path}).")
+
+    # --- plumbing ---------------------------------------------------------------------------------------
+
+    async def _record(self, request: Request) -> Any:
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        self.requests.append(
+            RecordedRequest(
+                method=request.method,
+                path=request.url.path,
+                headers={k.lower(): v for k, v in request.headers.items()},
+                json=body,
+                query=dict(request.query_params),
+            )
+        )
+        return body
+
+    def _auth(self, request: Request) -> Response | None:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if not key:
+            return _error(
+                401, "unauthorized", "Authorization header must be provided and start with 'Bearer'"
+            )
+        if scheme.lower() != "bearer":
+            return _error(401, "unauthorized", "Authorization scheme must be 'Bearer'")
+        if key.strip() != self.api_key:
+            return _error(401, "unauthorized", "Access token is invalid")
+        return None
+
+    def _take_fault(self, path: str) -> Fault | None:
+        for fault in self.faults:
+            if fault.path == path:
+                self.faults.remove(fault)
+                return fault
+        return None
+
+    def _events(
+        self,
+        conversation: _Conversation,
+        query: str,
+        text: str,
+        message_id: str,
+        task_id: str,
+        fault: Fault,
+        remember: Callable[[], None],
+    ) -> list[_Step]:
+        common = {
+            "conversation_id": conversation.id,
+            "message_id": message_id,
+            "created_at": int(time.time()),
+            "task_id": task_id,
+        }
+
+        def event(name: str, **fields: Any) -> dict[str, Any]:
+            return {"event": name, **common, **fields}
+
+        if fault.pings_only:
+            return [_Sleep(self.hang_limit)]
+        chunks = [text[i : i + self.chunk_size] for i in range(0, len(text), self.chunk_size)] or [""]
+        chatflow = self.mode == "advanced-chat"
+        agent = self.mode in ("agent-chat", "agent")
+        run_id = str(uuid.uuid4())
+
+        def workflow(name: str, **data: Any) -> dict[str, Any]:
+            return event(name, workflow_run_id=run_id, data={"id": run_id, **data})
+
+        def node(name: str, node_id: str, node_type: str, **data: Any) -> dict[str, Any]:
+            return workflow(name, node_id=node_id, node_type=node_type, title=node_type.upper(), **data)
+
+        steps: list[_Step] = []
+        if chatflow:
+            steps += [
+                workflow(
+                    "workflow_started", workflow_id="wf-1", inputs={"sys.query": query}, reason="initial"
+                ),
+                node("node_started", "start", "start", index=1),
+                node("node_finished", "start", "start", index=1, status="succeeded"),
+                node("node_started", "llm", "llm", index=2),
+            ]
+            if fault.workflow_paused:
+                return [*steps, workflow("workflow_paused", reason="human_input_required")]
+            if fault.workflow_failed:
+                steps += [
+                    node("node_finished", "llm", "llm", index=2, status="failed", error=fault.error_message),
+                    workflow("workflow_finished", status="failed", error=fault.error_message, outputs={}),
+                ]
+                if fault.error_after_workflow_failed:
+                    steps.append(
+                        event(
+                            "error",
+                            status=fault.error_status,
+                            code=fault.error_code,
+                            message=fault.error_message,
+                        )
+                    )
+                return steps
+        if agent:
+            steps.append(_thought(common, position=1, thought="", tool="", observation=""))
+
+        delta_event = "agent_message" if agent else "message"
+        for index, chunk in enumerate(chunks):
+            if index in (fault.error_after, fault.eof_after, fault.stall_after):
+                break
+            if index and self.chunk_delay:
+                steps.append(_Sleep(self.chunk_delay))
+            extra = {"from_variable_selector": ["llm", "text"]} if chatflow else {}
+            steps.append(event(delta_event, id=message_id, answer=chunk, **extra))
+        if fault.error_after is not None:
+            error = {k: v for k, v in common.items() if k != "task_id"}  # error events carry no task_id
+            steps.append(
+                {"event": "error", **error, "status": fault.error_status, "code": fault.error_code,
+                 "message": fault.error_message}
+            )  # fmt: skip
+            return steps
+        if fault.eof_after is not None:
+            return steps
+        if fault.stall_after is not None:
+            return [*steps, _Sleep(self.hang_limit)]
+        if agent:
+            steps.append(_thought(common, position=2, thought=text, tool="", observation=""))
+        for file_type, url in fault.files:
+            steps.append(
+                event("message_file", id=str(uuid.uuid4()), type=file_type, belongs_to="assistant", url=url)
+            )
+        if self.mode == "agent":  # New Agent closes with one `message` repeating the full answer (spec §3.3)
+            steps.append(event("message", id=message_id, answer=text))
+        if fault.replace_with is not None:
+            steps.append(event("message_replace", answer=fault.replace_with, reason="moderation"))
+        if chatflow:
+            steps.append(
+                node("node_finished", "llm", "llm", index=2, status="succeeded", outputs={"text": text})
+            )
+            steps.append(node("node_started", "answer", "answer", index=3))
+            steps.append(node("node_finished", "answer", "answer", index=3, status="succeeded"))
+        steps.append(_Call(remember))
+        steps.append(
+            event("message_end", id=message_id, metadata={"usage": _USAGE, "retriever_resources": []})
+        )
+        if chatflow:
+            steps.append(
+                workflow("workflow_finished", status="succeeded", outputs={"answer": text}, error=None)
+            )
+        if fault.keep_open_after_end:
+            steps.append(_Sleep(self.hang_limit))
+        return steps
+
+    def _stream(self, steps: list[_Step]) -> StreamingResponse:
+        return StreamingResponse(
+            self._sse(steps), media_type=_EVENT_STREAM, headers={"X-Version": "1.99.0-fake"}
+        )
+
+    async def _sse(self, steps: list[_Step]) -> AsyncIterator[bytes]:
+        self.active_streams += 1
+        try:
+            last_ping = anyio.current_time()
+            for step in steps:
+                if isinstance(step, _Call):
+                    step.action()
+                elif isinstance(step, _Sleep):
+                    # Dify pings every 10 s while the app runs (spec §3.1): pings fill every wait.
+                    end = anyio.current_time() + step.seconds
+                    while (now := anyio.current_time()) < end:
+                        if now >= last_ping + self.ping_interval:
+                            self.pings_sent += 1
+                            last_ping = now
+                            yield PING
+                        else:
+                            await anyio.sleep(min(end, last_ping + self.ping_interval) - now)
+                else:
+                    yield b"data: " + json.dumps(step, ensure_ascii=False).encode() + b"\n\n"
+        finally:
+            self.active_streams -= 1
+
+
+class FakeDifyHost:
+    """An ASGI app forwarding to a swappable FakeDifyServer, so one served port can outlive one test."""
+
+    def __init__(self, server: FakeDifyServer | None = None) -> None:
+        self.server = server or FakeDifyServer()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.server.app(scope, receive, send)
+
+
+_USAGE = {
+    "prompt_tokens": 10,
+    "completion_tokens": 5,
+    "total_tokens": 15,
+    "total_price": "0.0000150",
+    "currency": "USD",
+    "latency": 0.01,
+}
+
+
+def _thought(
+    common: Mapping[str, Any], *, position: int, thought: str, tool: str, observation: str
+) -> dict[str, Any]:
+    return {
+        "event": "agent_thought",
+        **common,
+        "id": str(uuid.uuid4()),
+        "position": position,
+        "thought": thought,
+        "observation": observation,
+        "tool": tool,
+        "tool_labels": {},
+        "tool_input": "",
+        "message_files": [],
+    }
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message, "status": status}, status_code=status)
+
+
+def _raw(status: int, body: Any, content_type: str | None) -> Response:
+    if isinstance(body, str | bytes):
+        return Response(body, status_code=status, media_type=content_type or "text/html")
+    return Response(
+        json.dumps(body, ensure_ascii=False),
+        status_code=status,
+        media_type=content_type or "application/json",
+    )
+
+
+def _is_uuid(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_file_reference(value: object) -> bool:
+    if not isinstance(value, dict) or not value.get("type"):
+        return False
+    if value.get("transfer_method") == "local_file":
+        return _is_uuid(value.get("upload_file_id"))
+    return value.get("transfer_method") == "remote_url" and bool(value.get("url"))
