@@ -1,0 +1,298 @@
+"""`KfChannel` over the WeCom kf HTTP API (httpx), with a shared access-token cache.
+
+Spec: specs/wecom-kf.md §4 (gettoken), §5 (sync_msg), §6 (send_msg), §7 (send_msg_on_event, service_state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from adapters.outbound.wecom_messages import parse_sync_item
+from application.errors import WeComError
+from application.ports import ServiceState
+from domain.messages import CustomerRef, SyncPage
+
+DEFAULT_API_BASE = "https://qyapi.weixin.qq.com"
+
+GETTOKEN = "gettoken"
+SYNC_MSG = "kf/sync_msg"
+SEND_MSG = "kf/send_msg"
+SEND_MSG_ON_EVENT = "kf/send_msg_on_event"
+SERVICE_STATE_GET = "kf/service_state/get"
+SERVICE_STATE_TRANS = "kf/service_state/trans"
+
+# Refresh this long before WeCom's `expires_in` runs out (but keep at least half the lifetime).
+TOKEN_REFRESH_MARGIN_S = 300.0
+DEFAULT_EXPIRES_IN_S = 7200
+# After a config errcode from gettoken, answer from memory for this long: repeated wrong-secret calls can get
+# the server's IP blocked for an hour (spec §4, errcode 45009 help text).
+CONFIG_ERROR_BACKOFF_S = 30.0
+
+_log = logging.getLogger(__name__)
+
+
+class WeComKfChannel:
+    """The real WeCom kf API. Raises `WeComError`; never puts the secret or the access token in messages."""
+
+    def __init__(
+        self,
+        *,
+        corp_id: str,
+        corp_secret: str,
+        api_base: str = DEFAULT_API_BASE,
+        timeout: float = 10,
+        client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        config_error_backoff_s: float = CONFIG_ERROR_BACKOFF_S,
+    ) -> None:
+        self._corp_id = corp_id
+        self._secret = corp_secret
+        self._base = api_base.rstrip("/") + "/cgi-bin/"
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.AsyncClient(timeout=timeout)
+        self._clock = clock
+        self._config_error_backoff_s = config_error_backoff_s
+        self._token = ""
+        self._token_valid_until = 0.0
+        self._token_lock = asyncio.Lock()
+        self._config_error: WeComError | None = None
+        self._config_error_until = 0.0
+        _install_log_redaction()
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> WeComKfChannel:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # --- KfChannel -------------------------------------------------------------------------------------
+
+    async def sync_messages(
+        self, open_kfid: str, *, cursor: str | None, token: str | None, limit: int = 1000
+    ) -> SyncPage:
+        body: dict[str, Any] = {"limit": limit, "voice_format": 0, "open_kfid": open_kfid}
+        if cursor:
+            body["cursor"] = cursor
+        if token:
+            body["token"] = token
+        data = await self._call(SYNC_MSG, body)
+        msg_list = data.get("msg_list")
+        parsed = (parse_sync_item(item) for item in (msg_list if isinstance(msg_list, list) else []))
+        # An answer without next_cursor must not send the caller back to the start of the history.
+        next_cursor = _as_str(data.get("next_cursor")) or (cursor or "")
+        return SyncPage(
+            messages=tuple(m for m in parsed if m is not None),
+            next_cursor=next_cursor,
+            has_more=bool(_as_int(data.get("has_more"))),
+        )
+
+    async def send_text(self, customer: CustomerRef, text: str, *, msgid: str) -> str:
+        body: dict[str, Any] = {
+            "touser": customer.external_userid,
+            "open_kfid": customer.open_kfid,
+            "msgtype": "text",
+            "text": {"content": text},
+        }
+        if msgid:
+            body["msgid"] = msgid
+        data = await self._call(SEND_MSG, body)
+        return _as_str(data.get("msgid")) or msgid
+
+    async def get_service_state(self, customer: CustomerRef) -> ServiceState:
+        body = {"open_kfid": customer.open_kfid, "external_userid": customer.external_userid}
+        data = await self._call(SERVICE_STATE_GET, body)
+        state = _as_int(data.get("service_state"))
+        if state is None:
+            raise WeComError(None, "answer without service_state", api=SERVICE_STATE_GET)
+        return ServiceState(state=state, servicer_userid=_as_str(data.get("servicer_userid")))
+
+    async def transfer_service_state(
+        self, customer: CustomerRef, *, state: int, servicer_userid: str = ""
+    ) -> str:
+        body: dict[str, Any] = {
+            "open_kfid": customer.open_kfid,
+            "external_userid": customer.external_userid,
+            "service_state": state,
+        }
+        if servicer_userid:
+            body["servicer_userid"] = servicer_userid
+        data = await self._call(SERVICE_STATE_TRANS, body)
+        return _as_str(data.get("msg_code"))
+
+    async def send_on_event(
+        self, code: str, text: str, *, msgid: str, menu: Sequence[tuple[str, str]] = ()
+    ) -> str:
+        body: dict[str, Any] = {"code": code}
+        if msgid:
+            body["msgid"] = msgid
+        if menu:
+            items = [
+                {"type": "click", "click": {"id": item_id, "content": content}} for item_id, content in menu
+            ]
+            body["msgtype"] = "msgmenu"
+            body["msgmenu"] = {"head_content": text, "list": items}
+        else:
+            body["msgtype"] = "text"
+            body["text"] = {"content": text}
+        data = await self._call(SEND_MSG_ON_EVENT, body)
+        return _as_str(data.get("msgid")) or msgid
+
+    async def check_access(self) -> None:
+        async with self._token_lock:
+            self._token = ""
+            await self._fetch_token()
+
+    # --- access token ----------------------------------------------------------------------------------
+
+    async def _access_token(self) -> str:
+        if self._token and self._clock() < self._token_valid_until:
+            return self._token
+        async with self._token_lock:  # concurrent callers share one gettoken
+            if self._token and self._clock() < self._token_valid_until:
+                return self._token
+            return await self._fetch_token()
+
+    async def _fetch_token(self) -> str:
+        """gettoken; the caller holds `_token_lock`."""
+        if self._config_error is not None and self._clock() < self._config_error_until:
+            remembered = self._config_error
+            raise WeComError(remembered.errcode, remembered.errmsg, api=remembered.api)
+        started = self._clock()
+        try:
+            data = await self._request(
+                "GET", GETTOKEN, params={"corpid": self._corp_id, "corpsecret": self._secret}
+            )
+        except WeComError as exc:
+            if exc.is_config_error:
+                self._config_error = exc
+                self._config_error_until = self._clock() + self._config_error_backoff_s
+                _log.error(
+                    "WeCom gettoken refused with errcode %s: check corp id, secret and trusted IPs "
+                    "(not asking again for %.0f s)",
+                    exc.errcode,
+                    self._config_error_backoff_s,
+                )
+            raise
+        token = data.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise WeComError(None, "answer without access_token", api=GETTOKEN)
+        expires_in = _as_int(data.get("expires_in")) or 0
+        if expires_in <= 0:
+            expires_in = DEFAULT_EXPIRES_IN_S
+        self._token = token
+        self._token_valid_until = started + max(expires_in - TOKEN_REFRESH_MARGIN_S, expires_in / 2)
+        self._config_error = None
+        _log.info("WeCom access token refreshed (valid %d s)", expires_in)
+        return token
+
+    def _invalidate(self, token: str) -> None:
+        # Only the token that failed: a concurrent caller may already have fetched a fresh one.
+        if self._token == token:
+            self._token = ""
+
+    # --- HTTP ------------------------------------------------------------------------------------------
+
+    async def _call(self, api: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """POST `api` with the access token; on 40014/42001 refresh the token once and retry once."""
+        token = await self._access_token()
+        try:
+            return await self._request("POST", api, params={"access_token": token}, json=body)
+        except WeComError as exc:
+            if exc.errcode not in WeComError.TOKEN_ERRCODES:
+                raise
+            _log.info("WeCom %s rejected the access token (errcode %s): refreshing once", api, exc.errcode)
+            self._invalidate(token)
+        token = await self._access_token()
+        return await self._request("POST", api, params={"access_token": token}, json=body)
+
+    async def _request(
+        self, method: str, api: str, *, params: dict[str, str], json: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        response = await self._send(method, api, params=params, json=json)
+        if isinstance(response, str):
+            raise WeComError(None, f"{api} unreachable: {response}", api=api)
+        if response.status_code >= 400:
+            raise WeComError(None, f"{api} answered HTTP {response.status_code}", api=api)
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise WeComError(None, f"{api} answered a non-JSON body (HTTP {response.status_code})", api=api)
+        errcode = _as_int(data.get("errcode")) or 0
+        if errcode != 0:
+            errmsg = self._redact(_as_str(data.get("errmsg")), params)
+            raise WeComError(errcode, errmsg, api=api)
+        return data
+
+    async def _send(
+        self, method: str, api: str, *, params: dict[str, str], json: Mapping[str, Any] | None
+    ) -> httpx.Response | str:
+        """The response, or the name of the httpx exception class.
+
+        httpx exceptions carry the URL, which holds the token or the secret: only the class name leaves this
+        method, and the caller raises outside any except block so the original is not chained either.
+        """
+        try:
+            return await self._client.request(method, self._base + api, params=params, json=json)
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+
+    @staticmethod
+    def _redact(text: str, params: Mapping[str, str]) -> str:
+        for value in params.values():
+            if value and value in text:
+                text = text.replace(value, "***")
+        return text
+
+
+class _RedactSecretsInUrls(logging.Filter):
+    """httpx logs every request URL at INFO ("HTTP Request: POST https://…?access_token=…"): mask the token
+    and the secret before any handler sees the record."""
+
+    _pattern = re.compile(r"(access_token|corpsecret)=[^&\s\"']*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record is not ours to fix
+            return True
+        if "access_token=" in message or "corpsecret=" in message:
+            record.msg = self._pattern.sub(r"\1=***", message)
+            record.args = None
+        return True
+
+
+def _install_log_redaction() -> None:
+    logger = logging.getLogger("httpx")
+    if not any(isinstance(f, _RedactSecretsInUrls) for f in logger.filters):
+        logger.addFilter(_RedactSecretsInUrls())
+
+
+def _as_str(value: object) -> str:
+    return "" if value is None or isinstance(value, dict | list) else str(value)
+
+
+def _as_int(value: object) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        return int(float(str(value)))
+    except (TypeError, ValueError, OverflowError):
+        return None
