@@ -1,0 +1,383 @@
+"""Dify's Markdown answers → plain text for WeChat, which shows `**`, `#`, tables, fences raw (notes §1.11).
+
+Choices made for a customer reading on a phone:
+
+- Reasoning (`<think>`, `<thinking>`, `<details>`: how DeepSeek-style models and Dify wrap "thinking")
+  is removed before parsing. An opening tag with no closing tag *at the very start* means the whole
+  answer is reasoning (a stream cut off mid-thought), so nothing is left; mid-text, only the tags go.
+  A closing `</think>` with no opening tag drops everything before it: DeepSeek-R1's chat template
+  puts `<think>` in the prompt, so the answer carries only the closing tag.
+- Tables become one line per body row, `表头：值；表头：值` (`Header: value; …` when the table has
+  no CJK text): a grid cannot be drawn in a proportional font, and "name: value" pairs read like a
+  sentence.
+- Blockquotes are prefixed with `｜ ` (a full-width bar): it still reads as "quoted", and `>` would
+  be markup.
+- Lists use `•` (top level) and `◦` (nested, two spaces per level); ordered lists keep their numbers;
+  task items become `☐`/`☑`. Horizontal rules become `——————`.
+- Links read `text (url)`, or just the url when the text is empty or is the url; images `alt: url`.
+- Emphasis delimiters next to CJK text are accepted (as markdown-it-cjk-friendly does): under plain
+  CommonMark, `**注意：**请` is not bold, and the customer would see the asterisks.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from html.parser import HTMLParser
+
+from markdown_it import MarkdownIt
+from markdown_it.common.utils import isMdAsciiPunct, isPunctChar, isWhiteSpace
+from markdown_it.rules_inline.state_inline import Delimiter, StateInline
+from markdown_it.token import Token
+
+_REASONING_TAG = re.compile(r"<(/?)(thinking|think|details)\b[^>]*>", re.IGNORECASE)
+# Reasoning tags never reach the customer, even ones that survive as text (`&lt;think&gt;`, unmatched tags).
+_THINK_TAG = re.compile(r"</?think(?:ing)?\b[^>]*>", re.IGNORECASE)
+_WHITESPACE_RUN = re.compile(r"\s+")
+_BR_TAG = re.compile(r"<br\s*/?>", re.IGNORECASE)
+_TASK_MARK = {"[ ]": "☐", "[x]": "☑", "[X]": "☑"}
+_LIST_TYPES = frozenset({"bullet_list", "ordered_list"})
+_HR = "——————"
+_QUOTE_PREFIX = "｜ "
+
+
+class WeChatTextRenderer:
+    """Markdown (as Dify writes it) → plain text that reads well in WeChat."""
+
+    def __init__(self, *, strip_reasoning: bool = True) -> None:
+        self._strip_reasoning = strip_reasoning
+        self._md = MarkdownIt("commonmark").enable(["table", "strikethrough"])
+        self._md.inline.ruler.at("emphasis", _cjk_friendly_emphasis)
+        self._md.inline.ruler.at("strikethrough", _cjk_friendly_strikethrough)
+
+    def __call__(self, markdown: str) -> str:
+        source = _remove_reasoning(markdown) if self._strip_reasoning else markdown
+        try:
+            text = self._blocks(_tree(self._md.parse(source)))
+        except Exception:  # a renderer bug must not cost the customer the answer
+            text = source
+        if self._strip_reasoning:
+            text = _THINK_TAG.sub("", text)
+        return _tidy(text)
+
+    def _blocks(self, nodes: list[_Node]) -> str:
+        out: list[str] = []
+        separator = ""
+        for node in nodes:
+            text = self._block(node)
+            if not text.strip():
+                continue
+            out += (separator, text)
+            # A minor heading sits directly on top of its section; h1/h2 get a blank line.
+            minor_heading = node.type == "heading" and node.token.tag not in ("h1", "h2")
+            separator = "\n" if minor_heading else "\n\n"
+        return "".join(out)
+
+    def _block(self, node: _Node) -> str:
+        kind = node.type
+        if kind in ("paragraph", "heading"):
+            return self._inline_children(node)
+        if kind in _LIST_TYPES:
+            return self._list(node, level=0)
+        if kind == "blockquote":
+            inner = self._blocks(node.children)
+            return "\n".join((_QUOTE_PREFIX + line).rstrip() for line in inner.split("\n"))
+        if kind in ("fence", "code_block"):
+            return node.token.content.rstrip("\n")
+        if kind == "hr":
+            return _HR
+        if kind == "html_block":
+            return _html_text(node.token.content)
+        if kind == "table":
+            return self._table(node)
+        if kind == "inline":
+            return self._inline(node)
+        return self._blocks(node.children) if node.children else node.token.content
+
+    def _list(self, node: _Node, *, level: int) -> str:
+        ordered = node.type == "ordered_list"
+        start = _int(node.token.attrs.get("start", 1)) if ordered else 0
+        indent = "  " * level
+        lines: list[str] = []
+        for number, item in enumerate(node.children, start=start):
+            marker = f"{number}." if ordered else ("•" if level == 0 else "◦")
+            first = True
+            for child in item.children:
+                if child.type in _LIST_TYPES:
+                    if first:
+                        lines.append(indent + marker)
+                        first = False
+                    lines.append(self._list(child, level=level + 1))
+                    continue
+                text = self._block(child)
+                if not text.strip():
+                    continue
+                if first:
+                    text = _task_box(text, marker, ordered)
+                    lines.append(indent + text.replace("\n", "\n" + indent + "  "))
+                    first = False
+                else:
+                    lines.append(indent + "  " + text.replace("\n", "\n" + indent + "  "))
+            if first:
+                lines.append(indent + marker)
+        return "\n".join(lines)
+
+    def _table(self, node: _Node) -> str:
+        header: list[str] = []
+        rows: list[list[str]] = []
+        for section in node.children:
+            for row in section.children:
+                cells = [" ".join(self._inline_children(cell).split()) for cell in row.children]
+                if section.type == "thead":
+                    header = cells
+                else:
+                    rows.append(cells)
+        wide = any(_is_cjk(ch) for cells in [header, *rows] for cell in cells for ch in cell)
+        colon, separator = ("：", "；") if wide else (": ", "; ")
+        if not rows:
+            return separator.join(cell for cell in header if cell)
+        lines = []
+        for cells in rows:
+            pairs = [
+                f"{name}{colon}{value}" if name else value
+                for name, value in zip(header, cells, strict=False)
+                if value
+            ]
+            lines.append(separator.join(pairs))
+        return "\n".join(line for line in lines if line)
+
+    def _inline_children(self, node: _Node) -> str:
+        return "".join(self._inline(child) for child in node.children)
+
+    def _inline(self, node: _Node) -> str:
+        kind = node.type
+        if kind in ("text", "code_inline"):
+            return node.token.content
+        if kind in ("softbreak", "hardbreak"):
+            return "\n"
+        if kind == "html_inline":
+            return "\n" if _BR_TAG.fullmatch(node.token.content.strip()) else ""
+        if kind == "link":
+            return self._link(node)
+        if kind == "image":
+            alt = self._inline_children(node).strip()
+            src = self._display_url(str(node.token.attrs.get("src", "")))
+            return f"{alt}: {src}" if alt and src else alt or src
+        if node.children:
+            return self._inline_children(node)
+        return node.token.content
+
+    def _link(self, node: _Node) -> str:
+        text = self._inline_children(node).strip()
+        if node.token.markup == "autolink":
+            return text  # the url as the author wrote it
+        href = str(node.token.attrs.get("href", ""))
+        if not href:
+            return text
+        if f"mailto:{text}" == href:
+            return text
+        url = self._display_url(href)
+        if not text or text in (href, url):
+            return url
+        return f"{text} ({url})"
+
+    def _display_url(self, href: str) -> str:
+        # markdown-it stores hrefs percent-encoded and punycoded; show them readable unless decoding would put
+        # whitespace into the url (WeChat would end the link there).
+        readable = self._md.normalizeLinkText(href)
+        return href if any(ch.isspace() for ch in readable) else readable
+
+
+@dataclass(slots=True)
+class _Node:
+    """A token with the tokens nested in it (an `_open` token stands for its whole container)."""
+
+    token: Token
+    children: list[_Node]
+
+    @property
+    def type(self) -> str:
+        return self.token.type.removesuffix("_open")
+
+
+def _tree(tokens: list[Token]) -> list[_Node]:
+    # markdown_it.tree.SyntaxTreeNode does the same, but costs several times the parse on a long answer.
+    root: list[_Node] = []
+    stack = [root]
+    for token in tokens:
+        if token.nesting == 1:
+            node = _Node(token, [])
+            stack[-1].append(node)
+            stack.append(node.children)
+        elif token.nesting == -1:
+            if len(stack) > 1:
+                stack.pop()
+        else:
+            stack[-1].append(_Node(token, _tree(token.children) if token.children else []))
+    return root
+
+
+def _remove_reasoning(text: str) -> str:
+    out: list[str] = []
+    pos = 0
+    open_name = ""  # the reasoning block we are inside, if any
+    open_at = depth = 0
+    seen_block = False
+    for tag in _REASONING_TAG.finditer(text):
+        closing, name = tag.group(1) == "/", tag.group(2).lower()
+        if not open_name:
+            if not closing:
+                out.append(text[pos : tag.start()])
+                open_name, open_at, depth, seen_block = name, tag.start(), 1, True
+            elif name != "details" and not seen_block:
+                # DeepSeek-R1: the opening <think> was part of the prompt; everything so far is reasoning.
+                seen_block = True
+                pos = tag.end()
+            continue
+        if name != open_name:
+            continue
+        if name == "details":  # <details> nests; <think> does not
+            depth += -1 if closing else 1
+        elif closing:
+            depth = 0
+        if depth == 0:
+            open_name = ""
+            pos = tag.end()
+    if open_name:
+        # Unterminated: at the very start the rest is all reasoning; mid-text only its tags go (later).
+        if any(part.strip() for part in out):
+            out.append(text[open_at:])
+    else:
+        out.append(text[pos:])
+    return "".join(out)
+
+
+class _HtmlText(HTMLParser):
+    """The text of an HTML block: tags dropped, block-level tags turned into line breaks."""
+
+    _BREAKING = frozenset({"br", "p", "div", "li", "tr", "ul", "ol", "table", "summary", "details", "hr"})
+    _BREAKING |= {f"h{level}" for level in range(1, 7)}
+    _SILENT = frozenset({"script", "style"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._silent = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._SILENT:
+            self._silent += 1
+        elif tag in self._BREAKING:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SILENT:
+            self._silent = max(0, self._silent - 1)
+        elif tag in self._BREAKING:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._silent:
+            self.parts.append(_WHITESPACE_RUN.sub(" ", data))
+
+
+def _html_text(html: str) -> str:
+    parser = _HtmlText()
+    parser.feed(html)
+    parser.close()
+    return "\n".join(line.strip() for line in "".join(parser.parts).split("\n"))
+
+
+def _task_box(text: str, marker: str, ordered: bool) -> str:
+    box = _TASK_MARK.get(text[:3]) if text[3:4] in (" ", "\n", "") else None
+    if box is None:
+        return f"{marker} {text}"
+    rest = text[3:].lstrip(" ")
+    return f"{marker} {box} {rest}" if ordered else f"{box} {rest}"
+
+
+def _tidy(text: str) -> str:
+    lines: list[str] = []
+    for line in text.split("\n"):
+        line = line.rstrip()
+        if line or (lines and lines[-1]):
+            lines.append(line)
+    return "\n".join(lines).strip()
+
+
+def _int(value: object) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        return 1
+
+
+def _is_cjk(ch: str) -> bool:
+    return unicodedata.east_asian_width(ch) in ("W", "F") and unicodedata.category(ch) != "So"
+
+
+# CJK-friendly emphasis
+# CommonMark's flanking rules assume words are separated by spaces. In `**注意：**请` the closing `**`
+# follows punctuation and precedes a letter, so it cannot close, and the asterisks stay. As in
+# markdown-it-cjk-friendly (https://github.com/tats-u/markdown-cjk-friendly), a CJK character beside
+# the run counts like a space would.
+# These two rules are markdown-it's own `emphasis`/`strikethrough` tokenizers with that one change.
+
+
+def _scan_delims(state: StateInline, start: int, can_split_word: bool) -> tuple[bool, bool, int]:
+    src, marker = state.src, state.src[start]
+    end = start
+    while end < state.posMax and src[end] == marker:
+        end += 1
+    last = src[start - 1] if start > 0 else " "
+    after = src[end] if end < state.posMax else " "
+    last_punct = isMdAsciiPunct(ord(last)) or isPunctChar(last)
+    next_punct = isMdAsciiPunct(ord(after)) or isPunctChar(after)
+    last_space, next_space = isWhiteSpace(ord(last)), isWhiteSpace(ord(after))
+    last_cjk, next_cjk = _is_cjk(last), _is_cjk(after)
+    left = not next_space and (not next_punct or last_space or last_punct or last_cjk or next_cjk)
+    right = not last_space and (not last_punct or next_space or next_punct or next_cjk or last_cjk)
+    can_open = left and (can_split_word or not right or last_punct)
+    can_close = right and (can_split_word or not left or next_punct)
+    return can_open, can_close, end - start
+
+
+def _push_delimiter(state: StateInline, content: str, length: int, can_open: bool, can_close: bool) -> None:
+    token = state.push("text", "", 0)
+    token.content = content
+    state.delimiters.append(
+        Delimiter(
+            marker=ord(content[0]),
+            length=length,
+            token=len(state.tokens) - 1,
+            end=-1,
+            open=can_open,
+            close=can_close,
+        )
+    )
+
+
+def _cjk_friendly_emphasis(state: StateInline, silent: bool) -> bool:
+    marker = state.src[state.pos]
+    if silent or marker not in ("_", "*"):
+        return False
+    can_open, can_close, length = _scan_delims(state, state.pos, marker == "*")
+    for _ in range(length):
+        _push_delimiter(state, marker, length, can_open, can_close)
+    state.pos += length
+    return True
+
+
+def _cjk_friendly_strikethrough(state: StateInline, silent: bool) -> bool:
+    if silent or state.src[state.pos] != "~":
+        return False
+    can_open, can_close, length = _scan_delims(state, state.pos, True)
+    if length < 2:
+        return False
+    if length % 2:
+        state.push("text", "", 0).content = "~"
+    for _ in range(length // 2):
+        _push_delimiter(state, "~~", 0, can_open, can_close)  # length 0 disables the "rule of 3"
+    state.pos += length
+    return True

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install the service's dependencies into .venv (first run only) and start it:
+#   scripts/serve.sh --config config.ini
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e .
+exec .venv/bin/python bootstrap.py "$@"

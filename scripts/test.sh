@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a fresh machine: installs memcached (Debian) and the Python dependencies
+# into .venv, then lints and runs pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k webhook).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v memcached >/dev/null 2>&1 && [ ! -x /usr/bin/memcached ]; then
+    echo "test.sh: installing memcached from Debian's packages" >&2
+    SUDO=""
+    if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq memcached >/dev/null
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+.venv/bin/python -m ruff check .
+.venv/bin/python -m pytest "$@"
