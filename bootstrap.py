@@ -28,6 +28,7 @@ from adapters.inbound.wecom_webhook import WeComWebhook
 from adapters.outbound.dify import DifyChatEngine
 from adapters.outbound.memory_store import MemoryStateStore
 from adapters.outbound.system_clock import SystemClock
+from adapters.outbound.wechat_text import WeChatTextRenderer
 from adapters.outbound.wecom_api import WeComKfChannel
 from application.admin import ConversationAdmin, StatusReport
 from application.answer_message import AnswerCustomerMessage
@@ -170,6 +171,7 @@ class Adapters(containers.DeclarativeContainer):
         api_base=settings.provided.wecom_api_base,
     )
     engine = providers.Singleton(build_dify, settings)
+    renderer = providers.Singleton(WeChatTextRenderer)
     crypto = providers.Singleton(
         WeComCrypto,
         token=settings.provided.token,
@@ -196,6 +198,7 @@ class Application(containers.DeclarativeContainer):
         clock=adapters.clock,
         options=options,
         telemetry=telemetry,
+        render=adapters.renderer,
     )
     observer = providers.Singleton(LogItems, telemetry)
     pull = providers.Singleton(
