@@ -22,7 +22,7 @@ from application.errors import WeComError
 from application.options import BotOptions
 from application.ports import StateStore
 from application.pull_messages import PullMessages
-from application.telemetry import Telemetry
+from application.telemetry import Telemetry, correlation_id
 from domain.messages import CallbackNotice, CustomerRef
 
 log = logging.getLogger("kfdify.dispatch")
@@ -210,6 +210,7 @@ class Dispatcher:
 
     async def _recovery_loop(self) -> None:
         """Pick up what lost callbacks and crashed instances left behind; also runs once at start."""
+        correlation_id.set("recovery")
         interval = self._options.recovery_interval_s
         while not self._closing:
             try:

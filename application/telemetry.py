@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
+
+# Ties a callback to the pulls, Dify calls and replies it caused: tasks copy the context they start in.
+correlation_id: ContextVar[str] = ContextVar("correlation_id", default="-")
 
 # Names of the latency series (seconds).
 CALLBACK_ACK = "callback_ack"

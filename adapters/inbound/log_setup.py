@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import sys
 import time
 from collections.abc import Iterable
 
-# Ties a callback to the pulls, Dify calls and replies it caused (set by the webhook and the dispatcher).
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+from application.telemetry import correlation_id
 
 
 class RedactSecrets(logging.Filter):
@@ -27,7 +25,7 @@ class RedactSecrets(logging.Filter):
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
+        record.request_id = correlation_id.get()
         if self._secrets:
             message = record.getMessage()
             masked = self._mask(message)
@@ -69,3 +67,5 @@ def configure_logging(*, level: str = "INFO", fmt: str = "text", secrets: Iterab
     # httpx logs every request URL at INFO, and WeCom URLs carry the access token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # markdown-it traces every parser rule at DEBUG.
+    logging.getLogger("markdown_it").setLevel(logging.WARNING)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
@@ -11,7 +12,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from adapters.inbound.wecom_crypto import MAX_BODY_BYTES, CallbackRejected, WeComCrypto, parse_notice
 from application import telemetry as t
-from application.telemetry import Telemetry
+from application.telemetry import Telemetry, correlation_id
 from domain.messages import CallbackNotice
 
 log = logging.getLogger("kfdify.webhook")
@@ -77,6 +78,8 @@ class WeComWebhook:
 
     async def receive(self, request: Request) -> Response:
         started = time.monotonic()
+        # Background work started below inherits this id, so its log lines name the callback.
+        correlation_id.set(f"cb-{secrets.token_hex(4)}")
         self._telemetry.count("callbacks")
         if not self._accepting():
             # Shutting down: WeCom retries within seconds and another instance (or we, restarted) answers.
