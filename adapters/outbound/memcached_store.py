@@ -1,0 +1,591 @@
+"""The shared state store: every state port on Memcached, so several instances behind one callback URL agree.
+
+It behaves like `MemoryStateStore`; both pass tests/contract/test_state_store.py.
+
+Keys
+----
+``{prefix}:{generation}:{kind}:{part}[:{part}]``, e.g. ``kfdify:1718000000000:msg:wkAbc:msg123``.
+
+- A part made only of ``[A-Za-z0-9_.-]`` is kept as is; any other part (spaces, CJK, newlines, ``:``) becomes
+  ``#`` + blake2b-128 hex. ``#`` never occurs in a kept part, so a hashed part cannot collide with a raw one.
+  When a key would still exceed memcached's 250 bytes, every long part is hashed too.
+- ``{prefix}:gen`` holds the namespace generation. `clear()` increments it: every old key becomes unreachable
+  at once (and expires by itself) without touching anything outside this prefix. A missing generation (first
+  start, or the node holding it restarted) is created as the current time in milliseconds, so data from
+  before a `clear()` can never become reachable again. Each instance caches the generation for at most
+  `GENERATION_CACHE_S` (1 s): after `clear()` on instance A, instance B uses the new namespace within 1 s.
+  With several servers the generation lives on one of them: while that one is down, every operation fails.
+
+| kind        | value (JSON, see state_codec)          | expiry                                              |
+|-------------|----------------------------------------|-----------------------------------------------------|
+| `conv`      | Conversation                           | `conversation_idle_ttl_s` (24 h), refreshed by put  |
+| `msg`       | `{"s":"busy","o":owner}` lease         | `lease_s` rounded up, + 1 s (see below)             |
+|             | `{"s":"done"}` mark                    | `done_ttl_s` (4 days: outlives the 3-day history)   |
+|             | `{"s":"free"}` released lease          | 60 s (reads as NEW; taken over with CAS)            |
+| `inbox`     | list of InboundMessage, send order     | `done_ttl_s`, refreshed on every change             |
+| `inboxidx`  | external_userids with pending messages | none                                                |
+| `cursor`    | string                                 | none                                                |
+| `pull`      | pull lease, like the `msg` lease       | `lease_s` rounded up, + 1 s                         |
+| `pullreq`   | decimal counter (`incr`)               | none                                                |
+| `pulltoken` | newest callback token                  | 600 s (the callback token's lifetime)               |
+| `kfs`       | list of open_kfids                     | none                                                |
+
+"None" means memcached may still evict the key under memory pressure (LRU): give memcached enough memory
+(`-m`) for the working set. A lost cursor means a re-pull (dedupe marks absorb it); a lost mark after its
+message left WeCom's history window is harmless. TTLs over 30 days are sent as absolute Unix times, because
+memcached reads them that way. Memcached's clock ticks once a second, so an item stored with TTL n lives
+between n-1 and n seconds: leases get one extra second so that they last at least `lease_s`.
+
+Atomicity: `begin`/`acquire_pull` are `add`; renew and release are `gets` + `cas`, so only the owner changes
+a lease; a release writes a short-lived "free" value rather than deleting (memcached's text protocol has no
+delete-if-unchanged), which `begin` takes over with CAS. Inbox, its index and the kf list are CAS-updated
+read-modify-write loops with bounded retries. A customer's inbox holds at most 500 messages (and 512 KiB,
+within memcached's 1 MiB item limit); beyond that the oldest are dropped and an error is logged.
+
+Failure: pymemcache is synchronous, so every command runs on this store's own thread pool, and waits at most
+`connect_timeout + 2 * timeout` for it. A server that is down, refuses or answers too slowly raises
+`StoreUnavailable` -- never a False/None that could read as "duplicate" or "missing". Only a pooled
+connection found closed (typically: the server restarted since) is retried, on another connection.
+
+With several servers, keys are spread with consistent (rendezvous) hashing and a key always stays on its own
+node: pymemcache's HashClient failover is disabled because it answers the default value for a node in its
+retry window and, once the node is marked dead, moves its keys to the other nodes, where a DONE mark reads
+as NEW.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
+
+from pymemcache.client.base import PooledClient
+from pymemcache.client.hash import HashClient
+from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
+
+from adapters.outbound import state_codec as codec
+from application.errors import StoreUnavailable
+from application.ports import MessageState
+from domain.conversation import Conversation
+from domain.dedupe import DedupeKey
+from domain.messages import CustomerRef, InboundMessage
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_KEY_BYTES = 250
+MAX_RELATIVE_TTL_S = 30 * 24 * 3600  # memcached reads a larger exptime as an absolute Unix time
+GENERATION_CACHE_S = 1.0
+PULL_TOKEN_TTL_S = 600
+FREED_LEASE_TTL_S = 60
+EMPTY_INBOX_TTL_S = 300
+INBOX_MAX_MESSAGES = 500
+INBOX_MAX_BYTES = 512 * 1024  # memcached's default item size limit is 1 MiB
+CAS_ATTEMPTS = 32
+
+_SAFE_PART = re.compile(r"[A-Za-z0-9_.-]*")
+_SAFE_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HASH_MARK = "#"
+# A connection found closed (the server restarted since it was pooled): another pooled connection may work.
+_STALE_CONNECTION = (
+    MemcacheUnexpectedCloseError,
+    ConnectionResetError,
+    BrokenPipeError,
+    ConnectionAbortedError,
+)
+
+
+def _hashed(part: str) -> str:
+    return _HASH_MARK + hashlib.blake2b(part.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def build_key(prefix: str, generation: int, kind: str, *parts: str) -> str:
+    """A memcached-safe key: printable ASCII without whitespace, at most 250 bytes, whatever the ids hold."""
+    safe = [p if _SAFE_PART.fullmatch(p) else _hashed(p) for p in parts]
+    key = ":".join([prefix, str(generation), kind, *safe])
+    if len(key) > MAX_KEY_BYTES:
+        safe = [s if len(s) <= len(_hashed("")) else _hashed(p) for p, s in zip(parts, safe, strict=True)]
+        key = ":".join([prefix, str(generation), kind, *safe])
+    return key
+
+
+def expire_for(ttl_s: float, *, now: float) -> int:
+    """Memcached's exptime for a TTL: 0 = never; whole seconds, rounded up; absolute past 30 days."""
+    if ttl_s <= 0:
+        return 0
+    seconds = max(1, math.ceil(ttl_s))
+    return int(now) + seconds if seconds > MAX_RELATIVE_TTL_S else seconds
+
+
+def lease_expire_for(lease_s: float, *, now: float) -> int:
+    """A lease lasts at least `lease_s`: whole seconds rounded up (minimum 1) plus one clock tick."""
+    return expire_for(max(1, math.ceil(lease_s)) + 1, now=now)
+
+
+class _KeyPinnedHashClient(HashClient):  # type: ignore[misc]
+    """HashClient without failover: a key always maps to its own node, and a failing node raises.
+
+    HashClient's `_safely_run_func` answers the default value (False/None) for a node in its retry window,
+    even with ignore_exc=False, and removes a dead node from the hash ring so its keys land on other nodes.
+    Running each command directly keeps "node down" an exception and keeps the node state read-only, which
+    also makes the client safe to share between threads (the failure bookkeeping is unlocked dicts).
+    """
+
+    def _safely_run_func(
+        self, client: Any, func: Callable[..., Any], default_val: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        return func(*args, **kwargs)
+
+
+class MemcachedStateStore:
+    """All state ports on one or more memcached servers (see the module docstring for keys and TTLs)."""
+
+    backend = "memcached"
+
+    def __init__(
+        self,
+        *,
+        servers: Sequence[tuple[str, int]],
+        prefix: str = "kfdify",
+        connect_timeout: float = 5,
+        timeout: float = 5,
+        conversation_idle_ttl_s: float = 86400,
+        done_ttl_s: float = 4 * 86400,
+        max_pool_size: int = 16,
+        executor_threads: int = 8,
+    ) -> None:
+        if not servers:
+            raise ValueError("at least one memcached server is needed")
+        if not _SAFE_PREFIX.fullmatch(prefix):
+            raise ValueError("prefix must be 1-64 characters of [A-Za-z0-9_.-]")
+        if executor_threads < 1 or max_pool_size < executor_threads:
+            # Each worker thread holds one pooled connection per command; pymemcache's pool raises (rather
+            # than waits) when it is exhausted.
+            raise ValueError("need 1 <= executor_threads <= max_pool_size")
+        self._prefix = prefix
+        self._conversation_ttl = conversation_idle_ttl_s
+        self._done_ttl = done_ttl_s
+        # One command may connect, send and read: beyond that the server is not answering.
+        self._deadline = connect_timeout + 2 * timeout
+        self._stale_retries = max_pool_size
+        options: dict[str, Any] = {
+            "connect_timeout": connect_timeout,
+            "timeout": timeout,
+            "no_delay": True,
+            "max_pool_size": max_pool_size,
+            "ignore_exc": False,
+            # pymemcache defaults to noreply, under which add() is always True and cas() never says "changed".
+            "default_noreply": False,
+        }
+        self._client: Any
+        self._nodes: list[Any]
+        if len(servers) == 1:
+            self._client = PooledClient(tuple(servers[0]), **options)
+            self._nodes = [self._client]
+        else:
+            self._client = _KeyPinnedHashClient([tuple(s) for s in servers], use_pooling=True, **options)
+            self._nodes = list(self._client.clients.values())
+        self._executor = ThreadPoolExecutor(max_workers=executor_threads, thread_name_prefix="memcached")
+        self._closed = False
+        self._generation: int | None = None
+        self._generation_read_at = 0.0
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Wait for running commands (bounded by the timeouts), then close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    # --- plumbing -------------------------------------------------------------------------------------
+
+    async def _run(self, command: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one blocking pymemcache command on the store's threads (it would block the event loop)."""
+        if self._closed:
+            raise StoreUnavailable("state store is closed")
+        loop = asyncio.get_running_loop()
+        call = partial(self._guarded, command, *args, **kwargs)
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self._executor, call), self._deadline)
+        except TimeoutError:
+            raise StoreUnavailable(f"memcached did not answer within {self._deadline:g} s") from None
+        except RuntimeError as exc:  # the executor was shut down under us
+            raise StoreUnavailable("state store is closed") from exc
+
+    def _guarded(self, command: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        for attempt in range(self._stale_retries + 1):
+            try:
+                return command(*args, **kwargs)
+            except _STALE_CONNECTION as exc:
+                # pymemcache dropped the failed connection; the next one is fresh, or another stale one.
+                if attempt == self._stale_retries:
+                    raise StoreUnavailable(f"memcached closed the connection ({type(exc).__name__})") from exc
+            except OSError as exc:
+                raise StoreUnavailable(f"memcached unreachable ({type(exc).__name__}: {exc})") from exc
+            except (MemcacheError, ValueError, RuntimeError) as exc:
+                # Not str(exc): pymemcache puts keys (customer ids) into its messages.
+                raise StoreUnavailable(f"memcached command failed ({type(exc).__name__})") from exc
+        raise AssertionError("unreachable")
+
+    async def _current_generation(self) -> int:
+        started = time.monotonic()
+        if self._generation is not None and started - self._generation_read_at < GENERATION_CACHE_S:
+            return self._generation
+        gen_key = f"{self._prefix}:gen"
+        raw = await self._run(self._client.get, gen_key)
+        if raw is None:
+            await self._run(self._client.add, gen_key, str(time.time_ns() // 1_000_000).encode(), 0)
+            raw = await self._run(self._client.get, gen_key)
+            if raw is None:
+                raise StoreUnavailable("memcached lost the namespace generation")
+        generation = self._parse_generation(raw)
+        self._generation, self._generation_read_at = generation, started
+        return generation
+
+    @staticmethod
+    def _parse_generation(raw: bytes | int) -> int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise StoreUnavailable("the namespace generation is not a number") from None
+
+    async def _key(self, kind: str, *parts: str) -> str:
+        return build_key(self._prefix, await self._current_generation(), kind, *parts)
+
+    async def _cas_update(self, key: str, change: Callable[[bytes | None], tuple[bytes, int] | None]) -> None:
+        """Read-modify-write `key` until nobody changed it in between.
+
+        `change` maps the current value (None when absent) to (new value, exptime), or None for "no change".
+        """
+        for _ in range(CAS_ATTEMPTS):
+            value, token = await self._run(self._client.gets, key)
+            changed = change(value)
+            if changed is None:
+                return
+            new, expire = changed
+            if value is None:
+                if await self._run(self._client.add, key, new, expire):
+                    return
+            elif await self._run(self._client.cas, key, new, token, expire):
+                return
+        raise StoreUnavailable("memcached key too contended to update")
+
+    # --- ConversationStore ----------------------------------------------------------------------------
+
+    async def get_conversation(self, customer: CustomerRef) -> Conversation | None:
+        raw = await self._run(
+            self._client.get, await self._key("conv", customer.open_kfid, customer.external_userid)
+        )
+        if raw is None:
+            return None
+        try:
+            return codec.decode_conversation(raw)
+        except codec.UndecodableValue:
+            log.warning("ignoring an unreadable conversation kf=%s", customer.open_kfid)
+            return None
+
+    async def put_conversation(self, customer: CustomerRef, conversation: Conversation) -> None:
+        key = await self._key("conv", customer.open_kfid, customer.external_userid)
+        expire = expire_for(self._conversation_ttl, now=time.time())
+        await self._run(self._client.set, key, codec.encode_conversation(conversation), expire)
+
+    async def delete_conversation(self, customer: CustomerRef) -> bool:
+        key = await self._key("conv", customer.open_kfid, customer.external_userid)
+        return bool(await self._run(self._client.delete, key))
+
+    # --- MessageLedger --------------------------------------------------------------------------------
+
+    async def begin(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
+        mk = await self._key("msg", key.open_kfid, key.msgid)
+        return await self._take_lease(mk, owner, lease_expire_for(lease_s, now=time.time()))
+
+    async def renew(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
+        mk = await self._key("msg", key.open_kfid, key.msgid)
+        return await self._renew_lease(mk, owner, lease_expire_for(lease_s, now=time.time()))
+
+    async def finish(self, key: DedupeKey) -> None:
+        mk = await self._key("msg", key.open_kfid, key.msgid)
+        expire = expire_for(self._done_ttl, now=time.time())
+        await self._run(self._client.set, mk, codec.encode_mark(codec.Mark(codec.DONE)), expire)
+
+    async def release(self, key: DedupeKey, *, owner: str) -> None:
+        await self._release_lease(await self._key("msg", key.open_kfid, key.msgid), owner)
+
+    async def state(self, key: DedupeKey) -> MessageState:
+        raw = await self._run(self._client.get, await self._key("msg", key.open_kfid, key.msgid))
+        if raw is None:
+            return MessageState.NEW
+        status = codec.decode_mark(raw).status
+        if status == codec.DONE:
+            return MessageState.DONE
+        return MessageState.NEW if status == codec.FREE else MessageState.BUSY
+
+    async def _take_lease(self, key: str, owner: str, expire: int) -> bool:
+        held = codec.encode_mark(codec.Mark(codec.BUSY, owner))
+        for _ in range(CAS_ATTEMPTS):
+            if await self._run(self._client.add, key, held, expire):
+                return True
+            raw, token = await self._run(self._client.gets, key)
+            if raw is None:
+                continue  # expired in between: try add again
+            if codec.decode_mark(raw).status != codec.FREE:
+                return False
+            if await self._run(self._client.cas, key, held, token, expire):
+                return True
+            # Someone else took over the freed lease (False) or it expired (None): look again.
+        raise StoreUnavailable("memcached key too contended to update")
+
+    async def _renew_lease(self, key: str, owner: str, expire: int) -> bool:
+        for _ in range(CAS_ATTEMPTS):
+            raw, token = await self._run(self._client.gets, key)
+            if raw is None or not codec.decode_mark(raw).held_by(owner):
+                return False
+            result = await self._run(self._client.cas, key, raw, token, expire)
+            if result is None:
+                return False
+            if result:
+                return True
+        raise StoreUnavailable("memcached key too contended to update")
+
+    async def _release_lease(self, key: str, owner: str) -> None:
+        freed = codec.encode_mark(codec.Mark(codec.FREE))
+        for _ in range(CAS_ATTEMPTS):
+            raw, token = await self._run(self._client.gets, key)
+            if raw is None or not codec.decode_mark(raw).held_by(owner):
+                return
+            if await self._run(self._client.cas, key, freed, token, FREED_LEASE_TTL_S) is not False:
+                return
+        raise StoreUnavailable("memcached key too contended to update")
+
+    # --- Inbox ----------------------------------------------------------------------------------------
+
+    async def record(self, messages: Sequence[InboundMessage]) -> None:
+        by_customer: dict[CustomerRef, list[InboundMessage]] = {}
+        for message in messages:
+            by_customer.setdefault(message.customer, []).append(message)
+        for customer, batch in by_customer.items():
+            # Indexed before the write (a crash in between leaves a harmless stale entry, never an unindexed
+            # inbox) and checked again after it (a concurrent remove() may have just unindexed the customer).
+            await self._index_add(customer)
+            key = await self._key("inbox", customer.open_kfid, customer.external_userid)
+            expire = expire_for(self._done_ttl, now=time.time())
+            await self._cas_update(key, partial(_merged_inbox, customer, batch, expire))
+            await self._index_add(customer)
+
+    async def pending(self, customer: CustomerRef) -> list[InboundMessage]:
+        key = await self._key("inbox", customer.open_kfid, customer.external_userid)
+        return _decode_inbox(await self._run(self._client.get, key), customer)
+
+    async def remove(self, customer: CustomerRef, msgid: str) -> None:
+        key = await self._key("inbox", customer.open_kfid, customer.external_userid)
+        expire = expire_for(self._done_ttl, now=time.time())
+        emptied = False
+
+        def without(raw: bytes | None) -> tuple[bytes, int] | None:
+            nonlocal emptied
+            box = _decode_inbox(raw, customer)
+            kept = [m for m in box if m.msgid != msgid]
+            emptied = not kept
+            if raw is None or len(kept) == len(box):
+                return None
+            # An empty list rather than a delete: a record() racing with us updates it with CAS.
+            return codec.encode_messages(kept), expire if kept else EMPTY_INBOX_TTL_S
+
+        await self._cas_update(key, without)
+        if emptied:
+            await self._index_discard(customer.open_kfid, {customer.external_userid})
+
+    async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]:
+        users = _id_list(await self._run(self._client.get, await self._key("inboxidx", open_kfid)))
+        if not users:
+            return []
+        keys = {await self._key("inbox", open_kfid, user): user for user in users}
+        boxes = await self._run(self._client.get_many, list(keys))
+        pending = {keys[k] for k, raw in boxes.items() if _decode_inbox(raw, CustomerRef(open_kfid, keys[k]))}
+        if stale := set(users) - pending:
+            await self._index_discard(open_kfid, stale)
+        return [CustomerRef(open_kfid, user) for user in users if user in pending]
+
+    async def _index_add(self, customer: CustomerRef) -> None:
+        def added(raw: bytes | None) -> tuple[bytes, int] | None:
+            users = _id_list(raw)
+            if customer.external_userid in users:
+                return None
+            return codec.encode_str_list([*users, customer.external_userid]), 0
+
+        await self._cas_update(await self._key("inboxidx", customer.open_kfid), added)
+
+    async def _index_discard(self, open_kfid: str, users: set[str]) -> None:
+        """Unindex customers whose inbox looked empty, then re-index any a concurrent record() refilled."""
+
+        def discarded(raw: bytes | None) -> tuple[bytes, int] | None:
+            indexed = _id_list(raw)
+            kept = [u for u in indexed if u not in users]
+            return None if len(kept) == len(indexed) else (codec.encode_str_list(kept), 0)
+
+        await self._cas_update(await self._key("inboxidx", open_kfid), discarded)
+        for user in users:
+            customer = CustomerRef(open_kfid, user)
+            if await self.pending(customer):
+                await self._index_add(customer)
+
+    # --- CursorStore ----------------------------------------------------------------------------------
+
+    async def get_cursor(self, open_kfid: str) -> str | None:
+        raw = await self._run(self._client.get, await self._key("cursor", open_kfid))
+        if raw is None:
+            return None
+        try:
+            return codec.decode_str(raw)
+        except codec.UndecodableValue:
+            log.warning("ignoring an unreadable cursor kf=%s", open_kfid)
+            return None
+
+    async def set_cursor(self, open_kfid: str, cursor: str) -> None:
+        await self._run(self._client.set, await self._key("cursor", open_kfid), codec.encode_str(cursor), 0)
+
+    # --- PullCoordination -----------------------------------------------------------------------------
+
+    async def acquire_pull(self, open_kfid: str, *, owner: str, lease_s: float) -> bool:
+        key = await self._key("pull", open_kfid)
+        return await self._take_lease(key, owner, lease_expire_for(lease_s, now=time.time()))
+
+    async def renew_pull(self, open_kfid: str, *, owner: str, lease_s: float) -> bool:
+        key = await self._key("pull", open_kfid)
+        return await self._renew_lease(key, owner, lease_expire_for(lease_s, now=time.time()))
+
+    async def release_pull(self, open_kfid: str, *, owner: str) -> None:
+        await self._release_lease(await self._key("pull", open_kfid), owner)
+
+    async def request_pull(self, open_kfid: str, token: str = "") -> None:
+        counter = await self._key("pullreq", open_kfid)
+        for _ in range(CAS_ATTEMPTS):
+            if await self._run(self._client.incr, counter, 1) is not None:
+                break
+            # First request: create the counter. Losing this race to another instance is fine, both incr next.
+            await self._run(self._client.add, counter, b"0", 0)
+        else:
+            raise StoreUnavailable("memcached keeps losing the pull counter")
+        if token:
+            key = await self._key("pulltoken", open_kfid)
+            await self._run(self._client.set, key, codec.encode_str(token), PULL_TOKEN_TTL_S)
+
+    async def pull_requests(self, open_kfid: str) -> tuple[int, str]:
+        counter, token_key = await self._key("pullreq", open_kfid), await self._key("pulltoken", open_kfid)
+        found = await self._run(self._client.get_many, [counter, token_key])
+        try:
+            count = int(found.get(counter) or 0)
+        except ValueError:
+            count = 0
+        raw_token = found.get(token_key)
+        try:
+            token = codec.decode_str(raw_token) if raw_token is not None else ""
+        except codec.UndecodableValue:
+            token = ""
+        return count, token
+
+    # --- KfRegistry -----------------------------------------------------------------------------------
+
+    async def remember_kf(self, open_kfid: str) -> None:
+        def added(raw: bytes | None) -> tuple[bytes, int] | None:
+            kfs = _id_list(raw)
+            return None if open_kfid in kfs else (codec.encode_str_list([*kfs, open_kfid]), 0)
+
+        await self._cas_update(await self._key("kfs"), added)
+
+    async def known_kfs(self) -> list[str]:
+        return _id_list(await self._run(self._client.get, await self._key("kfs")))
+
+    # --- StoreAdmin -----------------------------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        """True when every server answers `version` now."""
+        try:
+            for node in self._nodes:
+                await self._run(node.version)
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def clear(self) -> None:
+        gen_key = f"{self._prefix}:gen"
+        for _ in range(CAS_ATTEMPTS):
+            generation = await self._run(self._client.incr, gen_key, 1)
+            if generation is not None:
+                break
+            # No generation yet (or its node restarted): start past any this prefix could have used.
+            fresh = time.time_ns() // 1_000_000
+            if await self._run(self._client.add, gen_key, str(fresh).encode(), 0):
+                generation = fresh
+                break
+        else:
+            raise StoreUnavailable("memcached keeps losing the namespace generation")
+        self._generation, self._generation_read_at = self._parse_generation(generation), time.monotonic()
+
+
+def _id_list(raw: bytes | None) -> list[str]:
+    """A stored list of ids; unreadable counts as empty (it is rebuilt by the next update)."""
+    if raw is None:
+        return []
+    try:
+        return codec.decode_str_list(raw)
+    except codec.UndecodableValue:
+        log.warning("ignoring an unreadable id list in memcached")
+        return []
+
+
+def _merged_inbox(
+    customer: CustomerRef, batch: list[InboundMessage], expire: int, raw: bytes | None
+) -> tuple[bytes, int] | None:
+    box = _decode_inbox(raw, customer)
+    known = {m.msgid for m in box}
+    fresh: list[InboundMessage] = []
+    for message in batch:
+        if message.msgid not in known:
+            known.add(message.msgid)
+            fresh.append(message)
+    if not fresh:
+        return None
+    # Stable sort: equal send_times keep the order WeCom returned them in.
+    box = sorted([*box, *fresh], key=lambda m: m.send_time)
+    if len(box) > INBOX_MAX_MESSAGES:
+        log.error(
+            "inbox of kf=%s customer=%s is full: dropping its %d oldest messages",
+            *_ids(customer),
+            len(box) - INBOX_MAX_MESSAGES,
+        )
+        box = box[-INBOX_MAX_MESSAGES:]
+    encoded = codec.encode_messages(box)
+    while len(encoded) > INBOX_MAX_BYTES and len(box) > 1:
+        log.error("inbox of kf=%s customer=%s is too large: dropping its oldest message", *_ids(customer))
+        box = box[1:]
+        encoded = codec.encode_messages(box)
+    return encoded, expire
+
+
+def _decode_inbox(raw: bytes | None, customer: CustomerRef) -> list[InboundMessage]:
+    if raw is None:
+        return []
+    try:
+        return codec.decode_messages(raw)
+    except codec.UndecodableValue:
+        log.error("dropping an unreadable inbox kf=%s customer=%s", *_ids(customer))
+        return []
+
+
+def _ids(customer: CustomerRef) -> Iterable[str]:
+    return (customer.open_kfid, customer.external_userid)

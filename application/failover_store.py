@@ -1,0 +1,439 @@
+"""Degraded mode: keep answering from this instance's own memory while the shared state store is unreachable.
+
+`FailoverStateStore(primary, fallback)` wraps the shared store (Memcached) and an in-process one
+(`MemoryStateStore`). It never raises `StoreUnavailable`.
+
+Normal mode
+    Every operation goes to the primary. The fallback only mirrors what this instance needs to carry on
+    through an outage: cursors and known kf accounts.
+
+Entering degraded mode
+    The first `StoreUnavailable` from the primary switches to degraded mode and logs ONE warning
+    ("state store unreachable; degraded mode: ..."), not one per message. That operation and every following
+    one are served by the fallback, and the primary is not touched for `retry_interval_s`.
+
+Degraded mode
+    Dedupe marks, leases, the inbox, cursors, conversations, pull leases and counters live in the fallback,
+    so this instance still never answers one message twice and still runs one pull per kf account at a time.
+    Other instances cannot see this instance's state: if they can still reach the primary, a message may be
+    answered by them and by us (that is the price of answering at all rather than going silent).
+
+Recovery
+    Once `retry_interval_s` has passed, the next operation probes the primary with `ping()`. When it answers,
+    what was written during the outage is written through -- a `clear()`, known kf accounts, cursors, DONE
+    marks, conversations (then dropped from the fallback) -- and ONE info line is logged ("state store
+    reachable again after N s"). If the probe or the write-through fails, degraded mode goes on for another
+    interval (no new warning). While the probe runs, other operations keep using the fallback.
+
+After recovery the fallback is still consulted, so nothing done during the outage is forgotten:
+    - `state()`/`begin()`: a msgid DONE or BUSY in the fallback is not NEW;
+    - `renew()`/`renew_pull()`: a lease taken in the fallback is moved to the primary (False if the primary
+      has meanwhile given it to someone else); `release*()` releases in both;
+    - `acquire_pull()` also takes the fallback's lease, so a pull started during the outage and one started
+      after it never overlap within this instance;
+    - `get_conversation()` returns the fallback's value when the primary has none;
+    - `get_cursor()` prefers a cursor written during the outage that is not yet written through;
+    - `pending()` and `customers_with_pending()` merge both (deduplicated by msgid / customer), `remove()`
+      removes from both, `known_kfs()` merges both;
+    - `clear()` clears both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from application.errors import StoreUnavailable
+from application.ports import MessageState, StateStore
+from domain.conversation import Conversation
+from domain.dedupe import DedupeKey
+from domain.messages import CustomerRef, InboundMessage
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class FailoverStateStore:
+    """A StateStore that falls back to an in-process store while the shared one is unreachable."""
+
+    def __init__(
+        self,
+        primary: StateStore,
+        fallback: StateStore,
+        *,
+        retry_interval_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._primary = primary
+        self._fallback = fallback
+        self._retry_interval = retry_interval_s
+        self._clock = clock
+        self._degraded = False
+        self._recovering = False
+        self._outages = 0
+        self._outage_started = 0.0
+        self._next_probe_at = 0.0
+        # Written to the fallback during an outage, to be written through on recovery (dicts keep order).
+        self._clear_pending = False
+        self._dirty_kfs: dict[str, None] = {}
+        self._dirty_cursors: dict[str, None] = {}
+        self._dirty_done: dict[DedupeKey, None] = {}
+        self._dirty_conversations: dict[CustomerRef, None] = {}
+
+    async def aclose(self) -> None:
+        """Close whichever of the two stores holds connections or threads."""
+        for store in (self._primary, self._fallback):
+            close = getattr(store, "aclose", None)
+            if close is not None:
+                await close()
+
+    @property
+    def backend(self) -> str:
+        return self._primary.backend
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
+
+    @property
+    def outages(self) -> int:
+        """How many times the primary became unreachable since start."""
+        return self._outages
+
+    # --- routing --------------------------------------------------------------------------------------
+
+    async def _route(
+        self, on_primary: Callable[[], Awaitable[T]], on_fallback: Callable[[], Awaitable[T]]
+    ) -> T:
+        if await self._primary_usable():
+            try:
+                return await on_primary()
+            except StoreUnavailable as exc:
+                self._enter_degraded(exc)
+        return await on_fallback()
+
+    def _enter_degraded(self, exc: StoreUnavailable) -> None:
+        if self._degraded:
+            return
+        now = self._clock()
+        self._degraded = True
+        self._outages += 1
+        self._outage_started = now
+        self._next_probe_at = now + self._retry_interval
+        log.warning(
+            "state store unreachable; degraded mode: dedupe, leases, inbox and cursors are kept in this "
+            "instance's memory until it answers again (retry every %g s): %s",
+            self._retry_interval,
+            exc,
+        )
+
+    async def _primary_usable(self) -> bool:
+        if not self._degraded:
+            return True
+        if self._recovering or self._clock() < self._next_probe_at:
+            return False
+        self._recovering = True
+        try:
+            return await self._recover()
+        finally:
+            self._recovering = False
+
+    async def _recover(self) -> bool:
+        try:
+            reachable = await self._primary.ping()
+        except Exception:  # ping() must not raise; a broken one just means "not yet"
+            reachable = False
+        if reachable:
+            try:
+                await self._write_through()
+            except StoreUnavailable as exc:
+                log.debug("state store answered a ping but failed the write-through: %s", exc)
+                reachable = False
+        if not reachable:
+            self._next_probe_at = self._clock() + self._retry_interval
+            return False
+        self._degraded = False
+        log.info("state store reachable again after %.0f s", self._clock() - self._outage_started)
+        return True
+
+    async def _write_through(self) -> None:
+        """Copy what the outage wrote into the primary. Loops until nothing is left: while this awaits, other
+        operations keep writing to the fallback (degraded mode only ends after this returns)."""
+        while True:
+            if self._clear_pending:
+                self._clear_pending = False
+                try:
+                    await self._primary.clear()
+                except BaseException:
+                    self._clear_pending = True
+                    raise
+            elif self._dirty_kfs:
+                await _flush(self._dirty_kfs, self._primary.remember_kf)
+            elif self._dirty_cursors:
+                await _flush(self._dirty_cursors, self._write_cursor_through)
+            elif self._dirty_done:
+                await _flush(self._dirty_done, self._primary.finish)
+            elif self._dirty_conversations:
+                await _flush(self._dirty_conversations, self._write_conversation_through)
+            else:
+                return
+
+    async def _write_cursor_through(self, open_kfid: str) -> None:
+        cursor = await self._fallback.get_cursor(open_kfid)
+        if cursor is not None:
+            await self._primary.set_cursor(open_kfid, cursor)
+
+    async def _write_conversation_through(self, customer: CustomerRef) -> None:
+        conversation = await self._fallback.get_conversation(customer)
+        if conversation is not None:
+            await self._primary.put_conversation(customer, conversation)
+        else:
+            await self._primary.delete_conversation(customer)
+        if customer not in self._dirty_conversations:  # not changed again while we wrote
+            await self._fallback.delete_conversation(customer)
+
+    # --- ConversationStore ----------------------------------------------------------------------------
+
+    async def get_conversation(self, customer: CustomerRef) -> Conversation | None:
+        async def on_primary() -> Conversation | None:
+            found = await self._primary.get_conversation(customer)
+            return found if found is not None else await self._fallback.get_conversation(customer)
+
+        return await self._route(on_primary, lambda: self._fallback.get_conversation(customer))
+
+    async def put_conversation(self, customer: CustomerRef, conversation: Conversation) -> None:
+        async def on_fallback() -> None:
+            await self._fallback.put_conversation(customer, conversation)
+            self._dirty_conversations[customer] = None
+
+        await self._route(lambda: self._primary.put_conversation(customer, conversation), on_fallback)
+
+    async def delete_conversation(self, customer: CustomerRef) -> bool:
+        async def on_primary() -> bool:
+            deleted = await self._primary.delete_conversation(customer)
+            return await self._fallback.delete_conversation(customer) or deleted
+
+        async def on_fallback() -> bool:
+            self._dirty_conversations[customer] = None
+            return await self._fallback.delete_conversation(customer)
+
+        return await self._route(on_primary, on_fallback)
+
+    # --- MessageLedger --------------------------------------------------------------------------------
+
+    async def begin(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
+        async def on_primary() -> bool:
+            if await self._fallback.state(key) is not MessageState.NEW:
+                return False
+            return await self._primary.begin(key, owner=owner, lease_s=lease_s)
+
+        return await self._route(on_primary, lambda: self._fallback.begin(key, owner=owner, lease_s=lease_s))
+
+    async def renew(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
+        async def on_primary() -> bool:
+            if await self._primary.renew(key, owner=owner, lease_s=lease_s):
+                await self._fallback.renew(key, owner=owner, lease_s=lease_s)
+                return True
+            if await self._fallback.renew(key, owner=owner, lease_s=lease_s):
+                # Taken during the outage: move it to the shared store, unless someone got there first.
+                return await self._primary.begin(key, owner=owner, lease_s=lease_s)
+            return False
+
+        return await self._route(on_primary, lambda: self._fallback.renew(key, owner=owner, lease_s=lease_s))
+
+    async def finish(self, key: DedupeKey) -> None:
+        async def on_primary() -> None:
+            await self._primary.finish(key)
+            if await self._fallback.state(key) is MessageState.BUSY:
+                await self._fallback.finish(key)
+
+        async def on_fallback() -> None:
+            await self._fallback.finish(key)
+            self._dirty_done[key] = None
+
+        await self._route(on_primary, on_fallback)
+
+    async def release(self, key: DedupeKey, *, owner: str) -> None:
+        async def on_primary() -> None:
+            await self._primary.release(key, owner=owner)
+            await self._fallback.release(key, owner=owner)
+
+        await self._route(on_primary, lambda: self._fallback.release(key, owner=owner))
+
+    async def state(self, key: DedupeKey) -> MessageState:
+        async def on_primary() -> MessageState:
+            local = await self._fallback.state(key)
+            if local is MessageState.DONE:
+                return local
+            shared = await self._primary.state(key)
+            if shared is MessageState.NEW:
+                return local
+            return shared
+
+        return await self._route(on_primary, lambda: self._fallback.state(key))
+
+    # --- Inbox ----------------------------------------------------------------------------------------
+
+    async def record(self, messages: Sequence[InboundMessage]) -> None:
+        await self._route(lambda: self._primary.record(messages), lambda: self._fallback.record(messages))
+
+    async def pending(self, customer: CustomerRef) -> list[InboundMessage]:
+        async def on_primary() -> list[InboundMessage]:
+            shared = await self._primary.pending(customer)
+            local = await self._fallback.pending(customer)
+            if not local:
+                return shared
+            seen = {m.msgid for m in shared}
+            merged = [*shared, *(m for m in local if m.msgid not in seen)]
+            return sorted(merged, key=lambda m: m.send_time)
+
+        return await self._route(on_primary, lambda: self._fallback.pending(customer))
+
+    async def remove(self, customer: CustomerRef, msgid: str) -> None:
+        async def on_primary() -> None:
+            await self._primary.remove(customer, msgid)
+            await self._fallback.remove(customer, msgid)
+
+        await self._route(on_primary, lambda: self._fallback.remove(customer, msgid))
+
+    async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]:
+        async def on_primary() -> list[CustomerRef]:
+            shared = await self._primary.customers_with_pending(open_kfid)
+            local = await self._fallback.customers_with_pending(open_kfid)
+            return list(dict.fromkeys([*shared, *local]))
+
+        return await self._route(on_primary, lambda: self._fallback.customers_with_pending(open_kfid))
+
+    # --- CursorStore ----------------------------------------------------------------------------------
+
+    async def get_cursor(self, open_kfid: str) -> str | None:
+        async def on_primary() -> str | None:
+            if open_kfid in self._dirty_cursors:
+                return await self._fallback.get_cursor(open_kfid)
+            cursor = await self._primary.get_cursor(open_kfid)
+            if cursor is not None:
+                await self._fallback.set_cursor(open_kfid, cursor)  # where an outage would resume
+            return cursor
+
+        return await self._route(on_primary, lambda: self._fallback.get_cursor(open_kfid))
+
+    async def set_cursor(self, open_kfid: str, cursor: str) -> None:
+        async def on_primary() -> None:
+            await self._primary.set_cursor(open_kfid, cursor)
+            await self._fallback.set_cursor(open_kfid, cursor)
+
+        async def on_fallback() -> None:
+            await self._fallback.set_cursor(open_kfid, cursor)
+            self._dirty_cursors[open_kfid] = None
+
+        await self._route(on_primary, on_fallback)
+
+    # --- PullCoordination -----------------------------------------------------------------------------
+
+    async def acquire_pull(self, open_kfid: str, *, owner: str, lease_s: float) -> bool:
+        async def on_primary() -> bool:
+            # The fallback's lease too: a pull this instance started during the outage may still run.
+            if not await self._fallback.acquire_pull(open_kfid, owner=owner, lease_s=lease_s):
+                return False
+            try:
+                acquired = await self._primary.acquire_pull(open_kfid, owner=owner, lease_s=lease_s)
+            except StoreUnavailable:
+                await self._fallback.release_pull(open_kfid, owner=owner)
+                raise
+            if not acquired:
+                await self._fallback.release_pull(open_kfid, owner=owner)
+            return acquired
+
+        return await self._route(
+            on_primary, lambda: self._fallback.acquire_pull(open_kfid, owner=owner, lease_s=lease_s)
+        )
+
+    async def renew_pull(self, open_kfid: str, *, owner: str, lease_s: float) -> bool:
+        async def on_primary() -> bool:
+            shared = await self._primary.renew_pull(open_kfid, owner=owner, lease_s=lease_s)
+            local = await self._fallback.renew_pull(open_kfid, owner=owner, lease_s=lease_s)
+            if shared or not local:
+                return shared
+            # Taken during the outage: move it to the shared store, unless another instance holds it now.
+            return await self._primary.acquire_pull(open_kfid, owner=owner, lease_s=lease_s)
+
+        return await self._route(
+            on_primary, lambda: self._fallback.renew_pull(open_kfid, owner=owner, lease_s=lease_s)
+        )
+
+    async def release_pull(self, open_kfid: str, *, owner: str) -> None:
+        async def on_primary() -> None:
+            await self._primary.release_pull(open_kfid, owner=owner)
+            await self._fallback.release_pull(open_kfid, owner=owner)
+
+        await self._route(on_primary, lambda: self._fallback.release_pull(open_kfid, owner=owner))
+
+    async def request_pull(self, open_kfid: str, token: str = "") -> None:
+        await self._route(
+            lambda: self._primary.request_pull(open_kfid, token),
+            lambda: self._fallback.request_pull(open_kfid, token),
+        )
+
+    async def pull_requests(self, open_kfid: str) -> tuple[int, str]:
+        return await self._route(
+            lambda: self._primary.pull_requests(open_kfid), lambda: self._fallback.pull_requests(open_kfid)
+        )
+
+    # --- KfRegistry -----------------------------------------------------------------------------------
+
+    async def remember_kf(self, open_kfid: str) -> None:
+        async def on_primary() -> None:
+            await self._primary.remember_kf(open_kfid)
+            await self._fallback.remember_kf(open_kfid)
+
+        async def on_fallback() -> None:
+            await self._fallback.remember_kf(open_kfid)
+            self._dirty_kfs[open_kfid] = None
+
+        await self._route(on_primary, on_fallback)
+
+    async def known_kfs(self) -> list[str]:
+        async def on_primary() -> list[str]:
+            shared = await self._primary.known_kfs()
+            return list(dict.fromkeys([*shared, *await self._fallback.known_kfs()]))
+
+        return await self._route(on_primary, self._fallback.known_kfs)
+
+    # --- StoreAdmin -----------------------------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        """Whether the shared store answers now (degraded mode or not)."""
+        try:
+            return await self._primary.ping()
+        except Exception:
+            return False
+
+    async def clear(self) -> None:
+        async def on_primary() -> None:
+            await self._primary.clear()
+            await self._clear_fallback()
+
+        async def on_fallback() -> None:
+            await self._clear_fallback()
+            self._clear_pending = True
+
+        await self._route(on_primary, on_fallback)
+
+    async def _clear_fallback(self) -> None:
+        await self._fallback.clear()
+        for dirty in (self._dirty_kfs, self._dirty_cursors, self._dirty_done, self._dirty_conversations):
+            dirty.clear()
+
+
+async def _flush(dirty: dict[T, None], write: Callable[[T], Awaitable[object]]) -> None:
+    """Write one dirty item through; it stays dirty if the write fails."""
+    item = next(iter(dirty))
+    del dirty[item]
+    try:
+        await write(item)
+    except BaseException:
+        dirty.setdefault(item)
+        raise

@@ -1,0 +1,570 @@
+"""The StateStore contract: every behaviour the use cases rely on, run against every implementation.
+
+`memory` is the embedded store (and the fake the use-case tests use); `memcached` and `memcached-2` are the
+shared store on one real server and on two (consistent hashing). If a behaviour is not pinned here, it is not
+part of the port.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import anyio
+import pytest
+
+from adapters.outbound.memcached_store import MemcachedStateStore
+from adapters.outbound.memory_store import MemoryStateStore
+from application.ports import MessageState, StateStore
+from domain.conversation import Conversation
+from domain.dedupe import DedupeKey
+from domain.messages import CustomerRef, InboundMessage, KfEvent, Origin
+
+pytestmark = pytest.mark.anyio
+
+KF = "wkKF0001"
+ALICE = CustomerRef(KF, "wmAlice")
+BOB = CustomerRef(KF, "wmBob")
+WEIRD_IDS = [
+    "客户 张三",
+    "with space",
+    "new\nline",
+    "tab\tand\r\nCRLF",
+    "x" * 300,
+    "客" * 300,
+    "a:b",
+    "#hash-lookalike",
+    "",
+]
+
+Elapse = Callable[[float], Awaitable[None]]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _open(request: pytest.FixtureRequest, backend: str, prefix: str, clock: FakeClock) -> StateStore:
+    if backend == "memory":
+        return MemoryStateStore(clock=clock)
+    if backend == "memcached":
+        servers = [request.getfixturevalue("memcached_server").server]
+    else:
+        servers = [server.server for server in request.getfixturevalue("memcached_pair")]
+    return MemcachedStateStore(servers=servers, prefix=prefix, connect_timeout=2, timeout=2)
+
+
+async def _close(store: StateStore) -> None:
+    if isinstance(store, MemcachedStateStore):
+        try:
+            await store.clear()  # leave nothing reachable behind on the shared test server
+        finally:
+            await store.aclose()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("memcached", marks=pytest.mark.memcached),
+        pytest.param("memcached-2", marks=pytest.mark.memcached),
+    ]
+)
+async def store(
+    request: pytest.FixtureRequest, key_prefix: str, clock: FakeClock
+) -> AsyncIterator[StateStore]:
+    opened = _open(request, request.param, key_prefix, clock)
+    try:
+        yield opened
+    finally:
+        await _close(opened)
+
+
+@pytest.fixture
+async def neighbour(
+    request: pytest.FixtureRequest, store: StateStore, key_prefix: str, clock: FakeClock
+) -> AsyncIterator[StateStore]:
+    """Another service's store on the same backend (same servers, another prefix)."""
+    opened = _open(request, request.node.callspec.params["store"], f"{key_prefix}-neighbour", clock)
+    try:
+        yield opened
+    finally:
+        await _close(opened)
+
+
+@pytest.fixture
+def elapse(store: StateStore, clock: FakeClock) -> Elapse:
+    """Let `seconds` pass for the store's expiry: the memory store's clock is ours; memcached needs real time
+    (whole seconds, and a lease lasts up to one clock tick longer than asked)."""
+
+    async def elapse(seconds: float) -> None:
+        if isinstance(store, MemoryStateStore):
+            clock.now += seconds + 0.001
+        else:
+            await anyio.sleep(math.ceil(seconds) + 1.1)
+
+    return elapse
+
+
+def message(
+    msgid: str, *, customer: CustomerRef = ALICE, send_time: int = 1_700_000_000, text: str = "hi"
+) -> InboundMessage:
+    return InboundMessage(
+        msgid=msgid,
+        open_kfid=customer.open_kfid,
+        external_userid=customer.external_userid,
+        send_time=send_time,
+        origin=Origin.CUSTOMER,
+        msgtype="text",
+        text=text,
+    )
+
+
+# --- ConversationStore ----------------------------------------------------------------------------------
+
+
+class TestConversations:
+    async def test_a_stored_conversation_is_read_back(self, store: StateStore) -> None:
+        conversation = Conversation("conv-1", started_at=1.5, last_active_at=2.25, turns=3)
+        await store.put_conversation(ALICE, conversation)
+        assert await store.get_conversation(ALICE) == conversation
+
+    async def test_an_unknown_customer_has_no_conversation(self, store: StateStore) -> None:
+        assert await store.get_conversation(ALICE) is None
+
+    async def test_put_replaces_the_conversation(self, store: StateStore) -> None:
+        await store.put_conversation(ALICE, Conversation("old", 1.0, 1.0, 1))
+        await store.put_conversation(ALICE, Conversation("new", 1.0, 9.0, 2))
+        assert await store.get_conversation(ALICE) == Conversation("new", 1.0, 9.0, 2)
+
+    async def test_conversations_are_kept_per_kf_account_and_customer(self, store: StateStore) -> None:
+        same_user_other_kf = CustomerRef("wkOTHER", ALICE.external_userid)
+        await store.put_conversation(ALICE, Conversation("alice", 1.0, 1.0, 1))
+        await store.put_conversation(BOB, Conversation("bob", 1.0, 1.0, 1))
+        await store.put_conversation(same_user_other_kf, Conversation("alice-other-kf", 1.0, 1.0, 1))
+        assert (await store.get_conversation(ALICE)) == Conversation("alice", 1.0, 1.0, 1)
+        assert (await store.get_conversation(BOB)) == Conversation("bob", 1.0, 1.0, 1)
+        assert (await store.get_conversation(same_user_other_kf)) == Conversation(
+            "alice-other-kf", 1.0, 1.0, 1
+        )
+
+    async def test_delete_says_whether_there_was_one(self, store: StateStore) -> None:
+        await store.put_conversation(ALICE, Conversation("c", 1.0, 1.0, 1))
+        assert await store.delete_conversation(ALICE) is True
+        assert await store.get_conversation(ALICE) is None
+        assert await store.delete_conversation(ALICE) is False
+
+    async def test_delete_leaves_other_customers_alone(self, store: StateStore) -> None:
+        await store.put_conversation(ALICE, Conversation("a", 1.0, 1.0, 1))
+        await store.put_conversation(BOB, Conversation("b", 1.0, 1.0, 1))
+        await store.delete_conversation(ALICE)
+        assert await store.get_conversation(BOB) == Conversation("b", 1.0, 1.0, 1)
+
+
+# --- MessageLedger --------------------------------------------------------------------------------------
+
+
+class TestMessageLedger:
+    KEY = DedupeKey(KF, "msg-1")
+
+    async def test_an_unseen_message_is_new(self, store: StateStore) -> None:
+        assert await store.state(self.KEY) is MessageState.NEW
+
+    async def test_begin_succeeds_exactly_once(self, store: StateStore) -> None:
+        assert await store.begin(self.KEY, owner="a", lease_s=30) is True
+        assert await store.begin(self.KEY, owner="b", lease_s=30) is False
+        assert await store.begin(self.KEY, owner="a", lease_s=30) is False
+        assert await store.state(self.KEY) is MessageState.BUSY
+
+    async def test_twenty_concurrent_begins_have_exactly_one_winner(self, store: StateStore) -> None:
+        results: list[bool] = []
+
+        async def attempt(owner: str) -> None:
+            results.append(await store.begin(self.KEY, owner=owner, lease_s=30))
+
+        async with anyio.create_task_group() as tasks:
+            for i in range(20):
+                tasks.start_soon(attempt, f"owner-{i}")
+        assert sorted(results) == [False] * 19 + [True]
+
+    async def test_a_finished_message_is_done_and_cannot_begin_again(self, store: StateStore) -> None:
+        await store.begin(self.KEY, owner="a", lease_s=30)
+        await store.finish(self.KEY)
+        assert await store.state(self.KEY) is MessageState.DONE
+        assert await store.begin(self.KEY, owner="a", lease_s=30) is False
+        assert await store.begin(self.KEY, owner="b", lease_s=30) is False
+
+    async def test_finish_without_begin_marks_done(self, store: StateStore) -> None:
+        await store.finish(self.KEY)
+        assert await store.state(self.KEY) is MessageState.DONE
+
+    async def test_messages_are_told_apart_by_kf_account_and_msgid(self, store: StateStore) -> None:
+        await store.finish(self.KEY)
+        assert await store.state(DedupeKey(KF, "msg-2")) is MessageState.NEW
+        assert await store.state(DedupeKey("wkOTHER", self.KEY.msgid)) is MessageState.NEW
+        assert await store.begin(DedupeKey("wkOTHER", self.KEY.msgid), owner="a", lease_s=30) is True
+
+    async def test_only_the_owner_renews(self, store: StateStore) -> None:
+        await store.begin(self.KEY, owner="a", lease_s=30)
+        assert await store.renew(self.KEY, owner="b", lease_s=30) is False
+        assert await store.renew(self.KEY, owner="a", lease_s=30) is True
+        assert await store.state(self.KEY) is MessageState.BUSY
+
+    async def test_renew_fails_without_a_lease(self, store: StateStore) -> None:
+        assert await store.renew(self.KEY, owner="a", lease_s=30) is False
+        await store.begin(self.KEY, owner="a", lease_s=30)
+        await store.finish(self.KEY)
+        assert await store.renew(self.KEY, owner="a", lease_s=30) is False
+        assert await store.state(self.KEY) is MessageState.DONE
+
+    async def test_release_by_another_owner_changes_nothing(self, store: StateStore) -> None:
+        await store.begin(self.KEY, owner="a", lease_s=30)
+        await store.release(self.KEY, owner="b")
+        assert await store.state(self.KEY) is MessageState.BUSY
+        assert await store.begin(self.KEY, owner="b", lease_s=30) is False
+
+    async def test_after_release_by_the_owner_another_owner_can_begin_at_once(
+        self, store: StateStore
+    ) -> None:
+        await store.begin(self.KEY, owner="a", lease_s=30)
+        await store.release(self.KEY, owner="a")
+        assert await store.state(self.KEY) is MessageState.NEW
+        assert await store.renew(self.KEY, owner="a", lease_s=30) is False
+        assert await store.begin(self.KEY, owner="b", lease_s=30) is True
+        assert await store.state(self.KEY) is MessageState.BUSY
+
+    async def test_release_does_not_undo_done(self, store: StateStore) -> None:
+        await store.begin(self.KEY, owner="a", lease_s=30)
+        await store.finish(self.KEY)
+        await store.release(self.KEY, owner="a")
+        assert await store.state(self.KEY) is MessageState.DONE
+
+    async def test_a_dead_holders_lease_expires_and_another_owner_can_begin(
+        self, store: StateStore, elapse: Elapse
+    ) -> None:
+        await store.begin(self.KEY, owner="dead", lease_s=1)
+        assert await store.begin(self.KEY, owner="b", lease_s=30) is False
+        await elapse(1)
+        assert await store.state(self.KEY) is MessageState.NEW
+        assert await store.begin(self.KEY, owner="b", lease_s=30) is True
+        assert await store.renew(self.KEY, owner="dead", lease_s=30) is False
+        await store.release(self.KEY, owner="dead")
+        assert await store.state(self.KEY) is MessageState.BUSY
+
+
+# --- Inbox ----------------------------------------------------------------------------------------------
+
+
+class TestInbox:
+    async def test_recorded_messages_are_pending_oldest_first(self, store: StateStore) -> None:
+        await store.record(
+            [message("m3", send_time=30), message("m1", send_time=10), message("m2", send_time=20)]
+        )
+        assert [m.msgid for m in await store.pending(ALICE)] == ["m1", "m2", "m3"]
+
+    async def test_equal_send_times_keep_arrival_order(self, store: StateStore) -> None:
+        await store.record([message("a", send_time=5), message("b", send_time=3), message("c", send_time=5)])
+        await store.record([message("d", send_time=3), message("e", send_time=4), message("f", send_time=5)])
+        assert [m.msgid for m in await store.pending(ALICE)] == ["b", "d", "e", "a", "c", "f"]
+
+    async def test_record_is_idempotent_per_msgid_and_keeps_the_first_copy(self, store: StateStore) -> None:
+        await store.record([message("m1", text="first"), message("m2")])
+        await store.record([message("m1", text="second"), message("m2"), message("m1")])
+        pending = await store.pending(ALICE)
+        assert [(m.msgid, m.text) for m in pending] == [("m1", "first"), ("m2", "hi")]
+
+    async def test_messages_round_trip_unchanged(self, store: StateStore) -> None:
+        event = KfEvent(
+            "enter_session", open_kfid=KF, external_userid=ALICE.external_userid, scene="s", status=2
+        )
+        originals = [
+            InboundMessage(
+                "t1", KF, ALICE.external_userid, 1, Origin.CUSTOMER, "text", text="你好 👋\nline", menu_id="m"
+            ),
+            InboundMessage("e1", KF, ALICE.external_userid, 2, Origin.SYSTEM, "event", event=event),
+            InboundMessage(
+                "l1",
+                KF,
+                ALICE.external_userid,
+                3,
+                Origin.CUSTOMER,
+                "location",
+                summary="位置",
+                extra={"a": "b"},
+            ),
+        ]
+        await store.record(originals)
+        pending = await store.pending(ALICE)
+        assert pending == originals
+        assert [m.extra for m in pending] == [m.extra for m in originals]
+
+    async def test_pending_is_per_customer(self, store: StateStore) -> None:
+        await store.record([message("a1"), message("b1", customer=BOB), message("a2")])
+        assert [m.msgid for m in await store.pending(ALICE)] == ["a1", "a2"]
+        assert [m.msgid for m in await store.pending(BOB)] == ["b1"]
+        assert await store.pending(CustomerRef(KF, "nobody")) == []
+
+    async def test_remove_takes_one_message_out(self, store: StateStore) -> None:
+        await store.record([message("m1", send_time=1), message("m2", send_time=2)])
+        await store.remove(ALICE, "m1")
+        assert [m.msgid for m in await store.pending(ALICE)] == ["m2"]
+
+    async def test_remove_of_unknown_messages_or_customers_is_harmless(self, store: StateStore) -> None:
+        await store.record([message("m1")])
+        await store.remove(ALICE, "nope")
+        await store.remove(CustomerRef(KF, "nobody"), "m1")
+        assert [m.msgid for m in await store.pending(ALICE)] == ["m1"]
+
+    async def test_a_removed_message_can_be_recorded_again(self, store: StateStore) -> None:
+        await store.record([message("m1")])
+        await store.remove(ALICE, "m1")
+        await store.record([message("m1")])
+        assert [m.msgid for m in await store.pending(ALICE)] == ["m1"]
+
+    async def test_customers_with_pending_lists_each_customer_of_the_kf_once(self, store: StateStore) -> None:
+        other_kf = CustomerRef("wkOTHER", "wmCarol")
+        await store.record(
+            [message("a1"), message("b1", customer=BOB), message("a2"), message("c1", customer=other_kf)]
+        )
+        assert sorted(await store.customers_with_pending(KF), key=str) == sorted([ALICE, BOB], key=str)
+        assert await store.customers_with_pending("wkOTHER") == [other_kf]
+        assert await store.customers_with_pending("wkNONE") == []
+
+    async def test_a_customer_whose_messages_are_all_removed_is_no_longer_pending(
+        self, store: StateStore
+    ) -> None:
+        await store.record([message("a1"), message("a2"), message("b1", customer=BOB)])
+        await store.remove(ALICE, "a1")
+        assert sorted(await store.customers_with_pending(KF), key=str) == sorted([ALICE, BOB], key=str)
+        await store.remove(ALICE, "a2")
+        assert await store.customers_with_pending(KF) == [BOB]
+        await store.record([message("a3")])
+        assert sorted(await store.customers_with_pending(KF), key=str) == sorted([ALICE, BOB], key=str)
+
+    async def test_concurrent_records_and_removes_lose_nothing(self, store: StateStore) -> None:
+        customers = [CustomerRef(KF, f"wm{i}") for i in range(4)]
+        await store.record([message("seed", customer=c) for c in customers])
+
+        async def churn(customer: CustomerRef) -> None:
+            for i in range(5):
+                await store.record([message(f"n{i}", customer=customer, send_time=i)])
+                await store.remove(customer, "seed" if i == 0 else f"n{i - 1}")
+
+        async with anyio.create_task_group() as tasks:
+            for customer in customers:
+                tasks.start_soon(churn, customer)
+        for customer in customers:
+            assert [m.msgid for m in await store.pending(customer)] == ["n4"]
+        assert sorted(await store.customers_with_pending(KF), key=str) == sorted(customers, key=str)
+
+    async def test_recording_nothing_is_harmless(self, store: StateStore) -> None:
+        await store.record([])
+        assert await store.customers_with_pending(KF) == []
+
+
+# --- CursorStore ----------------------------------------------------------------------------------------
+
+
+class TestCursors:
+    async def test_no_cursor_until_one_is_set(self, store: StateStore) -> None:
+        assert await store.get_cursor(KF) is None
+
+    async def test_the_last_cursor_set_is_read_back_per_kf(self, store: StateStore) -> None:
+        await store.set_cursor(KF, "c1")
+        await store.set_cursor(KF, "c2")
+        await store.set_cursor("wkOTHER", "x9")
+        assert await store.get_cursor(KF) == "c2"
+        assert await store.get_cursor("wkOTHER") == "x9"
+
+
+# --- PullCoordination -----------------------------------------------------------------------------------
+
+
+class TestPullCoordination:
+    async def test_the_pull_lease_is_exclusive(self, store: StateStore) -> None:
+        assert await store.acquire_pull(KF, owner="a", lease_s=30) is True
+        assert await store.acquire_pull(KF, owner="b", lease_s=30) is False
+        assert await store.acquire_pull(KF, owner="a", lease_s=30) is False
+        assert await store.acquire_pull("wkOTHER", owner="b", lease_s=30) is True
+
+    async def test_twenty_concurrent_acquires_have_exactly_one_winner(self, store: StateStore) -> None:
+        results: list[bool] = []
+
+        async def attempt(owner: str) -> None:
+            results.append(await store.acquire_pull(KF, owner=owner, lease_s=30))
+
+        async with anyio.create_task_group() as tasks:
+            for i in range(20):
+                tasks.start_soon(attempt, f"owner-{i}")
+        assert sorted(results) == [False] * 19 + [True]
+
+    async def test_only_the_holder_renews_the_pull_lease(self, store: StateStore) -> None:
+        assert await store.renew_pull(KF, owner="a", lease_s=30) is False
+        await store.acquire_pull(KF, owner="a", lease_s=30)
+        assert await store.renew_pull(KF, owner="b", lease_s=30) is False
+        assert await store.renew_pull(KF, owner="a", lease_s=30) is True
+
+    async def test_only_the_holder_releases_the_pull_lease(self, store: StateStore) -> None:
+        await store.acquire_pull(KF, owner="a", lease_s=30)
+        await store.release_pull(KF, owner="b")
+        assert await store.acquire_pull(KF, owner="b", lease_s=30) is False
+        await store.release_pull(KF, owner="a")
+        assert await store.renew_pull(KF, owner="a", lease_s=30) is False
+        assert await store.acquire_pull(KF, owner="b", lease_s=30) is True
+
+    async def test_the_pull_lease_expires(self, store: StateStore, elapse: Elapse) -> None:
+        await store.acquire_pull(KF, owner="dead", lease_s=1)
+        await elapse(1)
+        assert await store.acquire_pull(KF, owner="b", lease_s=30) is True
+        assert await store.renew_pull(KF, owner="dead", lease_s=30) is False
+        await store.release_pull(KF, owner="dead")
+        assert await store.acquire_pull(KF, owner="c", lease_s=30) is False
+
+    async def test_no_pull_requests_at_first(self, store: StateStore) -> None:
+        assert await store.pull_requests(KF) == (0, "")
+
+    async def test_each_request_bumps_the_counter_and_the_newest_token_is_kept(
+        self, store: StateStore
+    ) -> None:
+        await store.request_pull(KF, "token-1")
+        assert await store.pull_requests(KF) == (1, "token-1")
+        await store.request_pull(KF, "token-2")
+        assert await store.pull_requests(KF) == (2, "token-2")
+        await store.request_pull(KF)
+        assert await store.pull_requests(KF) == (3, "token-2")
+        assert await store.pull_requests("wkOTHER") == (0, "")
+
+    async def test_concurrent_requests_are_all_counted(self, store: StateStore) -> None:
+        async with anyio.create_task_group() as tasks:
+            for i in range(20):
+                tasks.start_soon(store.request_pull, KF, f"token-{i}")
+        count, token = await store.pull_requests(KF)
+        assert count == 20
+        assert token.startswith("token-")
+
+
+# --- KfRegistry -----------------------------------------------------------------------------------------
+
+
+class TestKfRegistry:
+    async def test_remembered_kfs_are_known_once_each(self, store: StateStore) -> None:
+        assert await store.known_kfs() == []
+        await store.remember_kf("wkA")
+        await store.remember_kf("wkB")
+        await store.remember_kf("wkA")
+        assert sorted(await store.known_kfs()) == ["wkA", "wkB"]
+
+    async def test_concurrent_remembers_are_all_kept(self, store: StateStore) -> None:
+        async with anyio.create_task_group() as tasks:
+            for i in range(10):
+                tasks.start_soon(store.remember_kf, f"wk{i}")
+        assert sorted(await store.known_kfs()) == sorted(f"wk{i}" for i in range(10))
+
+
+# --- StoreAdmin -----------------------------------------------------------------------------------------
+
+
+class TestAdmin:
+    async def test_ping_answers_true(self, store: StateStore) -> None:
+        assert await store.ping() is True
+
+    async def test_backend_names_the_kind_of_store(self, store: StateStore) -> None:
+        assert store.backend in ("memory", "memcached")
+
+    async def test_clear_forgets_everything_of_this_namespace(self, store: StateStore) -> None:
+        key = DedupeKey(KF, "m1")
+        await store.put_conversation(ALICE, Conversation("c", 1.0, 1.0, 1))
+        await store.finish(key)
+        await store.begin(DedupeKey(KF, "m2"), owner="a", lease_s=30)
+        await store.record([message("m3")])
+        await store.set_cursor(KF, "cursor")
+        await store.remember_kf(KF)
+        await store.request_pull(KF, "token")
+        await store.acquire_pull(KF, owner="a", lease_s=30)
+
+        await store.clear()
+
+        assert await store.get_conversation(ALICE) is None
+        assert await store.state(key) is MessageState.NEW
+        assert await store.begin(DedupeKey(KF, "m2"), owner="b", lease_s=30) is True
+        assert await store.pending(ALICE) == []
+        assert await store.customers_with_pending(KF) == []
+        assert await store.get_cursor(KF) is None
+        assert await store.known_kfs() == []
+        assert await store.pull_requests(KF) == (0, "")
+        assert await store.acquire_pull(KF, owner="b", lease_s=30) is True
+
+    async def test_clear_leaves_another_namespace_alone(
+        self, store: StateStore, neighbour: StateStore
+    ) -> None:
+        key = DedupeKey(KF, "m1")
+        for s in (store, neighbour):
+            await s.put_conversation(ALICE, Conversation("c", 1.0, 1.0, 1))
+            await s.finish(key)
+            await s.record([message("m3")])
+            await s.set_cursor(KF, "cursor")
+            await s.remember_kf(KF)
+
+        await store.clear()
+
+        assert await store.get_conversation(ALICE) is None
+        assert await neighbour.get_conversation(ALICE) == Conversation("c", 1.0, 1.0, 1)
+        assert await neighbour.state(key) is MessageState.DONE
+        assert [m.msgid for m in await neighbour.pending(ALICE)] == ["m3"]
+        assert await neighbour.get_cursor(KF) == "cursor"
+        assert await neighbour.known_kfs() == [KF]
+
+    async def test_the_store_works_again_after_clear(self, store: StateStore) -> None:
+        await store.clear()
+        await store.clear()
+        await store.finish(DedupeKey(KF, "m1"))
+        await store.set_cursor(KF, "after")
+        assert await store.state(DedupeKey(KF, "m1")) is MessageState.DONE
+        assert await store.get_cursor(KF) == "after"
+
+
+# --- Ids from the outside world -------------------------------------------------------------------------
+
+
+class TestAnyIds:
+    async def test_ids_with_any_characters_or_length_work_and_stay_apart(self, store: StateStore) -> None:
+        customers = [CustomerRef(kf, user) for kf in WEIRD_IDS[:4] for user in WEIRD_IDS]
+        for i, customer in enumerate(customers):
+            await store.put_conversation(customer, Conversation(f"conv-{i}", 1.0, 1.0, 1))
+        for i, customer in enumerate(customers):
+            assert await store.get_conversation(customer) == Conversation(f"conv-{i}", 1.0, 1.0, 1)
+
+    async def test_every_port_accepts_weird_ids(self, store: StateStore) -> None:
+        for weird in WEIRD_IDS:
+            customer = CustomerRef(weird, weird)
+            key = DedupeKey(weird, weird)
+            assert await store.begin(key, owner=weird, lease_s=30) is True
+            assert await store.renew(key, owner=weird, lease_s=30) is True
+            await store.finish(key)
+            assert await store.state(key) is MessageState.DONE
+            await store.record([message(weird, customer=customer, text=weird)])
+            assert [m.text for m in await store.pending(customer)] == [weird]
+            assert customer in await store.customers_with_pending(weird)
+            await store.remove(customer, weird)
+            assert await store.pending(customer) == []
+            await store.set_cursor(weird, weird)
+            assert await store.get_cursor(weird) == weird
+            assert await store.acquire_pull(weird, owner=weird, lease_s=30) is True
+            await store.request_pull(weird, weird)
+            assert await store.pull_requests(weird) == (1, weird)
+            await store.remember_kf(weird)
+        assert sorted(await store.known_kfs()) == sorted(WEIRD_IDS)
+
+    async def test_a_separator_inside_an_id_does_not_merge_keys(self, store: StateStore) -> None:
+        await store.put_conversation(CustomerRef("a:b", "c"), Conversation("first", 1.0, 1.0, 1))
+        assert await store.get_conversation(CustomerRef("a", "b:c")) is None
+        await store.finish(DedupeKey("a:b", "c"))
+        assert await store.state(DedupeKey("a", "b:c")) is MessageState.NEW

@@ -1,0 +1,489 @@
+"""MemcachedStateStore beyond the contract: keys, TTLs, encoding, and what happens when servers fail."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pymemcache.client.base import Client, check_key_helper
+from pymemcache.client.hash import HashClient
+
+from adapters.outbound import state_codec as codec
+from adapters.outbound.memcached_store import (
+    INBOX_MAX_MESSAGES,
+    MAX_RELATIVE_TTL_S,
+    MemcachedStateStore,
+    build_key,
+    expire_for,
+    lease_expire_for,
+)
+from application.errors import StoreUnavailable
+from application.ports import MessageState
+from domain.conversation import Conversation
+from domain.dedupe import DedupeKey
+from domain.messages import CustomerRef, InboundMessage, KfEvent, Origin
+from tests.support.memcached import MemcachedProcess, start_memcached
+
+KF = "wkKF0001"
+ALICE = CustomerRef(KF, "wmAlice")
+FAST: dict[str, Any] = {"connect_timeout": 0.5, "timeout": 0.5}
+
+
+def prefix() -> str:
+    return f"unit-{uuid.uuid4().hex[:12]}"
+
+
+class RawSerde:
+    """Hands back (bytes, flags) as stored."""
+
+    def serialize(self, key: str, value: bytes) -> tuple[bytes, int]:
+        return value, 0
+
+    def deserialize(self, key: str, value: bytes, flags: int) -> tuple[bytes, int]:
+        return value, flags
+
+
+def message(msgid: str, *, send_time: int = 1_700_000_000) -> InboundMessage:
+    return InboundMessage(msgid, KF, ALICE.external_userid, send_time, Origin.CUSTOMER, "text", text="hi")
+
+
+# --- keys -----------------------------------------------------------------------------------------------
+
+
+class TestKeys:
+    @pytest.mark.parametrize(
+        "part",
+        ["客户 张三", "with space", "new\nline", "nul\x00", "x" * 300, "客" * 300, "a:b", "", "\ud800"],
+    )
+    def test_any_id_gives_a_valid_memcached_key(self, part: str) -> None:
+        key = build_key("kfdify", 1_718_000_000_000, "inbox", part, part)
+        check_key_helper(key, allow_unicode_keys=False)  # raises on whitespace, control chars, > 250 bytes
+        assert len(key.encode()) <= 250
+
+    def test_plain_ids_stay_readable(self) -> None:
+        assert build_key("kfdify", 7, "msg", "wkAbc-1", "msg_1.2") == "kfdify:7:msg:wkAbc-1:msg_1.2"
+
+    def test_other_ids_are_hashed_and_cannot_collide_with_plain_ones(self) -> None:
+        key = build_key("p", 1, "conv", "a:b", "c")
+        assert key.startswith("p:1:conv:#") and key.endswith(":c")
+        assert build_key("p", 1, "conv", "a:b", "c") != build_key("p", 1, "conv", "a", "b:c")
+
+    def test_long_plain_ids_are_hashed_only_when_the_key_would_be_too_long(self) -> None:
+        assert build_key("p", 1, "cursor", "a" * 200) == "p:1:cursor:" + "a" * 200
+        long_key = build_key("p", 1, "conv", "a" * 200, "b" * 200)
+        assert len(long_key) <= 250
+        assert long_key != build_key("p", 1, "conv", "a" * 200, "b" * 199 + "c")
+
+    @given(st.text(), st.text())
+    def test_distinct_ids_give_distinct_keys(self, a: str, b: str) -> None:
+        if a != b:
+            assert build_key("p", 1, "conv", KF, a) != build_key("p", 1, "conv", KF, b)
+
+    def test_the_prefix_must_be_key_safe(self) -> None:
+        for bad in ("", "has space", "x" * 65, "a:b"):
+            with pytest.raises(ValueError):
+                MemcachedStateStore(servers=[("127.0.0.1", 1)], prefix=bad)
+
+    def test_more_threads_than_pooled_connections_is_refused(self) -> None:
+        with pytest.raises(ValueError):
+            MemcachedStateStore(servers=[("127.0.0.1", 1)], max_pool_size=4, executor_threads=8)
+
+
+# --- TTLs -----------------------------------------------------------------------------------------------
+
+
+class TestTtls:
+    def test_zero_or_less_means_never(self) -> None:
+        assert expire_for(0, now=1e9) == 0
+        assert expire_for(-5, now=1e9) == 0
+
+    def test_ttls_are_rounded_up_to_whole_seconds(self) -> None:
+        assert expire_for(0.2, now=1e9) == 1
+        assert expire_for(1.5, now=1e9) == 2
+        assert expire_for(86400, now=1e9) == 86400
+
+    def test_ttls_beyond_thirty_days_become_absolute_times(self) -> None:
+        assert expire_for(MAX_RELATIVE_TTL_S, now=1e9) == MAX_RELATIVE_TTL_S
+        assert (
+            expire_for(MAX_RELATIVE_TTL_S + 1, now=1_000_000_000.7) == 1_000_000_000 + MAX_RELATIVE_TTL_S + 1
+        )
+
+    def test_a_lease_lasts_at_least_as_long_as_asked(self) -> None:
+        # memcached's clock ticks once a second: an item with exptime n lives between n-1 and n seconds.
+        assert lease_expire_for(0.1, now=1e9) == 2
+        assert lease_expire_for(1, now=1e9) == 2
+        assert lease_expire_for(29.5, now=1e9) == 31
+
+
+# --- encoding -------------------------------------------------------------------------------------------
+
+ids = st.text(max_size=40)
+events = st.builds(
+    KfEvent,
+    event_type=ids,
+    open_kfid=ids,
+    external_userid=ids,
+    welcome_code=ids,
+    scene=ids,
+    scene_param=ids,
+    fail_msgid=ids,
+    fail_type=st.none() | st.integers(-(2**31), 2**31),
+    change_type=st.none() | st.integers(-(2**31), 2**31),
+    msg_code=ids,
+    servicer_userid=ids,
+    old_servicer_userid=ids,
+    new_servicer_userid=ids,
+    recall_msgid=ids,
+    status=st.none() | st.integers(-(2**31), 2**31),
+)
+messages = st.builds(
+    InboundMessage,
+    msgid=ids,
+    open_kfid=ids,
+    external_userid=ids,
+    send_time=st.integers(0, 2**40),
+    origin=st.sampled_from(Origin),
+    msgtype=ids,
+    text=st.text(),
+    menu_id=ids,
+    media_id=ids,
+    event=st.none() | events,
+    summary=ids,
+    extra=st.dictionaries(ids, ids, max_size=4),
+)
+
+
+class TestCodec:
+    @given(st.lists(messages, max_size=4))
+    def test_messages_round_trip_exactly(self, originals: list[InboundMessage]) -> None:
+        decoded = codec.decode_messages(codec.encode_messages(originals))
+        assert decoded == originals
+        assert [m.extra for m in decoded] == [m.extra for m in originals]
+        assert [type(m.origin) for m in decoded] == [Origin] * len(originals)
+
+    @given(st.builds(Conversation, ids, st.floats(0, 2e9), st.floats(0, 2e9), st.integers(0, 10**6)))
+    def test_conversations_round_trip_exactly(self, original: Conversation) -> None:
+        assert codec.decode_conversation(codec.encode_conversation(original)) == original
+
+    def test_values_are_plain_json(self) -> None:
+        data = codec.encode_messages([message("m1")])
+        assert json.loads(data)[0]["msgid"] == "m1"
+
+    def test_unknown_fields_are_ignored_and_absent_ones_defaulted(self) -> None:
+        data = b'[{"msgid":"m","open_kfid":"k","origin":3,"msgtype":"text","future_field":1}]'
+        assert codec.decode_messages(data) == [InboundMessage("m", "k", "", 0, Origin.CUSTOMER, "text")]
+
+    @pytest.mark.parametrize("garbage", [b"\x80\x04pickle", b"{", b"[1]", b'{"msgid":1}', b"\xff"])
+    def test_garbage_is_refused(self, garbage: bytes) -> None:
+        with pytest.raises(codec.UndecodableValue):
+            codec.decode_messages(garbage)
+        with pytest.raises(codec.UndecodableValue):
+            codec.decode_conversation(garbage)
+
+    def test_an_unreadable_mark_reads_as_held_never_as_free(self) -> None:
+        assert codec.decode_mark(b"garbage") == codec.Mark(codec.BUSY, "")
+        assert codec.decode_mark(b'{"s":"weird"}') == codec.Mark(codec.BUSY, "")
+
+
+# --- against a real server ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server() -> Iterator[MemcachedProcess]:
+    process = start_memcached()
+    try:
+        yield process
+    finally:
+        process.kill()  # its data need not survive; SIGTERM would take a second
+
+
+@pytest.fixture
+def second_server() -> Iterator[MemcachedProcess]:
+    process = start_memcached()
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+@pytest.fixture
+async def store(server: MemcachedProcess) -> AsyncIterator[MemcachedStateStore]:
+    opened = MemcachedStateStore(servers=[server.server], prefix=prefix(), **FAST)
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.memcached
+class TestSharedBetweenInstances:
+    async def test_two_instances_with_the_same_prefix_share_everything(
+        self, server: MemcachedProcess
+    ) -> None:
+        shared = prefix()
+        a = MemcachedStateStore(servers=[server.server], prefix=shared, **FAST)
+        b = MemcachedStateStore(servers=[server.server], prefix=shared, **FAST)
+        try:
+            key = DedupeKey(KF, "m1")
+            assert await a.begin(key, owner="a", lease_s=30)
+            assert await b.state(key) is MessageState.BUSY
+            assert not await b.begin(key, owner="b", lease_s=30)
+            await a.finish(key)
+            assert await b.state(key) is MessageState.DONE
+            await a.put_conversation(ALICE, Conversation("c1", 1.0, 2.0, 3))
+            assert await b.get_conversation(ALICE) == Conversation("c1", 1.0, 2.0, 3)
+            await a.record([message("m2")])
+            assert [m.msgid for m in await b.pending(ALICE)] == ["m2"]
+            assert await b.customers_with_pending(KF) == [ALICE]
+            await a.set_cursor(KF, "cur")
+            assert await b.get_cursor(KF) == "cur"
+            await a.request_pull(KF, "tok")
+            assert await b.pull_requests(KF) == (1, "tok")
+            await a.remember_kf(KF)
+            assert await b.known_kfs() == [KF]
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    async def test_a_clear_on_one_instance_reaches_the_other_within_a_second(
+        self, server: MemcachedProcess
+    ) -> None:
+        shared = prefix()
+        a = MemcachedStateStore(servers=[server.server], prefix=shared, **FAST)
+        b = MemcachedStateStore(servers=[server.server], prefix=shared, **FAST)
+        try:
+            await b.set_cursor(KF, "before")
+            await a.clear()
+            assert await a.get_cursor(KF) is None
+            started = time.monotonic()
+            while await b.get_cursor(KF) is not None:
+                assert time.monotonic() - started < 1.2
+                await anyio.sleep(0.05)
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    async def test_concurrent_records_from_two_instances_are_all_kept(self, server: MemcachedProcess) -> None:
+        shared = prefix()
+        a = MemcachedStateStore(servers=[server.server], prefix=shared, **FAST)
+        b = MemcachedStateStore(servers=[server.server], prefix=shared, **FAST)
+        try:
+            async with anyio.create_task_group() as tasks:
+                for i in range(20):
+                    tasks.start_soon((a if i % 2 else b).record, [message(f"m{i:02}", send_time=i)])
+            assert [m.msgid for m in await a.pending(ALICE)] == [f"m{i:02}" for i in range(20)]
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.memcached
+class TestStoredValues:
+    async def test_values_are_json_never_pickle(self, server: MemcachedProcess) -> None:
+        namespace = prefix()
+        store = MemcachedStateStore(servers=[server.server], prefix=namespace, **FAST)
+        raw = Client(server.server, serde=RawSerde(), default_noreply=False, connect_timeout=1, timeout=1)
+        try:
+            await store.put_conversation(ALICE, Conversation("c1", 1.0, 2.0, 3))
+            await store.begin(DedupeKey(KF, "m1"), owner="inst-1", lease_s=30)
+            await store.record([message("m2")])
+            await store.set_cursor(KF, "cur")
+            await store.remember_kf(KF)
+            generation = int(raw.get(f"{namespace}:gen")[0])
+
+            def stored(kind: str, *parts: str) -> object:
+                value, flags = raw.get(build_key(namespace, generation, kind, *parts))
+                assert not value.startswith(b"\x80")  # pickle protocol 2+ starts with PROTO
+                assert flags == 0  # pymemcache's pickle serde would set FLAG_PICKLE
+                return json.loads(value)
+
+            assert stored("conv", KF, ALICE.external_userid) == {
+                "conversation_id": "c1",
+                "started_at": 1.0,
+                "last_active_at": 2.0,
+                "turns": 3,
+            }
+            assert stored("msg", KF, "m1") == {"s": "busy", "o": "inst-1"}
+            inbox = stored("inbox", KF, ALICE.external_userid)
+            assert isinstance(inbox, list) and inbox[0]["msgid"] == "m2"
+            assert stored("cursor", KF) == "cur"
+            assert stored("kfs") == [KF]
+        finally:
+            raw.close()
+            await store.aclose()
+
+    async def test_a_conversation_ttl_beyond_thirty_days_still_stores(self, server: MemcachedProcess) -> None:
+        # Sent as a relative 40-day TTL, memcached would read it as a Unix time in 1970: expired at once.
+        store = MemcachedStateStore(
+            servers=[server.server], prefix=prefix(), conversation_idle_ttl_s=40 * 86400, **FAST
+        )
+        try:
+            await store.put_conversation(ALICE, Conversation("c1", 1.0, 2.0, 3))
+            assert await store.get_conversation(ALICE) == Conversation("c1", 1.0, 2.0, 3)
+        finally:
+            await store.aclose()
+
+    async def test_an_overfull_inbox_keeps_the_newest_messages_and_says_so(
+        self, store: MemcachedStateStore, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        await store.record([message(f"m{i:04}", send_time=i) for i in range(INBOX_MAX_MESSAGES + 10)])
+        pending = await store.pending(ALICE)
+        assert len(pending) == INBOX_MAX_MESSAGES
+        assert pending[0].msgid == "m0010"
+        assert "is full" in caplog.text
+
+    async def test_unreadable_values_are_not_mistaken_for_absent_marks(
+        self, server: MemcachedProcess, store: MemcachedStateStore
+    ) -> None:
+        await store.finish(DedupeKey(KF, "m1"))  # creates the generation
+        raw = Client(server.server, default_noreply=False, connect_timeout=1, timeout=1)
+        try:
+            generation = int(raw.get(f"{store._prefix}:gen"))
+            raw.set(build_key(store._prefix, generation, "msg", KF, "m2"), b"\x80garbage")
+        finally:
+            raw.close()
+        assert await store.state(DedupeKey(KF, "m2")) is MessageState.BUSY
+        assert await store.begin(DedupeKey(KF, "m2"), owner="a", lease_s=30) is False
+
+
+@pytest.mark.anyio
+@pytest.mark.memcached
+class TestServerFailures:
+    async def test_a_killed_server_raises_store_unavailable_quickly(
+        self, server: MemcachedProcess, store: MemcachedStateStore
+    ) -> None:
+        key = DedupeKey(KF, "m1")
+        await store.finish(key)
+        server.kill()
+        operations = [
+            store.state(key),
+            store.begin(key, owner="a", lease_s=30),
+            store.get_conversation(ALICE),
+            store.pending(ALICE),
+            store.record([message("m2")]),
+            store.get_cursor(KF),
+            store.acquire_pull(KF, owner="a", lease_s=30),
+            store.request_pull(KF, "t"),
+            store.known_kfs(),
+            store.clear(),
+        ]
+        for operation in operations:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await operation
+            assert time.monotonic() - started < 1.0
+        assert await store.ping() is False
+
+    async def test_a_hung_server_raises_within_the_timeout_without_blocking_the_loop(
+        self, server: MemcachedProcess, store: MemcachedStateStore
+    ) -> None:
+        await store.finish(DedupeKey(KF, "m1"))
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await anyio.sleep(0.01)
+                ticks += 1
+
+        server.pause()
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(tick)
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    await store.state(DedupeKey(KF, "m1"))
+                elapsed = time.monotonic() - started
+                tasks.cancel_scope.cancel()
+            assert 0.4 < elapsed < 1.6
+            assert ticks > 20  # the event loop kept running while the command waited
+            assert await store.ping() is False
+        finally:
+            server.resume()
+        assert await store.state(DedupeKey(KF, "m1")) is MessageState.DONE
+
+    async def test_after_a_restart_on_the_same_port_it_works_again_at_once(
+        self, server: MemcachedProcess, store: MemcachedStateStore
+    ) -> None:
+        # Several pooled connections, all of which go stale with the restart.
+        async with anyio.create_task_group() as tasks:
+            for i in range(8):
+                tasks.start_soon(store.finish, DedupeKey(KF, f"m{i}"))
+        server.kill()
+        with pytest.raises(StoreUnavailable):
+            await store.state(DedupeKey(KF, "m0"))
+        server.restart()
+        assert await store.ping() is True
+        results = []
+        for i in range(8):
+            results.append(await store.begin(DedupeKey(KF, f"m{i}"), owner="a", lease_s=30))
+        # A restarted memcached is empty: the marks are gone, and no operation failed on a stale connection.
+        assert results == [True] * 8
+
+    async def test_a_closed_store_refuses_work(self, server: MemcachedProcess) -> None:
+        store = MemcachedStateStore(servers=[server.server], prefix=prefix(), **FAST)
+        await store.set_cursor(KF, "c")
+        await store.aclose()
+        store.close()  # idempotent
+        with pytest.raises(StoreUnavailable):
+            await store.get_cursor(KF)
+        assert await store.ping() is False
+        assert not [t for t in threading.enumerate() if t.name.startswith("memcached")]
+
+
+@pytest.mark.anyio
+@pytest.mark.memcached
+class TestTwoServers:
+    async def test_keys_on_a_dead_node_raise_and_never_read_as_new_or_missing(
+        self, server: MemcachedProcess, second_server: MemcachedProcess
+    ) -> None:
+        store = MemcachedStateStore(servers=[server.server, second_server.server], prefix=prefix(), **FAST)
+        try:
+            await store.clear()  # puts the generation on a node we keep alive below
+            keys = [DedupeKey(KF, f"m{i}") for i in range(40)]
+            customers = [CustomerRef(KF, f"wm{i}") for i in range(40)]
+            for key, customer in zip(keys, customers, strict=True):
+                await store.finish(key)
+                await store.put_conversation(customer, Conversation(key.msgid, 1.0, 1.0, 1))
+            generation_node = store._client._get_client(f"{store._prefix}:gen").server
+            victim = second_server if generation_node == server.server else server
+            victim.kill()
+
+            # Twice: the second round falls in pymemcache's retry window, where HashClient would answer a
+            # default value without raising.
+            for _ in range(2):
+                outcomes = {"raised": 0, "answered": 0}
+                for key, customer in zip(keys, customers, strict=True):
+                    try:
+                        assert await store.state(key) is MessageState.DONE
+                        assert await store.begin(key, owner="x", lease_s=30) is False
+                        assert await store.get_conversation(customer) == Conversation(key.msgid, 1.0, 1.0, 1)
+                        outcomes["answered"] += 1
+                    except StoreUnavailable:
+                        outcomes["raised"] += 1
+                assert outcomes["raised"] > 0 and outcomes["answered"] > 0
+            assert await store.ping() is False
+        finally:
+            await store.aclose()
+
+    def test_plain_hashclient_would_answer_false_for_a_failed_node(self, server: MemcachedProcess) -> None:
+        """Why the adapter disables HashClient's failover: pins the pymemcache behaviour it works around."""
+        client = HashClient([server.server], default_noreply=False, connect_timeout=0.5, timeout=0.5)
+        try:
+            server.kill()
+            with pytest.raises(ConnectionRefusedError):
+                client.add("k", b"1")
+            assert client.add("k", b"1") is False  # inside the retry window: no error, reads as "duplicate"
+            assert client.get("k") is None  # ... and as "missing"
+        finally:
+            client.close()
