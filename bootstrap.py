@@ -15,6 +15,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dependency_injector import containers, providers
@@ -23,9 +24,11 @@ from adapters.inbound.admin_api import AdminApi
 from adapters.inbound.config_file import ConfigError, Settings, load_settings
 from adapters.inbound.http import create_app, lifespan_for
 from adapters.inbound.log_setup import configure_logging
+from adapters.inbound.metrics import PrometheusMetrics
 from adapters.inbound.wecom_crypto import WeComCrypto
 from adapters.inbound.wecom_webhook import WeComWebhook
 from adapters.outbound.dify import DifyChatEngine
+from adapters.outbound.fake_wecom import FakeKfChannel
 from adapters.outbound.memory_store import MemoryStateStore
 from adapters.outbound.system_clock import SystemClock
 from adapters.outbound.wechat_text import WeChatTextRenderer
@@ -40,6 +43,7 @@ from application.ports import ChatEngine
 from application.pull_messages import LogItems, PullMessages
 from application.routing import KfRoute, Routing
 from application.telemetry import Telemetry
+from domain.messages import CustomerRef
 
 VERSION = "0.1.0"
 log = logging.getLogger("kfdify")
@@ -75,6 +79,12 @@ def build_dify(
         connect_timeout=settings.dify_connect_timeout_s,
         idle_timeout=settings.dify_idle_timeout_s,
         total_timeout=settings.dify_total_timeout_s,
+    )
+
+
+def build_channel(settings: Settings) -> WeComKfChannel:
+    return WeComKfChannel(
+        corp_id=settings.corp_id, corp_secret=settings.corp_secret, api_base=settings.wecom_api_base
     )
 
 
@@ -164,12 +174,7 @@ class Adapters(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=Settings)
     clock = providers.Singleton(SystemClock)
     store = providers.Singleton(build_store, settings)
-    channel = providers.Singleton(
-        WeComKfChannel,
-        corp_id=settings.provided.corp_id,
-        corp_secret=settings.provided.corp_secret,
-        api_base=settings.provided.wecom_api_base,
-    )
+    channel = providers.Singleton(build_channel, settings)
     engine = providers.Singleton(build_dify, settings)
     renderer = providers.Singleton(WeChatTextRenderer)
     crypto = providers.Singleton(
@@ -229,7 +234,14 @@ class Application(containers.DeclarativeContainer):
         Lifecycle,
         dispatcher=dispatcher,
         grace_s=settings.provided.shutdown_grace_s,
-        closers=providers.Callable(_closers, adapters.channel, adapters.engine, adapters.store, routing),
+        closers=providers.Callable(
+            lambda channel, store, routing: _closers(
+                channel, store, *(r.engine for r in routing.all_routes())
+            ),
+            adapters.channel,
+            adapters.store,
+            routing,
+        ),
         start_notes=providers.Callable(start_notes, settings, adapters.store),
     )
     webhook = providers.Singleton(
@@ -251,10 +263,12 @@ class Application(containers.DeclarativeContainer):
         conversations=conversation_admin,
         status=status,
     )
+    metrics = providers.Singleton(PrometheusMetrics, telemetry)
     app = providers.Singleton(
         create_app,
         webhook=webhook,
         admin=admin,
+        metrics=metrics.provided.endpoint,
         lifespan=providers.Callable(lifespan_for, lifecycle.provided.start, lifecycle.provided.stop),
     )
 
@@ -299,20 +313,99 @@ def serve(settings: Settings) -> None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class SimulationParts:
+    """The real application core and Dify adapter with an in-process WeCom and store, for `simulate`."""
+
+    push_text: Callable[[str], None]
+    sent_texts: Callable[[], list[str]]
+    notify: Callable[[], None]
+    idle: Callable[[], Awaitable[None]]
+    start: Callable[[], Awaitable[None]]
+    stop: Callable[[], Awaitable[None]]
+    app_label: str
+
+
+SIMULATED_KF = "wk-simulate"
+SIMULATED_CUSTOMER = "wm-operator"
+
+
+def build_simulation(settings: Settings) -> SimulationParts:
+    channel = FakeKfChannel()
+    simulated = replace(settings, memcache=None)
+    adapters = Adapters(settings=simulated)
+    adapters.channel.override(providers.Object(channel))
+    adapters.store.override(
+        providers.Singleton(MemoryStateStore, conversation_idle_ttl_s=settings.conversation_idle_ttl_s)
+    )
+    container = build_container(simulated, adapters)
+    container.lifecycle.override(
+        providers.Singleton(
+            Lifecycle,
+            dispatcher=container.dispatcher,
+            grace_s=settings.shutdown_grace_s,
+            closers=providers.Callable(
+                lambda r: _closers(*(x.engine for x in r.all_routes())), container.routing
+            ),
+        )
+    )
+    customer = CustomerRef(SIMULATED_KF, SIMULATED_CUSTOMER)
+    dispatcher = container.dispatcher()
+    lifecycle = container.lifecycle()
+    return SimulationParts(
+        push_text=lambda text: channel.add_customer_text(SIMULATED_KF, SIMULATED_CUSTOMER, text),
+        sent_texts=lambda: [s.text for s in channel.sent if s.customer == customer],
+        notify=lambda: dispatcher.notify(SIMULATED_KF),
+        idle=dispatcher.idle,
+        start=lifecycle.start,
+        stop=lifecycle.stop,
+        app_label=settings.dify_api_base,
+    )
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     env = os.environ if environ is None else environ
+    if args.command == "check":
+        from adapters.inbound.cli_check import run_check
+
+        # Quiet: the report is the output; adapters' own error logs would only repeat it.
+        configure_logging(level="CRITICAL", fmt="text")
+        try:
+            settings: Settings | None = load_settings(args.config, env)
+            problems: list[str] = []
+            source = settings.source
+        except ConfigError as exc:
+            settings, problems, source = None, exc.problems, exc.source
+        return run_check(
+            settings,
+            problems,
+            channel_factory=build_channel,
+            engine_factory=build_dify,
+            store_factory=build_store,
+            out=sys.stdout,
+            config_source=source,
+        )
     settings = load_or_exit(args.config, env)
     if args.command == "serve":
         serve(settings)
         return 0
-    if args.command == "check":
-        from adapters.inbound.cli_check import run_check
-
-        return run_check(settings, build_store=build_store, build_dify=build_dify)
     from adapters.inbound.cli_simulate import run_simulate
 
-    return run_simulate(settings, build_container=build_container)
+    configure_logging(level="ERROR", fmt="text", secrets=settings.secrets())
+    parts = build_simulation(settings)
+    return run_simulate(
+        push_text=parts.push_text,
+        sent_texts=parts.sent_texts,
+        notify=parts.notify,
+        idle=parts.idle,
+        start=parts.start,
+        stop=parts.stop,
+        app_label=parts.app_label,
+        stdin=sys.stdin,
+        stdout=sys.stdout,
+        reset_words=build_options(settings).reset_words,
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""`python bootstrap.py simulate`: chat with the bot in the console, as a WeChat customer would.
+
+Each line typed goes through the real application core (commands, Dify, reply splitting); every text the bot
+would send to WeChat is printed as its own bubble, with its size, so a long answer split into several WeChat
+messages shows as several bubbles. The caller wires the core to an in-memory kf channel and passes callables,
+so this inbound adapter never imports the outbound ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, TextIO
+
+QUIT_WORDS: Final = frozenset({"/quit", "/exit"})
+PROMPT: Final = "you> "
+
+
+def run_simulate(
+    *,
+    push_text: Callable[[str], None],
+    sent_texts: Callable[[], list[str]],
+    notify: Callable[[], None],
+    idle: Callable[[], Awaitable[None]],
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+    app_label: str,
+    stdin: TextIO,
+    stdout: TextIO,
+    reset_words: Sequence[str] = (),
+) -> int:
+    """Run the REPL until /quit, /exit or end of input; 0 then, 1 when start() fails, 130 on Ctrl-C.
+
+    push_text(line) puts a customer message into the fake WeChat; notify() tells the core new messages wait
+    (as a callback would); idle() returns once the core has handled everything; sent_texts() lists every
+    text the bot sent so far, oldest first. start()/stop() are the service's lifecycle.
+    """
+    repl = _Repl(
+        push_text=push_text,
+        sent_texts=sent_texts,
+        notify=notify,
+        idle=idle,
+        start=start,
+        stop=stop,
+        stdin=stdin,
+        stdout=stdout,
+    )
+    _write(stdout, banner(app_label, reset_words))
+    try:
+        return asyncio.run(repl.run())
+    except KeyboardInterrupt:
+        _write(stdout, "\n再见 / bye\n")
+        return 130
+
+
+def banner(app_label: str, reset_words: Sequence[str] = ()) -> str:
+    words = "、".join(reset_words[:4]) if reset_words else "重置"
+    return (
+        "kf-dify 控制台模拟 / console simulation\n"
+        f"正在与 {app_label} 对话，像微信客户一样输入消息\n"
+        f"you are talking to {app_label} as a WeChat customer would\n"
+        f"重置词（{words}）与微信中一样生效 / reset words work as in WeChat\n"
+        "输入 /quit 退出 / type /quit to leave\n"
+        "\n"
+    )
+
+
+def format_bubbles(texts: Sequence[str]) -> str:
+    """Each text as WeChat would show it: a header with its position and UTF-8 size, then the text."""
+    if not texts:
+        return "[bot · 没有回复 / no reply]\n\n"
+    parts = []
+    for index, text in enumerate(texts, start=1):
+        size = len(text.encode("utf-8"))
+        parts.append(f"[bot {index}/{len(texts)} · {size} bytes]\n{text}\n\n")
+    return "".join(parts)
+
+
+class _Repl:
+    def __init__(
+        self,
+        *,
+        push_text: Callable[[str], None],
+        sent_texts: Callable[[], list[str]],
+        notify: Callable[[], None],
+        idle: Callable[[], Awaitable[None]],
+        start: Callable[[], Awaitable[None]],
+        stop: Callable[[], Awaitable[None]],
+        stdin: TextIO,
+        stdout: TextIO,
+    ) -> None:
+        self._push_text = push_text
+        self._sent_texts = sent_texts
+        self._notify = notify
+        self._idle = idle
+        self._start = start
+        self._stop = stop
+        self._stdin = stdin
+        self._stdout = stdout
+        self._interactive = _isatty(stdin)
+
+    async def run(self) -> int:
+        try:
+            try:
+                await self._start()
+            except Exception as exc:
+                _write(self._stdout, f"无法启动 / could not start: {type(exc).__name__}: {exc}\n")
+                return 1
+            seen = len(self._sent_texts())
+            while True:
+                if self._interactive:
+                    _write(self._stdout, PROMPT)
+                line = await _readline(self._stdin)
+                if line == "":  # end of input
+                    if self._interactive:
+                        _write(self._stdout, "\n")
+                    return 0
+                text = line.strip()
+                if not text:
+                    continue
+                if text.lower() in QUIT_WORDS:
+                    return 0
+                seen = await self._turn(text, seen)
+        finally:
+            await self._stop()
+
+    async def _turn(self, text: str, seen: int) -> int:
+        """Send one customer message, wait until the bot is done, print what it sent. Returns the new
+        number of texts seen."""
+        try:
+            self._push_text(text)
+            self._notify()
+            await self._idle()
+        except Exception as exc:  # show it and keep the session: the operator is debugging
+            _write(self._stdout, f"[error · {type(exc).__name__}: {exc}]\n\n")
+        sent = self._sent_texts()
+        _write(self._stdout, format_bubbles(sent[seen:]))
+        return len(sent)
+
+
+async def _readline(stdin: TextIO) -> str:
+    """One line from `stdin` without blocking the event loop.
+
+    A daemon thread per line rather than the loop's default executor: on Ctrl-C, asyncio.run() waits for the
+    default executor's threads, and one blocked in readline() would hold the exit until Enter is pressed.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+
+    def deliver(line: str | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(line or "")
+
+    def read() -> None:
+        line: str | None = None
+        error: BaseException | None = None
+        try:
+            line = stdin.readline()
+        except Exception as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(deliver, line, error)
+        except RuntimeError:  # the loop is gone (Ctrl-C while this thread was reading)
+            pass
+
+    threading.Thread(target=read, name="simulate-stdin", daemon=True).start()
+    return await future
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _write(stdout: TextIO, text: str) -> None:
+    stdout.write(text)
+    stdout.flush()
