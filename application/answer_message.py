@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 from application import telemetry as t
 from application.errors import ChatEngineError, ConversationGone, WeComError
@@ -16,7 +17,7 @@ from application.options import BotOptions, ReplyTexts
 from application.ports import Clock, ConversationStore, KfChannel
 from application.routing import KfRoute, Routing
 from application.telemetry import Telemetry
-from domain.chat import Answer, Question
+from domain.chat import Answer, Attachment, Question
 from domain.commands import CommandKind, CommandSet
 from domain.conversation import after_answer, current_conversation_id
 from domain.dedupe import DedupeKey, outbound_msgid
@@ -33,6 +34,21 @@ class Outcome(StrEnum):
     UNSUPPORTED = "unsupported"
     FALLBACK = "fallback"
     SILENT = "silent"  # a human owns the session, or nothing could be sent
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedQuestion:
+    """What a non-text message becomes: a question for Dify (text + uploaded files), or a reply to send."""
+
+    query: str = ""
+    files: tuple[Attachment, ...] = ()
+    reply: str = ""
+
+
+class MediaPreparer(Protocol):
+    """Turns images, voice and files into something Dify can answer (see application/media.py)."""
+
+    async def prepare(self, message: InboundMessage, route: KfRoute) -> PreparedQuestion: ...
 
 
 class ReplySession:
@@ -149,6 +165,7 @@ class AnswerCustomerMessage:
         options: BotOptions,
         telemetry: Telemetry,
         render: Callable[[str], str] = lambda text: text,
+        media: MediaPreparer | None = None,
     ) -> None:
         self._conversations = conversations
         self._channel = channel
@@ -157,6 +174,7 @@ class AnswerCustomerMessage:
         self._options = options
         self._telemetry = telemetry
         self._render = render
+        self._media = media
         self._commands = CommandSet.of(reset=options.reset_words, handoff=options.handoff_words)
         self._dify_slots = asyncio.Semaphore(max(options.dify_concurrency, 1))
 
@@ -166,9 +184,16 @@ class AnswerCustomerMessage:
             channel=self._channel, message=message, telemetry=self._telemetry, options=self._options
         )
         if message.kind is not Kind.TEXT:
-            await replies.send(route.texts.unsupported)
-            self._telemetry.count("unsupported")
-            return Outcome.UNSUPPORTED if not replies.human_owns_session else Outcome.SILENT
+            prepared = (
+                await self._media.prepare(message, route)
+                if self._media is not None
+                else PreparedQuestion(reply=route.texts.unsupported)
+            )
+            if prepared.reply or not prepared.query:
+                await replies.send(prepared.reply or route.texts.unsupported)
+                self._telemetry.count("unsupported")
+                return Outcome.UNSUPPORTED if not replies.human_owns_session else Outcome.SILENT
+            return await self._answer_with_dify(message, route, replies, prepared)
 
         command = self._commands.parse(message.text)
         if command is not None and command.kind is CommandKind.RESET:
@@ -224,7 +249,7 @@ class AnswerCustomerMessage:
         self._telemetry.count("answered")
         return Outcome.ANSWERED
 
-    async def _ask(self, message: InboundMessage, route: KfRoute) -> _Asked:
+    async def _ask(self, message: InboundMessage, route: KfRoute, prepared: PreparedQuestion) -> _Asked:
         customer = message.customer
         conversation = await self._conversations.get_conversation(customer)
         idle = self._options.conversation_idle_ttl_s
@@ -234,9 +259,10 @@ class AnswerCustomerMessage:
         while True:
             question = Question(
                 user=customer.dify_user(),
-                query=message.text,
+                query=prepared.query,
                 conversation_id=conversation_id,
                 inputs=dict(self._options.inputs),
+                files=prepared.files,
                 trace_id=_trace_id(message),
             )
             started = time.monotonic()
