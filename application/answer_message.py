@@ -203,12 +203,12 @@ class AnswerCustomerMessage:
             await replies.send(route.texts.reset_done)
             return Outcome.RESET
 
-        return await self._answer_with_dify(message, route, replies)
+        return await self._answer_with_dify(message, route, replies, PreparedQuestion(query=message.text))
 
     async def _answer_with_dify(
-        self, message: InboundMessage, route: KfRoute, replies: ReplySession
+        self, message: InboundMessage, route: KfRoute, replies: ReplySession, prepared: PreparedQuestion
     ) -> Outcome:
-        ask = asyncio.ensure_future(self._ask(message, route))
+        ask = asyncio.ensure_future(self._ask(message, route, prepared))
         try:
             if self._options.interim_after_s > 0:
                 done, _ = await asyncio.wait({ask}, timeout=self._options.interim_after_s)
