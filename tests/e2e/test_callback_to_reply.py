@@ -136,7 +136,9 @@ async def test_reset_command_confirms_and_starts_a_new_conversation(stack: Stack
 async def test_dify_failure_sends_a_polite_fallback_and_the_next_message_works(stack: Stack) -> None:
     from tests.support.dify_server import Fault
 
-    stack.dify.inject(Fault(status=400, body={"code": "provider_quota_exceeded", "message": "quota", "status": 400}))
+    stack.dify.inject(
+        Fault(status=400, body={"code": "provider_quota_exceeded", "message": "quota", "status": 400})
+    )
     stack.wecom.add_customer_text(KF, "wmF", "第一问")
     await stack.callback()
     await stack.settle()
