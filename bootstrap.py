@@ -101,6 +101,8 @@ def build_options(settings: Settings) -> BotOptions:
         inputs=dict(settings.dify_inputs),
         interim_after_s=settings.interim_after_s,
         recovery_interval_s=settings.recovery_interval_s,
+        message_lease_s=settings.message_lease_s,
+        pull_lease_s=settings.pull_lease_s,
     )
 
 

@@ -40,7 +40,9 @@ class BotOptions:
     interim_after_s: float = 0.0
     send_retries: int = 2
     send_retry_delay_s: float = 0.5
-    message_lease_s: float = 300.0
+    # A claimed message is renewed every third of this while it is answered; a dead instance's claim
+    # expires after it and another instance answers the message.
+    message_lease_s: float = 60.0
     pull_lease_s: float = 60.0
     # How often an instance pulls every known kf account without a callback, to catch lost callbacks.
     recovery_interval_s: float = 60.0

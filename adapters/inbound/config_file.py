@@ -82,6 +82,8 @@ class Settings:
     reset_words: tuple[str, ...] = ()
     handoff_words: tuple[str, ...] = ()
     recovery_interval_s: float = 60.0
+    message_lease_s: float = 60.0
+    pull_lease_s: float = 60.0
     texts: dict[str, str] = field(default_factory=dict)
     kf_routes: tuple[KfRouteSettings, ...] = ()
     source: str = ""
@@ -306,6 +308,8 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         reset_words=r.typed("BOT", "RESET_WORDS", (), _words, "words separated by commas"),
         handoff_words=r.typed("BOT", "HANDOFF_WORDS", (), _words, "words separated by commas"),
         recovery_interval_s=r.typed("BOT", "RECOVERY_INTERVAL", 60.0, _positive_float, "seconds (0 = off)"),
+        message_lease_s=max(1.0, r.typed("BOT", "MESSAGE_LEASE", 60.0, _positive_float, "seconds ≥ 1")),
+        pull_lease_s=max(1.0, r.typed("BOT", "PULL_LEASE", 60.0, _positive_float, "seconds ≥ 1")),
         texts=texts,
         kf_routes=_routes(r, dify_key),
         source=source,
