@@ -138,3 +138,25 @@ async def test_unknown_paths_are_json_404(stack: Stack) -> None:
     resp = await stack.client.get("/nope")
     assert resp.status_code == 404 and resp.json() == {"error": "not found"}
     assert (await stack.client.put("/webhook")).status_code == 405
+
+
+async def test_metrics_after_a_scripted_conversation(stack: Stack) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await _talk(stack, "wmMet1", "你好")
+    await _talk(stack, "wmMet1", "重置")
+    await _talk(stack, "wmMet2", "在吗")
+    resp = await stack.client.get("/metrics")
+    assert resp.status_code == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(resp.text)
+        for s in family.samples
+    }
+    assert samples[("kfdify_callbacks_total", ())] == 3
+    assert samples[("kfdify_answered_total", ())] == 2
+    assert samples[("kfdify_resets_total", ())] == 1
+    assert samples[("kfdify_replies_sent_total", ())] == 3
+    assert samples[("kfdify_dify_seconds_count", ())] == 2
+    assert samples[("kfdify_callback_ack_seconds_count", ())] == 3
+    assert samples[("kfdify_send_seconds_count", ())] == 3

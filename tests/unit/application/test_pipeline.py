@@ -237,3 +237,21 @@ async def test_shutdown_hands_unfinished_messages_back() -> None:
 async def test_fake_channel_in_the_container_is_the_fake() -> None:
     app = fake_application()
     assert isinstance(app.adapters.channel(), FakeKfChannel)
+
+
+async def test_shutdown_lets_replies_in_flight_finish_within_the_grace_period() -> None:
+    app = fake_application(unit_settings(shutdown_grace_s=5))
+    engine: FakeChatEngine = app.adapters.engine()
+    engine.delay = 0.3
+    world = app.adapters.world()
+    world.add_customer_text(KF, "wmGrace", "slow but in time")
+    await app.lifecycle().start()
+    app.dispatcher().notify(KF, "t")
+    await asyncio.sleep(0.1)
+    await app.lifecycle().stop()
+    assert texts(world, "wmGrace") == ["答：slow but in time"]
+    # Nothing new is taken once stopping began.
+    world.add_customer_text(KF, "wmGrace", "too late")
+    app.dispatcher().notify(KF, "t")
+    await asyncio.sleep(0.05)
+    assert texts(world, "wmGrace") == ["答：slow but in time"]
