@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.support.stack import KF, Servers, Stack, fake_servers, make_settings, running
+from tests.support.stack import KF, Servers, Stack, make_settings, running
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def servers() -> Iterator[Servers]:
-    with fake_servers() as s:
-        yield s
 
 
 @pytest.fixture

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from adapters.inbound.wecom_crypto import WeComCrypto
-from tests.support.service_process import ServiceProcess, write_config
+from tests.support.service_process import ServiceProcess, wait_for, write_config
 from tests.support.stack import ADMIN_TOKEN, AES_KEY, KF, TOKEN, fake_servers, notice_xml
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_for(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_the_service_process_answers_a_callback_and_stops_cleanly(tmp_path: Path) -> None:
@@ -65,7 +55,7 @@ def test_the_service_process_answers_a_callback_and_stops_cleanly(tmp_path: Path
                 content=body,
             )
             assert resp.status_code == 200
-            _wait_for(lambda: len(servers.wecom.sent) == 1)
+            wait_for(lambda: len(servers.wecom.sent) == 1)
             assert servers.wecom.sent[0].text == "答：你好"
 
             status = httpx.get(service.url + "/status", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})

@@ -6,20 +6,14 @@ import asyncio
 import os
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.support.stack import KF, Servers, Stack, fake_servers, make_settings, notice_xml, running
+from tests.support.stack import KF, Servers, Stack, make_settings, notice_xml, running
 
 pytestmark = pytest.mark.anyio
 FLOOD = int(os.environ.get("KF_FLOOD_CALLBACKS", "2000"))
-
-
-@pytest.fixture
-def servers() -> Iterator[Servers]:
-    with fake_servers() as s:
-        yield s
 
 
 @pytest.fixture

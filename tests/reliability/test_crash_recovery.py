@@ -9,102 +9,47 @@ from __future__ import annotations
 import secrets
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from adapters.inbound.wecom_crypto import WeComCrypto
 from tests.support.dify_server import Fault
-from tests.support.memcached import MemcachedProcess, start_memcached
-from tests.support.service_process import ServiceProcess, write_config
-from tests.support.stack import ADMIN_TOKEN, AES_KEY, KF, TOKEN, Servers, fake_servers, notice_xml
+from tests.support.memcached import MemcachedProcess
+from tests.support.service_process import ServiceProcess, service_config, signed_callback, wait_for
+from tests.support.stack import KF, Servers
 
 pytestmark = [pytest.mark.memcached, pytest.mark.slow]
-
-
-@pytest.fixture
-def memcached() -> Iterator[MemcachedProcess]:
-    process = start_memcached()
-    try:
-        yield process
-    finally:
-        process.stop()
-
-
-@pytest.fixture
-def servers() -> Iterator[Servers]:
-    with fake_servers() as s:
-        yield s
-
-
-def config_for(path: Path, servers: Servers, memcached: MemcachedProcess) -> Path:
-    host, port = memcached.server
-    return write_config(
-        path,
-        {
-            "CONFIG": {
-                "CORP_ID": servers.wecom.corp_id,
-                "CORP_SECRET": servers.wecom.corp_secret,
-                "TOKEN": TOKEN,
-                "ENCODING_AES_KEY": AES_KEY,
-                "DIFY_API_BASE": servers.dify_url,
-                "DIFY_API_KEY": servers.dify.api_key,
-                "WECOM_API_BASE": servers.wecom_url,
-                "ADMIN_TOKEN": ADMIN_TOKEN,
-            },
-            "MEMCACHE": {
-                "host": host,
-                "port": port,
-                "connect_timeout": 1,
-                "timeout": 1,
-                "prefix": f"crash{secrets.token_hex(3)}",
-            },
-            # Short leases and frequent recovery passes so that the test sees the takeover in seconds.
-            "BOT": {"RECOVERY_INTERVAL": 1, "MESSAGE_LEASE": 2, "PULL_LEASE": 2, "INTERIM_AFTER": 0},
-        },
-    )
-
-
-def callback(service: ServiceProcess, corp_id: str) -> None:
-    crypto = WeComCrypto(token=TOKEN, encoding_aes_key=AES_KEY, receive_id=corp_id)
-    ts, nonce = str(int(time.time())), secrets.token_hex(4)
-    body, sig = crypto.encrypt_callback(notice_xml(corp_id, KF), timestamp=ts, nonce=nonce)
-    resp = httpx.post(
-        service.url + "/webhook",
-        params={"msg_signature": sig, "timestamp": ts, "nonce": nonce},
-        content=body,
-        timeout=5,
-    )
-    assert resp.status_code == 200
-
-
-def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def replies(servers: Servers, customer: str) -> list[str]:
     return [s.text for s in servers.wecom.sent if s.customer.external_userid == customer]
 
 
+def callback(service: ServiceProcess, corp_id: str) -> None:
+    params, body = signed_callback(corp_id, KF)
+    assert httpx.post(service.url + "/webhook", params=params, content=body, timeout=5).status_code == 200
+
+
 @pytest.mark.parametrize("moment", ["during_pull", "during_dify", "between_dify_and_send"])
 def test_a_killed_instance_loses_no_message_and_none_is_answered_twice(
     tmp_path: Path, servers: Servers, memcached: MemcachedProcess, moment: str
 ) -> None:
-    config = config_for(tmp_path / "config.ini", servers, memcached)
+    # Short leases and frequent recovery passes so that the test sees the takeover in seconds.
+    config = service_config(
+        tmp_path / "config.ini",
+        servers,
+        memcached=memcached,
+        prefix=f"crash{secrets.token_hex(3)}",
+        bot={"RECOVERY_INTERVAL": 1, "MESSAGE_LEASE": 2, "PULL_LEASE": 2},
+    )
     victim = ServiceProcess(config).start()
     survivor = ServiceProcess(config).start()
     try:
         # Make the survivor know the kf account, as it would after any earlier callback.
         servers.wecom.add_customer_text(KF, "wmWarm", "warm up")
         callback(survivor, servers.wecom.corp_id)
-        wait_for(lambda: replies(servers, "wmWarm") == ["答：warm up"])
+        wait_for(lambda: replies(servers, "wmWarm") == ["答：warm up"], what="warm-up reply")
 
         if moment == "during_pull":
             servers.wecom.delay_next("kf/sync_msg", 3.0)
@@ -119,7 +64,11 @@ def test_a_killed_instance_loses_no_message_and_none_is_answered_twice(
         time.sleep(1.0)  # the victim is now inside the slow call
         victim.stop(signal.SIGKILL)
 
-        wait_for(lambda: len(replies(servers, "wmCrash")) == 3 and len(replies(servers, "wmOther")) == 1, 40)
+        wait_for(
+            lambda: len(replies(servers, "wmCrash")) == 3 and len(replies(servers, "wmOther")) == 1,
+            40,
+            what="every message answered",
+        )
         time.sleep(3.0)  # any second answer would arrive by now
         assert replies(servers, "wmCrash") == ["答：问题0", "答：问题1", "答：问题2"]
         assert replies(servers, "wmOther") == ["答：别的客户"]

@@ -8,21 +8,15 @@ message works.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from tests.support.dify_server import Fault
-from tests.support.stack import KF, Servers, Stack, fake_servers, make_settings, running
+from tests.support.stack import KF, Servers, Stack, make_settings, running
 
 pytestmark = pytest.mark.anyio
 FALLBACK = "抱歉，我暂时无法回答您的问题，请稍后再试。"
-
-
-@pytest.fixture
-def servers() -> Iterator[Servers]:
-    with fake_servers() as s:
-        yield s
 
 
 @pytest.fixture

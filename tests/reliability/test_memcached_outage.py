@@ -5,29 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Iterator
 
 import pytest
 
-from tests.support.memcached import MemcachedProcess, start_memcached
-from tests.support.stack import KF, Servers, Stack, fake_servers, make_settings, memcache_settings, running
+from tests.support.memcached import MemcachedProcess
+from tests.support.stack import KF, Servers, Stack, make_settings, memcache_settings, running
 
 pytestmark = [pytest.mark.anyio, pytest.mark.memcached]
-
-
-@pytest.fixture
-def memcached() -> Iterator[MemcachedProcess]:
-    process = start_memcached()
-    try:
-        yield process
-    finally:
-        process.stop()
-
-
-@pytest.fixture
-def servers() -> Iterator[Servers]:
-    with fake_servers() as s:
-        yield s
 
 
 async def ask(stack: Stack, customer: str, text: str) -> None:

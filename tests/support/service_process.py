@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from adapters.inbound.wecom_crypto import WeComCrypto
 from tests.support.http_server import free_port
+from tests.support.memcached import MemcachedProcess
+from tests.support.stack import ADMIN_TOKEN, AES_KEY, TOKEN, Servers, notice_xml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,3 +85,58 @@ class ServiceProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not met within {timeout} s")
+
+
+def service_config(
+    path: Path,
+    servers: Servers,
+    *,
+    memcached: MemcachedProcess | None = None,
+    prefix: str = "kfdify",
+    bot: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """A config.ini that points the service at the fake servers (and a memcached, when given)."""
+    sections: dict[str, dict[str, Any]] = {
+        "CONFIG": {
+            "CORP_ID": servers.wecom.corp_id,
+            "CORP_SECRET": servers.wecom.corp_secret,
+            "TOKEN": TOKEN,
+            "ENCODING_AES_KEY": AES_KEY,
+            "DIFY_API_BASE": servers.dify_url,
+            "DIFY_API_KEY": servers.dify.api_key,
+            "WECOM_API_BASE": servers.wecom_url,
+            "ADMIN_TOKEN": ADMIN_TOKEN,
+            **(config or {}),
+        },
+        "BOT": {"INTERIM_AFTER": 0, **(bot or {})},
+    }
+    if memcached is not None:
+        host, port = memcached.server
+        sections["MEMCACHE"] = {
+            "host": host,
+            "port": port,
+            "connect_timeout": 1,
+            "timeout": 1,
+            "prefix": prefix,
+        }
+    return write_config(path, sections)
+
+
+def signed_callback(corp_id: str, open_kfid: str, token: str = "") -> tuple[dict[str, str], bytes]:
+    """Query parameters and body of a fresh kf_msg_or_event callback, signed and encrypted like WeCom's."""
+    crypto = WeComCrypto(token=TOKEN, encoding_aes_key=AES_KEY, receive_id=corp_id)
+    timestamp, nonce = str(int(time.time())), secrets.token_hex(4)
+    body, signature = crypto.encrypt_callback(
+        notice_xml(corp_id, open_kfid, token=token or f"T{nonce}"), timestamp=timestamp, nonce=nonce
+    )
+    return {"msg_signature": signature, "timestamp": timestamp, "nonce": nonce}, body
