@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from adapters.inbound.admin_api import AdminApi
+from adapters.inbound.openapi import openapi_document
 from adapters.inbound.wecom_webhook import WeComWebhook
 
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
@@ -53,8 +54,15 @@ def create_app(
     metrics: Callable[[Request], Awaitable[Response]] | None = None,
     lifespan: Lifespan | None = None,
     extra_routes: list[Any] | None = None,
+    version: str = "unknown",
 ) -> Starlette:
     guard = admin.guarded
+    # Shapes only, no configuration or state: open like the health checks.
+    document = openapi_document(version=version, include_metrics=metrics is not None)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
     routes = [
         Route("/webhook", webhook.verify, methods=["GET"]),
         Route("/webhook", webhook.receive, methods=["POST"]),
@@ -64,6 +72,7 @@ def create_app(
         Route("/reset_conversation", guard(admin.reset_conversation), methods=["POST"]),
         Route("/healthz", admin.healthz, methods=["GET"]),
         Route("/readyz", admin.readyz, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     if metrics is not None:
         routes.append(Route("/metrics", metrics, methods=["GET"]))

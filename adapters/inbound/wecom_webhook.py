@@ -1,7 +1,31 @@
-"""`/webhook`: WeCom's URL verification (GET) and callbacks (POST), acknowledged in milliseconds."""
+"""`/webhook`: WeCom's URL verification (GET) and callbacks (POST), acknowledged in milliseconds.
+
+Hostile input (the URL is public, anyone can call it):
+
+- Signature first: nothing starts (no pull, no `sync_msg`) unless `msg_signature` matches the Token and the
+  envelope decrypts (AES key, padding, length field, receive id) to a `kf_msg_or_event` notice.
+- Size: a body over `MAX_BODY_BYTES` (64 KiB) is refused with 413; a declared `Content-Length` over it is
+  refused before a byte of the body is read, an undeclared (chunked) one as soon as it passes the limit.
+- Time: the body must arrive within `body_timeout_s` (10 s; WeCom itself gives up after 5 s), else 408. A
+  client that trickles bytes or never finishes its body holds a connection for that long, no longer.
+- Every refusal answers `Connection: close`: a refused client's unread body is not drained, and a trickling
+  client cannot keep the connection open after its answer.
+- XML: defusedxml with DTDs forbidden, for the envelope and the decrypted notice alike: no entity expansion
+  (billion laughs), no external entities or DTD fetches; malformed XML is a 400.
+- Refusals are 4xx with a short fixed reason; the log line names the reason and the client address, never
+  a parameter or body value.
+
+Replay: there is deliberately no timestamp freshness window. A callback carries no message content, only
+"new data waits at WeCom for this kf account": replaying a captured (validly signed) callback, however
+often, at worst causes a pull. Pulls for one account are coalesced, read from the stored cursor, and every
+message is answered at most once (claim + done mark), so a replay never causes a second answer. A window
+would instead risk refusing genuine callbacks whenever WeCom's clock and ours disagree, delaying answers
+until the next recovery pull.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -19,6 +43,10 @@ log = logging.getLogger("kfdify.webhook")
 
 _REQUIRED_GET = ("msg_signature", "timestamp", "nonce", "echostr")
 _REQUIRED_POST = ("msg_signature", "timestamp", "nonce")
+
+# Seconds a client has to deliver the whole POST body. WeCom waits 5 s for our answer, so its bodies (a few
+# hundred bytes) arrive in milliseconds; only a slow or hostile client needs longer.
+BODY_TIMEOUT_S = 10.0
 
 
 class BodyTooLarge(Exception):
@@ -52,11 +80,15 @@ class WeComWebhook:
         on_notice: Callable[[CallbackNotice], None],
         telemetry: Telemetry,
         accepting: Callable[[], bool] = lambda: True,
+        body_timeout_s: float = BODY_TIMEOUT_S,
     ) -> None:
+        if body_timeout_s <= 0:
+            raise ValueError("body_timeout_s must be positive")
         self._crypto = crypto
         self._on_notice = on_notice
         self._telemetry = telemetry
         self._accepting = accepting
+        self._body_timeout_s = body_timeout_s
 
     async def verify(self, request: Request) -> Response:
         params = request.query_params
@@ -89,9 +121,12 @@ class WeComWebhook:
         if missing:
             return self._reject(request, 400, f"missing query parameters: {', '.join(missing)}")
         try:
-            body = await read_limited(request, MAX_BODY_BYTES)
+            async with asyncio.timeout(self._body_timeout_s):
+                body = await read_limited(request, MAX_BODY_BYTES)
         except BodyTooLarge:
             return self._reject(request, 413, f"body larger than {MAX_BODY_BYTES} bytes")
+        except TimeoutError:
+            return self._reject(request, 408, f"body not received within {self._body_timeout_s:g} s")
         except ClientDisconnect:
             return self._reject(request, 400, "client went away mid-body")
         try:
@@ -122,7 +157,9 @@ class WeComWebhook:
         self._telemetry.count_labelled("callbacks_rejected", str(status))
         client = request.client.host if request.client else "-"
         log.warning("webhook %s rejected with %d from %s: %s", request.method, status, client, reason)
-        return PlainTextResponse(reason, status_code=status)
+        # Close: the body may be unread (too large, too slow, never checked), and keeping the connection
+        # would let the client go on trickling into it after its answer.
+        return PlainTextResponse(reason, status_code=status, headers={"Connection": "close"})
 
 
 def _status_for(exc: CallbackRejected) -> int:
