@@ -271,6 +271,7 @@ class Application(containers.DeclarativeContainer):
         webhook=webhook,
         admin=admin,
         metrics=metrics.provided.endpoint,
+        version=VERSION,
         lifespan=providers.Callable(lifespan_for, lifecycle.provided.start, lifecycle.provided.stop),
     )
 
