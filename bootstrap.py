@@ -27,6 +27,7 @@ from adapters.inbound.log_setup import configure_logging
 from adapters.inbound.metrics import PrometheusMetrics
 from adapters.inbound.wecom_crypto import WeComCrypto
 from adapters.inbound.wecom_webhook import WeComWebhook
+from adapters.outbound.audio import FfmpegAudioConverter
 from adapters.outbound.dify import DifyChatEngine
 from adapters.outbound.fake_wecom import FakeKfChannel
 from adapters.outbound.memory_store import MemoryStateStore
@@ -37,13 +38,21 @@ from application.admin import ConversationAdmin, StatusReport
 from application.answer_message import AnswerCustomerMessage
 from application.dispatcher import Dispatcher
 from application.drain_customer import DrainCustomer
+from application.handoff import HandOffToHuman
 from application.lifecycle import Lifecycle
+from application.media import MediaSupport
 from application.options import BotOptions, ReplyTexts
 from application.ports import ChatEngine
-from application.pull_messages import LogItems, PullMessages
+from application.pull_messages import PullMessages
+from application.rate_limiter import CustomerRateLimiter
+from application.rejections import RejectedCustomers
 from application.routing import KfRoute, Routing
+from application.session_events import SessionEvents
+from application.session_state import SessionStates
 from application.telemetry import Telemetry
+from application.welcome import AppParametersCache, WelcomeCustomer
 from domain.messages import CustomerRef
+from domain.rate_limit import RateLimit
 
 VERSION = "0.1.0"
 log = logging.getLogger("kfdify")
@@ -82,6 +91,22 @@ def build_dify(
     )
 
 
+def build_audio(settings: Settings) -> FfmpegAudioConverter:
+    """ffmpeg for voice messages: [BOT] FFMPEG, else PATH, else the imageio-ffmpeg package; "off" = none."""
+    if settings.ffmpeg.lower() == "off":
+        return FfmpegAudioConverter(executable=None)
+    converter = FfmpegAudioConverter.located(
+        configured=settings.ffmpeg, timeout_s=settings.ffmpeg_timeout_s, output_format=settings.voice_format
+    )
+    if not converter.available:
+        log.warning(
+            "no ffmpeg found (%s): voice messages get the 'unsupported' text; install ffmpeg or the "
+            "imageio-ffmpeg package",
+            settings.ffmpeg or "PATH, imageio-ffmpeg",
+        )
+    return converter
+
+
 def build_channel(settings: Settings) -> WeComKfChannel:
     return WeComKfChannel(
         corp_id=settings.corp_id, corp_secret=settings.corp_secret, api_base=settings.wecom_api_base
@@ -100,9 +125,14 @@ def build_options(settings: Settings) -> BotOptions:
         dify_retries=settings.dify_retries,
         inputs=dict(settings.dify_inputs),
         interim_after_s=settings.interim_after_s,
+        handoff_markers=settings.handoff_markers or defaults.handoff_markers,
+        session_state_ttl_s=settings.session_state_ttl_s,
+        rate_limit=settings.rate_limit,
+        rate_limit_window_s=settings.rate_limit_window_s,
         recovery_interval_s=settings.recovery_interval_s,
         message_lease_s=settings.message_lease_s,
         pull_lease_s=settings.pull_lease_s,
+        image_text_window_s=settings.image_text_window_s,
     )
 
 
@@ -115,7 +145,7 @@ def build_texts(overrides: Mapping[str, str], base: ReplyTexts | None = None) ->
 
 
 def build_routing(settings: Settings, default_engine: ChatEngine, options: BotOptions) -> Routing:
-    default = KfRoute("default", default_engine, options.texts)
+    default = KfRoute("default", default_engine, options.texts, settings.servicer_userid)
     routes: dict[str, KfRoute] = {}
     for route in settings.kf_routes:
         same_app = (route.dify_api_base or settings.dify_api_base) == settings.dify_api_base and (
@@ -126,7 +156,12 @@ def build_routing(settings: Settings, default_engine: ChatEngine, options: BotOp
             if same_app
             else build_dify(settings, base_url=route.dify_api_base or None, api_key=route.dify_api_key)
         )
-        routes[route.open_kfid] = KfRoute(route.open_kfid, engine, build_texts(route.texts, options.texts))
+        routes[route.open_kfid] = KfRoute(
+            route.open_kfid,
+            engine,
+            build_texts(route.texts, options.texts),
+            route.servicer_userid or settings.servicer_userid,
+        )
     return Routing(default=default, routes=routes)
 
 
@@ -178,6 +213,7 @@ class Adapters(containers.DeclarativeContainer):
     store = providers.Singleton(build_store, settings)
     channel = providers.Singleton(build_channel, settings)
     engine = providers.Singleton(build_dify, settings)
+    audio = providers.Singleton(build_audio, settings)
     renderer = providers.Singleton(WeChatTextRenderer)
     crypto = providers.Singleton(
         WeComCrypto,
@@ -197,6 +233,33 @@ class Application(containers.DeclarativeContainer):
     routing = providers.Singleton(build_routing, settings, adapters.engine, options)
     started_at = providers.Singleton(lambda clock: clock.now(), adapters.clock)
 
+    sessions = providers.Singleton(
+        SessionStates,
+        channel=adapters.channel,
+        clock=adapters.clock,
+        telemetry=telemetry,
+        ttl_s=options.provided.session_state_ttl_s,
+    )
+    rejections = providers.Singleton(
+        RejectedCustomers, clock=adapters.clock, memory_s=options.provided.rejection_memory_s
+    )
+    rate_limiter = providers.Singleton(
+        CustomerRateLimiter,
+        rule=providers.Callable(lambda o: RateLimit(o.rate_limit, o.rate_limit_window_s), options),
+        clock=adapters.clock,
+    )
+    handoff = providers.Singleton(
+        HandOffToHuman, channel=adapters.channel, sessions=sessions, telemetry=telemetry
+    )
+    media = providers.Singleton(
+        MediaSupport,
+        channel=adapters.channel,
+        routing=routing,
+        converter=adapters.audio,
+        clock=adapters.clock,
+        options=options,
+        telemetry=telemetry,
+    )
     answer = providers.Singleton(
         AnswerCustomerMessage,
         conversations=adapters.store,
@@ -206,8 +269,27 @@ class Application(containers.DeclarativeContainer):
         options=options,
         telemetry=telemetry,
         render=adapters.renderer,
+        media=media,
+        sessions=sessions,
+        handoff=handoff,
+        rate_limiter=rate_limiter,
+        rejections=rejections,
     )
-    observer = providers.Singleton(LogItems, telemetry)
+    app_parameters = providers.Singleton(AppParametersCache, ttl_s=options.provided.app_parameters_ttl_s)
+    welcome = providers.Singleton(
+        WelcomeCustomer,
+        channel=adapters.channel,
+        routing=routing,
+        clock=adapters.clock,
+        options=options,
+        telemetry=telemetry,
+        rejections=rejections,
+        parameters=app_parameters,
+        render=adapters.renderer,
+    )
+    observer = providers.Singleton(
+        SessionEvents, sessions=sessions, welcome=welcome, rejections=rejections, telemetry=telemetry
+    )
     pull = providers.Singleton(
         PullMessages,
         store=adapters.store,
@@ -221,7 +303,14 @@ class Application(containers.DeclarativeContainer):
         started_at=started_at,
     )
     drain = providers.Singleton(
-        DrainCustomer, store=adapters.store, answer=answer, options=options, telemetry=telemetry, owner=owner
+        DrainCustomer,
+        store=adapters.store,
+        answer=answer,
+        options=options,
+        telemetry=telemetry,
+        owner=owner,
+        clock=adapters.clock,
+        pairing=media,
     )
     dispatcher = providers.Singleton(
         Dispatcher,
@@ -237,9 +326,10 @@ class Application(containers.DeclarativeContainer):
         dispatcher=dispatcher,
         grace_s=settings.provided.shutdown_grace_s,
         closers=providers.Callable(
-            lambda channel, store, routing: _closers(
-                channel, store, *(r.engine for r in routing.all_routes())
+            lambda observer, channel, store, routing: _closers(
+                observer, channel, store, *(r.engine for r in routing.all_routes())
             ),
+            observer,
             adapters.channel,
             adapters.store,
             routing,
@@ -271,8 +361,8 @@ class Application(containers.DeclarativeContainer):
         webhook=webhook,
         admin=admin,
         metrics=metrics.provided.endpoint,
-        version=VERSION,
         lifespan=providers.Callable(lifespan_for, lifecycle.provided.start, lifecycle.provided.stop),
+        version=VERSION,
     )
 
 
@@ -333,6 +423,24 @@ SIMULATED_KF = "wk-simulate"
 SIMULATED_CUSTOMER = "wm-operator"
 
 
+def _texts_sent_to(channel: FakeKfChannel, customer: CustomerRef) -> Callable[[], list[str]]:
+    """Every text the customer got, in order: through send_msg, and through send_msg_on_event (the welcome,
+    the handoff notice). Each turn is handled to the end before the next, and within a turn a handoff notice
+    follows the answer, so appending what is new in both lists keeps the order."""
+    seen = [0, 0]
+    texts: list[str] = []
+
+    def sent_texts() -> list[str]:
+        sent, on_event = channel.sent[seen[0] :], channel.sent_on_event[seen[1] :]
+        seen[0] += len(sent)
+        seen[1] += len(on_event)
+        texts.extend(s.text for s in sent if s.customer == customer)
+        texts.extend(e.text for e in on_event if e.customer == customer)
+        return list(texts)
+
+    return sent_texts
+
+
 def build_simulation(settings: Settings) -> SimulationParts:
     channel = FakeKfChannel()
     simulated = replace(settings, memcache=None)
@@ -355,9 +463,13 @@ def build_simulation(settings: Settings) -> SimulationParts:
     customer = CustomerRef(SIMULATED_KF, SIMULATED_CUSTOMER)
     dispatcher = container.dispatcher()
     lifecycle = container.lifecycle()
+
+    def push_text(text: str) -> None:
+        channel.add_customer_text(SIMULATED_KF, SIMULATED_CUSTOMER, text)
+
     return SimulationParts(
-        push_text=lambda text: channel.add_customer_text(SIMULATED_KF, SIMULATED_CUSTOMER, text),
-        sent_texts=lambda: [s.text for s in channel.sent if s.customer == customer],
+        push_text=push_text,
+        sent_texts=_texts_sent_to(channel, customer),
         notify=lambda: dispatcher.notify(SIMULATED_KF),
         idle=dispatcher.idle,
         start=lifecycle.start,
@@ -375,9 +487,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         # Quiet: the report is the output; adapters' own error logs would only repeat it.
         configure_logging(level="CRITICAL", fmt="text")
         try:
-            settings: Settings | None = load_settings(args.config, env)
+            loaded = load_settings(args.config, env)
+            settings: Settings | None = loaded
             problems: list[str] = []
-            source = settings.source
+            source = loaded.source
         except ConfigError as exc:
             settings, problems, source = None, exc.problems, exc.source
         return run_check(

@@ -1,4 +1,5 @@
-"""Answer one customer message: commands, the Dify question, and the replies within WeCom's limits."""
+"""Answer one customer message: session state, commands, handoff, fair use, the Dify question, and the
+replies within WeCom's limits."""
 
 from __future__ import annotations
 
@@ -6,23 +7,30 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
 
 from application import telemetry as t
 from application.errors import ChatEngineError, ConversationGone, WeComError
+from application.handoff import HandOffToHuman
 from application.options import BotOptions, ReplyTexts
 from application.ports import Clock, ConversationStore, KfChannel
+from application.rate_limiter import CustomerRateLimiter
+from application.rejections import RejectedCustomers
 from application.routing import KfRoute, Routing
+from application.session_state import SessionStates
 from application.telemetry import Telemetry
 from domain.chat import Answer, Attachment, Question
 from domain.commands import CommandKind, CommandSet
 from domain.conversation import after_answer, current_conversation_id
 from domain.dedupe import DedupeKey, outbound_msgid
+from domain.handoff import take_handoff_marker
 from domain.messages import InboundMessage, Kind
+from domain.rate_limit import RateDecision
 from domain.replies import MESSAGES_PER_CUSTOMER_MESSAGE, split_reply
+from domain.session import SessionState, bot_may_answer
 
 log = logging.getLogger("kfdify.answer")
 
@@ -33,7 +41,12 @@ class Outcome(StrEnum):
     HANDOFF = "handoff"
     UNSUPPORTED = "unsupported"
     FALLBACK = "fallback"
+    RATE_LIMITED = "rate_limited"  # over the customer's fair-use limit: one notice per window, no Dify
     SILENT = "silent"  # a human owns the session, or nothing could be sent
+
+
+# Who has the session when the bot stays silent (for counters and logs).
+_SILENT_OWNERS: dict[SessionState, str] = {SessionState.HUMAN: "human", SessionState.QUEUED: "queued"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +56,32 @@ class PreparedQuestion:
     query: str = ""
     files: tuple[Attachment, ...] = ()
     reply: str = ""
+    # The query is what the customer said (a voice transcript): answer it exactly as if typed.
+    as_text: bool = False
 
 
 class MediaPreparer(Protocol):
     """Turns images, voice and files into something Dify can answer (see application/media.py)."""
 
     async def prepare(self, message: InboundMessage, route: KfRoute) -> PreparedQuestion: ...
+
+    async def attach(
+        self,
+        prepared: PreparedQuestion,
+        attached: Sequence[InboundMessage],
+        route: KfRoute,
+        replies: ReplySession,
+    ) -> PreparedQuestion:
+        """The text's question plus the images sent just before it (failures are told, not raised)."""
+        ...
+
+    def reserved_slots(self, answer: Answer) -> int:
+        """Reply messages the answer's files will need after its text."""
+        ...
+
+    async def deliver(self, answer: Answer, route: KfRoute, replies: ReplySession) -> None:
+        """Send the answer's files (images as images, the rest as links) within the remaining quota."""
+        ...
 
 
 class ReplySession:
@@ -62,14 +95,19 @@ class ReplySession:
         telemetry: Telemetry,
         options: BotOptions,
         quota: int = MESSAGES_PER_CUSTOMER_MESSAGE,
+        sessions: SessionStates | None = None,
+        retry: bool = True,
     ) -> None:
         self._channel = channel
         self._message = message
         self._key = DedupeKey.for_message(message)
         self._telemetry = telemetry
         self._options = options
+        self._sessions = sessions
+        self._retry = retry
         self.quota = quota
         self.used = 0
+        self.delivered = 0
         self.human_owns_session = False
 
     @property
@@ -83,7 +121,7 @@ class ReplySession:
         part = self.used
         self.used += 1
         msgid = outbound_msgid(self._key, part)
-        attempts = 1 + max(self._options.send_retries, 0)
+        attempts = 1 + (max(self._options.send_retries, 0) if self._retry else 0)
         for attempt in range(attempts):
             started = time.monotonic()
             try:
@@ -94,6 +132,8 @@ class ReplySession:
                     # A human servicer owns the session (or the 48 h window closed): stay quiet, no error.
                     self.human_owns_session = True
                     self._telemetry.count("replies_suppressed_human")
+                    if self._sessions is not None:
+                        self._sessions.learn(self._message.customer, SessionState.HUMAN)
                     log.info(
                         "reply not sent: session is not the bot's (95018) kf=%s customer=%s msgid=%s",
                         self._message.open_kfid,
@@ -123,6 +163,10 @@ class ReplySession:
                 self._telemetry.observe(t.SEND, elapsed)
                 self._telemetry.count("replies_sent")
                 self._telemetry.reachability("wecom", True)
+                self.delivered += 1
+                if self._sessions is not None:
+                    # Sending through the API hands the session to the bot (spec §6.1).
+                    self._sessions.learn(self._message.customer, SessionState.BOT)
                 log.info(
                     "reply sent kf=%s customer=%s msgid=%s part=%d bytes=%d in %.0f ms",
                     self._message.open_kfid,
@@ -135,9 +179,58 @@ class ReplySession:
                 return True
         return False
 
-    async def send_answer(self, text: str, texts: ReplyTexts) -> int:
-        """Split `text` into what the remaining quota allows; returns how many parts went out."""
-        parts = split_reply(text, max_parts=self.remaining, truncation_notice=texts.truncated)
+    async def send_image(self, media_id: str) -> bool:
+        """Send one image message (a `media/upload` media_id): the same quota and msgid scheme as texts."""
+        if self.human_owns_session or self.remaining <= 0 or not media_id:
+            return False
+        part = self.used
+        self.used += 1
+        msgid = outbound_msgid(self._key, part)
+        attempts = 1 + (max(self._options.send_retries, 0) if self._retry else 0)
+        for attempt in range(attempts):
+            try:
+                await self._channel.send_image(self._message.customer, media_id, msgid=msgid)
+            except WeComError as exc:
+                if exc.errcode == WeComError.SESSION_NOT_SENDABLE:
+                    self.human_owns_session = True
+                    self._telemetry.count("replies_suppressed_human")
+                    if self._sessions is not None:
+                        self._sessions.learn(self._message.customer, SessionState.HUMAN)
+                    return False
+                self._telemetry.count_labelled("wecom_errors", str(exc.errcode))
+                if exc.is_transient and attempt + 1 < attempts:
+                    await asyncio.sleep(self._options.send_retry_delay_s * (attempt + 1))
+                    continue
+                log.warning(
+                    "image reply part %d failed kf=%s customer=%s msgid=%s errcode=%s errmsg=%s",
+                    part,
+                    self._message.open_kfid,
+                    self._message.external_userid,
+                    self._message.msgid,
+                    exc.errcode,
+                    exc.errmsg,
+                )
+                return False
+            self._telemetry.count("image_replies_sent")
+            self.delivered += 1
+            if self._sessions is not None:
+                self._sessions.learn(self._message.customer, SessionState.BOT)
+            log.info(
+                "image reply sent kf=%s customer=%s msgid=%s part=%d",
+                self._message.open_kfid,
+                self._message.external_userid,
+                self._message.msgid,
+                part,
+            )
+            return True
+        return False
+
+    async def send_answer(self, text: str, texts: ReplyTexts, *, reserve: int = 0) -> int:
+        """Split `text` into what the remaining quota allows, keeping `reserve` messages for what must
+        follow; returns how many parts went out."""
+        parts = split_reply(
+            text, max_parts=max(self.remaining - reserve, 1), truncation_notice=texts.truncated
+        )
         sent = 0
         for part in parts:
             if not await self.send(part):
@@ -166,6 +259,10 @@ class AnswerCustomerMessage:
         telemetry: Telemetry,
         render: Callable[[str], str] = lambda text: text,
         media: MediaPreparer | None = None,
+        sessions: SessionStates | None = None,
+        handoff: HandOffToHuman | None = None,
+        rate_limiter: CustomerRateLimiter | None = None,
+        rejections: RejectedCustomers | None = None,
     ) -> None:
         self._conversations = conversations
         self._channel = channel
@@ -175,16 +272,58 @@ class AnswerCustomerMessage:
         self._telemetry = telemetry
         self._render = render
         self._media = media
+        self._sessions = sessions
+        self._handoff = handoff
+        self._rate_limiter = rate_limiter
+        self._rejections = rejections
         self._commands = CommandSet.of(reset=options.reset_words, handoff=options.handoff_words)
         self._dify_slots = asyncio.Semaphore(max(options.dify_concurrency, 1))
 
-    async def __call__(self, message: InboundMessage) -> Outcome:
+    async def __call__(self, message: InboundMessage, *, attached: Sequence[InboundMessage] = ()) -> Outcome:
+        """`attached`: images the customer sent just before this text, asked together with it (drain)."""
         route = self._routing.for_kf(message.open_kfid)
-        replies = ReplySession(
-            channel=self._channel, message=message, telemetry=self._telemetry, options=self._options
+        # A customer who refused our messages gets no interim text and no resends, until they write again.
+        refusing = self._rejections is not None and self._rejections.applies(
+            message.customer, message_time=message.send_time
         )
+        replies = ReplySession(
+            channel=self._channel,
+            message=message,
+            telemetry=self._telemetry,
+            options=self._options,
+            sessions=self._sessions,
+            retry=not refusing,
+        )
+        if self._sessions is not None:
+            state = await self._sessions.state_for(message)
+            if not bot_may_answer(state):
+                return self._stay_silent(message, state)
+
+        voice: PreparedQuestion | None = None
+        if message.kind is Kind.VOICE and self._media is not None:
+            voice = await self._media.prepare(message, route)
+            if voice.as_text:  # the transcript is answered exactly as if typed, commands included
+                message = replace(message, msgtype=Kind.TEXT.value, text=voice.query)
+
+        command = self._commands.parse(message.text) if message.kind is Kind.TEXT else None
+        if command is not None and command.kind is CommandKind.HANDOFF and self._handoff is not None:
+            await self._handoff(message, route, replies, trigger="keyword")
+            return Outcome.HANDOFF
+
+        if command is not None and command.kind is CommandKind.RESET:
+            await self._conversations.delete_conversation(message.customer)
+            self._telemetry.count("resets")
+            log.info("conversation reset kf=%s customer=%s", message.open_kfid, message.external_userid)
+            await replies.send(route.texts.reset_done)
+            return Outcome.RESET
+
+        if self._rate_limiter is not None:
+            decision = self._rate_limiter.check(message.customer)
+            if decision is not RateDecision.ALLOW:
+                return await self._over_limit(message, route, replies, decision)
+
         if message.kind is not Kind.TEXT:
-            prepared = (
+            prepared = voice or (
                 await self._media.prepare(message, route)
                 if self._media is not None
                 else PreparedQuestion(reply=route.texts.unsupported)
@@ -193,24 +332,59 @@ class AnswerCustomerMessage:
                 await replies.send(prepared.reply or route.texts.unsupported)
                 self._telemetry.count("unsupported")
                 return Outcome.UNSUPPORTED if not replies.human_owns_session else Outcome.SILENT
-            return await self._answer_with_dify(message, route, replies, prepared)
+            return await self._answer_with_dify(message, route, replies, prepared, interim=not refusing)
 
-        command = self._commands.parse(message.text)
-        if command is not None and command.kind is CommandKind.RESET:
-            await self._conversations.delete_conversation(message.customer)
-            self._telemetry.count("resets")
-            log.info("conversation reset kf=%s customer=%s", message.open_kfid, message.external_userid)
-            await replies.send(route.texts.reset_done)
-            return Outcome.RESET
+        prepared = PreparedQuestion(query=message.text)
+        if attached and self._media is not None:
+            prepared = await self._media.attach(prepared, attached, route, replies)
+        return await self._answer_with_dify(message, route, replies, prepared, interim=not refusing)
 
-        return await self._answer_with_dify(message, route, replies, PreparedQuestion(query=message.text))
+    def _stay_silent(self, message: InboundMessage, state: SessionState | None) -> Outcome:
+        """A human owns the session or it waits in the queue: the message is recorded, not answered."""
+        owner = _SILENT_OWNERS.get(state, "ended") if state is not None else "unknown"
+        self._telemetry.count(f"replies_suppressed_{owner}")
+        known = self._sessions.known(message.customer) if self._sessions is not None else None
+        log.info(
+            "not answering kf=%s customer=%s msgid=%s: session state %s (%s)%s",
+            message.open_kfid,
+            message.external_userid,
+            message.msgid,
+            int(state) if state is not None else "?",
+            owner,
+            f" servicer={known.servicer_userid}" if known is not None and known.servicer_userid else "",
+        )
+        return Outcome.SILENT
+
+    async def _over_limit(
+        self, message: InboundMessage, route: KfRoute, replies: ReplySession, decision: RateDecision
+    ) -> Outcome:
+        self._telemetry.count_labelled("rate_limited", decision.value)
+        rule = self._rate_limiter.rule if self._rate_limiter is not None else None
+        log.info(
+            "rate limited kf=%s customer=%s msgid=%s (%s per %s s): %s",
+            message.open_kfid,
+            message.external_userid,
+            message.msgid,
+            rule.limit if rule else "?",
+            f"{rule.window_s:g}" if rule else "?",
+            "notice sent" if decision is RateDecision.NOTIFY else "quiet",
+        )
+        if decision is RateDecision.NOTIFY:
+            await replies.send(route.texts.rate_limited)
+        return Outcome.RATE_LIMITED
 
     async def _answer_with_dify(
-        self, message: InboundMessage, route: KfRoute, replies: ReplySession, prepared: PreparedQuestion
+        self,
+        message: InboundMessage,
+        route: KfRoute,
+        replies: ReplySession,
+        prepared: PreparedQuestion,
+        *,
+        interim: bool = True,
     ) -> Outcome:
         ask = asyncio.ensure_future(self._ask(message, route, prepared))
         try:
-            if self._options.interim_after_s > 0:
+            if interim and self._options.interim_after_s > 0:
                 done, _ = await asyncio.wait({ask}, timeout=self._options.interim_after_s)
                 if not done and replies.remaining > 1:
                     await replies.send(route.texts.interim)
@@ -232,7 +406,17 @@ class AnswerCustomerMessage:
             if not ask.done():
                 ask.cancel()
 
-        text = self._render(asked.answer.text)
+        # The handoff marker goes before rendering and splitting: the customer never sees it.
+        marked = take_handoff_marker(asked.answer.text, self._options.handoff_markers)
+        text = self._render(marked.text) if marked.text.strip() else ""
+        if marked.handoff and self._handoff is not None:
+            if text.strip():
+                # The answer first, while the session is still the bot's; one message kept for a refusal.
+                await replies.send_answer(text, route.texts, reserve=1)
+            if replies.human_owns_session:  # a human took the session meanwhile (95018): nothing to do
+                return Outcome.SILENT
+            await self._handoff(message, route, replies, trigger="marker")
+            return Outcome.HANDOFF
         if not text.strip():
             log.warning(
                 "dify answered with nothing kf=%s customer=%s msgid=%s",
@@ -243,9 +427,12 @@ class AnswerCustomerMessage:
             self._telemetry.count("empty_answers")
             await replies.send(route.texts.fallback)
             return Outcome.FALLBACK
-        sent = await replies.send_answer(text, route.texts)
+        reserve = self._media.reserved_slots(asked.answer) if self._media is not None else 0
+        sent = await replies.send_answer(text, route.texts, reserve=reserve)
         if sent == 0:
             return Outcome.SILENT
+        if self._media is not None:
+            await self._media.deliver(asked.answer, route, replies)
         self._telemetry.count("answered")
         return Outcome.ANSWERED
 

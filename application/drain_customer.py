@@ -1,24 +1,46 @@
-"""Answer a customer's recorded messages in the order they were sent, each exactly once across instances."""
+"""Answer a customer's recorded messages in the order they were sent, each exactly once across instances.
+
+An image followed within a few seconds by a text from the same customer is one question (the text, with the
+image attached): customers send a screenshot, then ask about it. The drain claims the image, waits up to
+`image_text_window_s` for the text to be pulled, claims the text too, and answers once. The replies count
+against the text's quota (WeCom renews the quota of 5 with every customer message, so the newest one has
+the full quota) and are named after the text's msgid; both messages are then marked done.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from enum import StrEnum
+from typing import Protocol
 
 from application.answer_message import AnswerCustomerMessage
 from application.options import BotOptions
-from application.ports import MessageState, StateStore
+from application.ports import Clock, MessageState, StateStore
 from application.telemetry import Telemetry
+from domain.commands import CommandSet
 from domain.dedupe import DedupeKey
-from domain.messages import CustomerRef, InboundMessage
+from domain.messages import CustomerRef, InboundMessage, Kind
 
 log = logging.getLogger("kfdify.drain")
+
+# While waiting for the text that may follow an image, look at the inbox this often.
+PAIRING_POLL_S = 0.2
+# send_time is whole seconds, and the text still needs a callback and a pull to reach the inbox.
+PAIRING_GRACE_S = 1.0
 
 
 class DrainOutcome(StrEnum):
     EMPTY = "empty"  # nothing left for this customer
     WAITING = "waiting"  # another instance holds the customer's oldest pending message: keep order, wait
+
+
+class ImagePairing(Protocol):
+    """Decides whether an image should wait for a text to ask about it (application/media.py)."""
+
+    async def awaits_text(self, message: InboundMessage) -> bool:
+        """True when `message` is an image the AI app can take."""
+        ...
 
 
 class DrainCustomer:
@@ -30,12 +52,17 @@ class DrainCustomer:
         options: BotOptions,
         telemetry: Telemetry,
         owner: str,
+        clock: Clock | None = None,
+        pairing: ImagePairing | None = None,
     ) -> None:
         self._store = store
         self._answer = answer
         self._options = options
         self._telemetry = telemetry
         self._owner = owner
+        self._clock = clock
+        self._pairing = pairing
+        self._commands = CommandSet.of(reset=options.reset_words, handoff=options.handoff_words)
 
     async def __call__(self, customer: CustomerRef) -> DrainOutcome:
         while True:
@@ -56,15 +83,30 @@ class DrainCustomer:
             await self._handle(message, key)
 
     async def _handle(self, message: InboundMessage, key: DedupeKey) -> None:
-        renewer = asyncio.create_task(self._keep_lease(key))
+        claimed: list[tuple[InboundMessage, DedupeKey]] = [(message, key)]
+        renewer = asyncio.create_task(self._keep_leases(claimed))
         self._telemetry.in_flight += 1
         try:
             try:
-                outcome = await self._answer(message)
+                text = await self._following_text(message)
+                if text is not None:
+                    claimed.append((text, DedupeKey.for_message(text)))
+                    self._telemetry.count("image_text_pairs")
+                    log.info(
+                        "image msgid=%s and text msgid=%s asked together kf=%s customer=%s",
+                        message.msgid,
+                        text.msgid,
+                        message.open_kfid,
+                        message.external_userid,
+                    )
+                    outcome = await self._answer(text, attached=(message,))
+                else:
+                    outcome = await self._answer(message)
                 self._telemetry.count_labelled("outcomes", outcome.value)
             except asyncio.CancelledError:
-                # Shutting down: hand the message back so another instance (or our restart) answers it.
-                await asyncio.shield(self._store.release(key, owner=self._owner))
+                # Shutting down: hand the messages back so another instance (or our restart) answers them.
+                for _, claimed_key in claimed:
+                    await asyncio.shield(self._store.release(claimed_key, owner=self._owner))
                 raise
             except Exception:
                 # A bug must neither kill the worker nor make the message come back forever.
@@ -72,18 +114,65 @@ class DrainCustomer:
                     "answering msgid=%s kf=%s failed unexpectedly", message.msgid, message.open_kfid
                 )
                 self._telemetry.count("internal_errors")
-            await self._store.finish(key)
-            await self._store.remove(message.customer, message.msgid)
+            for done, done_key in claimed:
+                await self._store.finish(done_key)
+                await self._store.remove(done.customer, done.msgid)
         finally:
             self._telemetry.in_flight -= 1
             renewer.cancel()
 
-    async def _keep_lease(self, key: DedupeKey) -> None:
-        """Renew the lease while Dify thinks, so a slow answer is not mistaken for a dead instance."""
+    async def _following_text(self, image: InboundMessage) -> InboundMessage | None:
+        """The customer's text that follows `image` within the window, claimed for this owner; None when
+        there is none (or the image should not wait for one)."""
+        window = self._options.image_text_window_s
+        if window <= 0 or image.kind is not Kind.IMAGE or self._pairing is None:
+            return None
+        try:
+            if not await self._pairing.awaits_text(image):
+                return None
+        except Exception:
+            log.exception("deciding whether image msgid=%s waits for a text failed", image.msgid)
+            return None
+        age = max(self._clock.now() - image.send_time, 0.0) if self._clock is not None else 0.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(window + min(PAIRING_GRACE_S, window) - age, 0.0)
+        while True:
+            follower = await self._next_pending(image)
+            if follower is not None:
+                return await self._claim_if_pairs(image, follower)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            await asyncio.sleep(min(PAIRING_POLL_S, remaining))
+
+    async def _next_pending(self, image: InboundMessage) -> InboundMessage | None:
+        pending = await self._store.pending(image.customer)
+        for index, message in enumerate(pending):
+            if message.msgid == image.msgid:
+                return pending[index + 1] if index + 1 < len(pending) else None
+        return None
+
+    async def _claim_if_pairs(self, image: InboundMessage, follower: InboundMessage) -> InboundMessage | None:
+        if follower.kind is not Kind.TEXT or not follower.text.strip():
+            return None
+        if follower.send_time - image.send_time > self._options.image_text_window_s:
+            return None
+        if self._commands.parse(follower.text) is not None:
+            return None  # a reset or handoff is a command, not a question about the image
+        key = DedupeKey.for_message(follower)
+        if await self._store.state(key) is not MessageState.NEW:
+            return None
+        if not await self._store.begin(key, owner=self._owner, lease_s=self._options.message_lease_s):
+            return None
+        return follower
+
+    async def _keep_leases(self, claimed: list[tuple[InboundMessage, DedupeKey]]) -> None:
+        """Renew the leases while Dify thinks, so a slow answer is not mistaken for a dead instance."""
         interval = max(self._options.message_lease_s / 3, 0.05)
         while True:
             await asyncio.sleep(interval)
-            try:
-                await self._store.renew(key, owner=self._owner, lease_s=self._options.message_lease_s)
-            except Exception:
-                log.exception("renewing the lease of msgid=%s failed", key.msgid)
+            for _, key in list(claimed):
+                try:
+                    await self._store.renew(key, owner=self._owner, lease_s=self._options.message_lease_s)
+                except Exception:
+                    log.exception("renewing the lease of msgid=%s failed", key.msgid)

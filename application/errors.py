@@ -57,3 +57,17 @@ class WeComError(Exception):
     def is_transient(self) -> bool:
         """Busy, rate-limited or unreachable: a later attempt may succeed."""
         return self.errcode is None or self.errcode in (-1, 45009, 45033)
+
+
+class MediaTooLarge(Exception):
+    """Media is bigger than the caller allowed (a download cap) or than the receiving side accepts."""
+
+    def __init__(self, limit_bytes: int, size: int | None = None, *, what: str = "media") -> None:
+        seen = f" ({size} bytes)" if size is not None else ""
+        super().__init__(f"{what} larger than {limit_bytes} bytes{seen}")
+        self.limit_bytes = limit_bytes
+        self.size = size
+
+
+class AudioConversionError(Exception):
+    """Voice could not be turned into audio speech to text takes (no converter, bad input, timeout)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from domain.commands import DEFAULT_HANDOFF_WORDS, DEFAULT_RESET_WORDS
+from domain.handoff import DEFAULT_HANDOFF_MARKERS
 from domain.replies import DEFAULT_TRUNCATION_NOTICE
 
 
@@ -21,6 +22,18 @@ class ReplyTexts:
     handoff_failed: str = "抱歉，暂时无法转接人工客服，请稍后再试。"
     rate_limited: str = "您发送消息太频繁了，请稍后再试。"
     welcome: str = ""
+    # Media (application/media.py). Dify refuses an empty query, so a lone image or file is asked with these.
+    image_query: str = "请看这张图片。"
+    file_query: str = "请看这个文件。"
+    media_expired: str = "图片或文件已过期，请重新发送。"
+    media_failed: str = "抱歉，图片或文件处理失败，请稍后再试，或用文字描述您的问题。"
+    # {limit}: the size limit in MB.
+    too_large: str = "文件太大了（不能超过 {limit} MB），请压缩后再发送。"
+    # {accepted}: what the AI app accepts, e.g. "图片、PDF、DOCX".
+    file_type_not_accepted: str = "抱歉，暂时无法处理这种文件。目前可以发送：{accepted}。"
+    voice_failed: str = "抱歉，没能听清这条语音，请再说一遍或改用文字。"
+    # Heads the links to files in an answer that cannot be sent as images.
+    answer_files: str = "相关文件："
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +50,22 @@ class BotOptions:
     dify_retry_delay_s: float = 1.5
     inputs: dict[str, str] = field(default_factory=dict)
     # Seconds Dify may take before the customer gets the interim text; 0 turns it off.
-    interim_after_s: float = 0.0
+    interim_after_s: float = 5.0
+    # Markers a Dify answer may contain to hand the customer to a human (never shown to the customer).
+    handoff_markers: tuple[str, ...] = DEFAULT_HANDOFF_MARKERS
+    # How long this instance trusts what it knows about a session's state before asking WeCom again.
+    session_state_ttl_s: float = 60.0
+    # Per-customer fair use: at most `rate_limit` answered messages per `rate_limit_window_s`; 0 = off.
+    rate_limit: int = 20
+    rate_limit_window_s: float = 60.0
+    # A customer who refused our messages (msg_send_fail fail_type 10) gets no proactive texts this long.
+    rejection_memory_s: float = 24 * 3600.0
+    # The welcome_code lives 20 s (spec §7.1): older enter_session events get no welcome, and composing
+    # one (Dify /parameters) may take at most `welcome_deadline_s`.
+    welcome_max_age_s: float = 20.0
+    welcome_deadline_s: float = 15.0
+    # How long the AI app's /parameters (opening statement, suggested questions) are reused.
+    app_parameters_ttl_s: float = 300.0
     send_retries: int = 2
     send_retry_delay_s: float = 0.5
     # A claimed message is renewed every third of this while it is answered; a dead instance's claim
@@ -48,3 +76,5 @@ class BotOptions:
     recovery_interval_s: float = 60.0
     # How long a drain waits for another instance that holds the customer's earlier message.
     busy_poll_s: float = 0.5
+    # An image followed by a text within this many seconds is asked as one question (0 = never wait).
+    image_text_window_s: float = 3.0

@@ -10,6 +10,7 @@ from typing import Protocol
 from domain.chat import Answer, AppInfo, AppParameters, Question
 from domain.conversation import Conversation
 from domain.dedupe import DedupeKey
+from domain.media import MediaBlob, UploadedFile
 from domain.messages import CustomerRef, InboundMessage, SyncPage
 
 
@@ -147,6 +148,23 @@ class ChatEngine(Protocol):
 
     async def parameters(self) -> AppParameters: ...
 
+    async def upload_file(self, user: str, filename: str, content_type: str, data: bytes) -> UploadedFile:
+        """`POST /files/upload` for `user` (the same user that will ask about it). `filename` carries a real
+        extension (it decides Dify's size category and file type). Raises ChatEngineError: `file_too_large`
+        (413), `unsupported_file_type` (415), `invalid_param`, ..."""
+        ...
+
+    async def transcribe(self, user: str, audio: bytes, content_type: str) -> str:
+        """`POST /audio-to-text`: the words spoken in `audio`. `content_type` must be one Dify accepts
+        (audio/mp3, audio/wav, ...). Raises ChatEngineError (`speech_to_text_disabled`,
+        `unsupported_audio_type`, `audio_too_large`, model errors)."""
+        ...
+
+    async def fetch_file(self, url: str, *, max_bytes: int) -> MediaBlob:
+        """Download a file an answer points at (Answer.files). Raises MediaTooLarge past `max_bytes` (without
+        reading further), ChatEngineError otherwise."""
+        ...
+
 
 # --- WeCom kf --------------------------------------------------------------------------------------------
 
@@ -185,4 +203,30 @@ class KfChannel(Protocol):
 
     async def check_access(self) -> None:
         """Fetch an access token now (raises WeComError on a bad corp id/secret, untrusted IP, ...)."""
+        ...
+
+    async def download_media(self, media_id: str, *, max_bytes: int) -> MediaBlob:
+        """`media/get`: a customer's image, voice or file. Raises MediaTooLarge past `max_bytes` (the download
+        stops there), WeComError otherwise (40007: unknown or expired, media lives 3 days)."""
+        ...
+
+    async def upload_media(self, kind: str, filename: str, content_type: str, data: bytes) -> str:
+        """`media/upload` (kind: image | voice | video | file); returns the media_id (valid 3 days)."""
+        ...
+
+    async def send_image(self, customer: CustomerRef, media_id: str, *, msgid: str) -> str:
+        """Send an image message (a media_id from `upload_media`); returns WeCom's msgid."""
+        ...
+
+
+class AudioConverter(Protocol):
+    """Turns voice messages (WeCom AMR) into audio speech-to-text models take."""
+
+    @property
+    def available(self) -> bool:
+        """False when there is no way to convert (no ffmpeg): voice is then not supported."""
+        ...
+
+    async def to_speech(self, audio: MediaBlob) -> MediaBlob:
+        """16 kHz mono WAV (or MP3) with a content type Dify accepts. Raises AudioConversionError."""
         ...

@@ -28,28 +28,10 @@ COLD_START_SLACK_S = 30.0
 
 
 class ItemObserver(Protocol):
-    """Sees what is not a customer message to answer: events and servicer messages."""
+    """Sees what is not a customer message to answer: events and servicer messages
+    (application/session_events.py). Called in pull order; must not wait for slow work."""
 
     async def on_item(self, message: InboundMessage) -> None: ...
-
-
-class LogItems:
-    """The plain observer: log and count."""
-
-    def __init__(self, telemetry: Telemetry) -> None:
-        self._telemetry = telemetry
-
-    async def on_item(self, message: InboundMessage) -> None:
-        if message.event is not None:
-            self._telemetry.count_labelled("events", message.event.event_type or "unknown")
-            log.info(
-                "event %s kf=%s customer=%s",
-                message.event.event_type,
-                message.open_kfid,
-                message.external_userid,
-            )
-        else:
-            self._telemetry.count("servicer_messages" if message.is_from_servicer else "other_items")
 
 
 @dataclass(slots=True)

@@ -14,6 +14,8 @@ class KfRoute:
     name: str
     engine: ChatEngine
     texts: ReplyTexts
+    # Handoff target: this servicer (service_state 3), or the queue (2) when empty.
+    servicer_userid: str = ""
 
 
 @dataclass(frozen=True, slots=True)

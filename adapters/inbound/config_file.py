@@ -49,6 +49,8 @@ class KfRouteSettings:
     dify_api_base: str
     dify_api_key: str
     texts: dict[str, str] = field(default_factory=dict)
+    # Handoff target of this account ("" = the [BOT] SERVICER_USERID, or the queue).
+    servicer_userid: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +80,22 @@ class Settings:
     dify_total_timeout_s: float = 180.0
     dify_retries: int = 1
     dify_inputs: dict[str, str] = field(default_factory=dict)
-    interim_after_s: float = 0.0
+    interim_after_s: float = 5.0
     reset_words: tuple[str, ...] = ()
     handoff_words: tuple[str, ...] = ()
+    handoff_markers: tuple[str, ...] = ()
+    servicer_userid: str = ""
+    session_state_ttl_s: float = 60.0
+    rate_limit: int = 20
+    rate_limit_window_s: float = 60.0
     recovery_interval_s: float = 60.0
     message_lease_s: float = 60.0
     pull_lease_s: float = 60.0
+    # Media: image + text pairing, and the ffmpeg that turns voice into speech audio.
+    image_text_window_s: float = 3.0
+    ffmpeg: str = ""  # "" = ffmpeg on PATH, else the imageio-ffmpeg package's; "off" = no voice
+    ffmpeg_timeout_s: float = 30.0
+    voice_format: str = "wav"
     texts: dict[str, str] = field(default_factory=dict)
     kf_routes: tuple[KfRouteSettings, ...] = ()
     source: str = ""
@@ -105,6 +117,14 @@ TEXT_KEYS = (
     "handoff_failed",
     "rate_limited",
     "welcome",
+    "image_query",
+    "file_query",
+    "media_expired",
+    "media_failed",
+    "too_large",
+    "file_type_not_accepted",
+    "voice_failed",
+    "answer_files",
 )
 
 
@@ -304,12 +324,23 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         dify_total_timeout_s=r.typed("BOT", "DIFY_TOTAL_TIMEOUT", 180.0, _positive_float, "seconds"),
         dify_retries=r.typed("BOT", "DIFY_RETRIES", 1, _positive_int, "a whole number ≥ 0"),
         dify_inputs=inputs,
-        interim_after_s=r.typed("BOT", "INTERIM_AFTER", 0.0, _positive_float, "seconds (0 = off)"),
+        interim_after_s=r.typed("BOT", "INTERIM_AFTER", 5.0, _positive_float, "seconds (0 = off)"),
         reset_words=r.typed("BOT", "RESET_WORDS", (), _words, "words separated by commas"),
         handoff_words=r.typed("BOT", "HANDOFF_WORDS", (), _words, "words separated by commas"),
+        handoff_markers=r.typed("BOT", "HANDOFF_MARKERS", (), _words, "markers separated by commas"),
+        servicer_userid=r.text("BOT", "SERVICER_USERID", ""),
+        session_state_ttl_s=r.typed("BOT", "SESSION_STATE_TTL", 60.0, _positive_float, "seconds"),
+        rate_limit=r.typed("BOT", "RATE_LIMIT", 20, _positive_int, "messages per window (0 = off)"),
+        rate_limit_window_s=r.typed("BOT", "RATE_LIMIT_WINDOW", 60.0, _positive_float, "seconds"),
         recovery_interval_s=r.typed("BOT", "RECOVERY_INTERVAL", 60.0, _positive_float, "seconds (0 = off)"),
         message_lease_s=max(1.0, r.typed("BOT", "MESSAGE_LEASE", 60.0, _positive_float, "seconds ≥ 1")),
         pull_lease_s=max(1.0, r.typed("BOT", "PULL_LEASE", 60.0, _positive_float, "seconds ≥ 1")),
+        image_text_window_s=r.typed(
+            "BOT", "IMAGE_TEXT_WINDOW", 3.0, _positive_float, "seconds (0 = never wait for a text)"
+        ),
+        ffmpeg=r.text("BOT", "FFMPEG", ""),
+        ffmpeg_timeout_s=max(1.0, r.typed("BOT", "FFMPEG_TIMEOUT", 30.0, _positive_float, "seconds ≥ 1")),
+        voice_format=_voice_format(r),
         texts=texts,
         kf_routes=_routes(r, dify_key),
         source=source,
@@ -317,6 +348,14 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
     if r.problems:
         raise ConfigError(r.problems, source)
     return settings
+
+
+def _voice_format(r: _Reader) -> str:
+    value = r.text("BOT", "VOICE_FORMAT", "wav").lower()
+    if value not in ("wav", "mp3"):
+        r.problems.append(f"{r.where('BOT', 'VOICE_FORMAT')} = {value!r}: expected wav or mp3")
+        return "wav"
+    return value
 
 
 def _memcache(r: _Reader) -> MemcacheSettings | None:
@@ -332,6 +371,7 @@ def _memcache(r: _Reader) -> MemcacheSettings | None:
         return None
     if not (backend == "memcached" or has_section or servers_raw or host):
         return None
+    servers: tuple[tuple[str, int], ...]
     if servers_raw:
         servers = r.typed(section, "servers", (), _servers, "host:port[,host:port...]")
     else:
@@ -362,5 +402,6 @@ def _routes(r: _Reader, default_key: str) -> tuple[KfRouteSettings, ...]:
             except ValueError:
                 r.problems.append(f"[{section}] DIFY_API_BASE = {base!r}: expected an http(s) URL")
         texts = {k: r.parser.get(section, k).strip() for k in TEXT_KEYS if r.parser.has_option(section, k)}
-        routes.append(KfRouteSettings(open_kfid, base, key or default_key, texts))
+        servicer = r.parser.get(section, "SERVICER_USERID", fallback="").strip()
+        routes.append(KfRouteSettings(open_kfid, base, key or default_key, texts, servicer))
     return tuple(routes)

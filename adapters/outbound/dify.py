@@ -13,8 +13,9 @@ from urllib.parse import urljoin
 import anyio
 import httpx
 
-from application.errors import ChatEngineError, ConversationGone
+from application.errors import ChatEngineError, ConversationGone, MediaTooLarge
 from domain.chat import Answer, AnswerFile, AppInfo, AppParameters, Question
+from domain.media import MediaBlob, UploadedFile, extension_of, filename_from_disposition
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -126,6 +127,77 @@ class DifyChatEngine:
             audio_file_size_limit_mb=_int(limits.get("audio_file_size_limit")),
         )
 
+    async def upload_file(self, user: str, filename: str, content_type: str, data: bytes) -> UploadedFile:
+        # The part's Content-Type is always explicit: without one Dify answers 415 (spec §5.1).
+        body = await self._post_multipart(
+            "/files/upload", file=(filename, data, content_type), user=user, what="POST /files/upload"
+        )
+        file_id = _text(body.get("id"))
+        if not file_id:
+            raise ChatEngineError("bad_response", "upload answer without id")
+        return UploadedFile(
+            id=file_id,
+            name=_text(body.get("name")) or filename,
+            size=_int(body.get("size")) or len(data),
+            extension=_text(body.get("extension")) or extension_of(filename),
+            mime_type=_text(body.get("mime_type")) or content_type,
+        )
+
+    async def transcribe(self, user: str, audio: bytes, content_type: str) -> str:
+        # Dify checks the part's Content-Type, not the file name (spec §6): audio/mp3 or audio/wav, never a
+        # guessed audio/mpeg or audio/x-wav.
+        extension = content_type.split("/", 1)[-1].split(";", 1)[0].strip() or "wav"
+        body = await self._post_multipart(
+            "/audio-to-text",
+            file=(f"voice.{extension}", audio, content_type),
+            user=user,
+            what="POST /audio-to-text",
+        )
+        text = body.get("text")
+        if not isinstance(text, str):
+            raise ChatEngineError("bad_response", "audio-to-text answer without text")
+        return text
+
+    async def fetch_file(self, url: str, *, max_bytes: int) -> MediaBlob:
+        if not url.lower().startswith(("http://", "https://")):
+            raise ChatEngineError("bad_response", "file URL is not http(s)")
+        timeout = httpx.Timeout(
+            connect=self._connect_timeout,
+            read=self._read_timeout,
+            write=self._read_timeout,
+            pool=self._connect_timeout,
+        )
+        try:
+            with anyio.fail_after(self._total_timeout):
+                # No Authorization header: answer files are signed URLs, and may live on another host (a CDN)
+                # that must never see the app key.
+                # Storage backends may redirect to a signed object URL: follow (no credentials travel).
+                async with self._client.stream(
+                    "GET", url, timeout=timeout, follow_redirects=True
+                ) as response:
+                    if not response.is_success:
+                        raise ChatEngineError(
+                            f"http_{response.status_code}",
+                            f"GET file: HTTP {response.status_code}",
+                            status=response.status_code,
+                            retryable=response.status_code >= 500,
+                        )
+                    data = await _read_limited(response, max_bytes)
+                    name = filename_from_disposition(response.headers.get("content-disposition", ""))
+                    if not name:
+                        name = httpx.URL(url).path.rsplit("/", 1)[-1]
+                    return MediaBlob(
+                        data=data,
+                        content_type=response.headers.get("content-type", "application/octet-stream"),
+                        filename=name,
+                    )
+        except TimeoutError:
+            raise ChatEngineError(
+                "timeout", f"GET file: no answer within {self._total_timeout:g} s", retryable=True
+            ) from None
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, "GET file") from exc
+
     # --- request building -------------------------------------------------------------------------------
 
     def _url(self, path: str) -> str:
@@ -180,6 +252,41 @@ class DifyChatEngine:
         if body is None:
             raise ChatEngineError(
                 "bad_response", f"GET {path}: body is not a JSON object", status=response.status_code
+            )
+        return body
+
+    async def _post_multipart(
+        self, path: str, *, file: tuple[str, bytes, str], user: str, what: str
+    ) -> Mapping[str, Any]:
+        timeout = httpx.Timeout(
+            connect=self._connect_timeout,
+            read=self._read_timeout,
+            write=self._read_timeout,
+            pool=self._connect_timeout,
+        )
+        try:
+            with anyio.fail_after(self._total_timeout):
+                response = await self._client.post(
+                    self._url(path),
+                    files={"file": file},
+                    data={"user": user},
+                    headers=self._headers(),
+                    timeout=timeout,
+                )
+        except TimeoutError:
+            raise ChatEngineError(
+                "timeout", f"{what}: no answer within {self._total_timeout:g} s", retryable=True
+            ) from None
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, what) from exc
+        if not response.is_success:
+            raise self._http_error(
+                response.status_code, response.content, response.reason_phrase, had_conversation=False
+            )
+        body = _json_object(response.content)
+        if body is None:
+            raise ChatEngineError(
+                "bad_response", f"{what}: body is not a JSON object", status=response.status_code
             )
         return body
 
@@ -366,12 +473,21 @@ class _AnswerAssembly:
             self._text = self._message_text = _text(event.get("answer"))
             self._agent_text = ""
         elif kind == "message_file" and event.get("belongs_to", "assistant") == "assistant":
-            url = _text(event.get("url"))
-            if url:
-                # The URL may be relative to the Dify host (spec §3.3, not verified).
-                self._files.append(
-                    AnswerFile(kind=_text(event.get("type")), url=urljoin(self._base_url, url))
-                )
+            self._add_file(event)
+        elif kind == "message_end" and isinstance(event.get("files"), list):
+            # Newer builds repeat the answer's files in message_end (spec §3.3); keep each URL once.
+            for item in event["files"]:
+                if isinstance(item, Mapping) and item.get("belongs_to", "assistant") == "assistant":
+                    self._add_file(item)
+
+    def _add_file(self, item: Mapping[str, Any]) -> None:
+        url = _text(item.get("url")) or _text(item.get("remote_url"))
+        if not url:
+            return
+        # The URL may be relative to the Dify host (spec §3.3, not verified).
+        absolute = urljoin(self._base_url, url)
+        if all(f.url != absolute for f in self._files):
+            self._files.append(AnswerFile(kind=_text(item.get("type")) or "custom", url=absolute))
 
     @property
     def text(self) -> str:
@@ -427,6 +543,22 @@ async def _read_capped(response: httpx.Response) -> bytes:
             size += len(chunk)
             if size >= _MAX_ERROR_BODY:
                 break
+    return b"".join(chunks)
+
+
+async def _read_limited(response: httpx.Response, max_bytes: int) -> bytes:
+    """The body, streamed; MediaTooLarge as soon as it passes `max_bytes` (checks a declared length first)."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise MediaTooLarge(max_bytes, int(declared), what="file")
+    chunks: list[bytes] = []
+    size = 0
+    async with _closing(response.aiter_bytes()) as stream:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > max_bytes:
+                raise MediaTooLarge(max_bytes, what="file")
+            chunks.append(chunk)
     return b"".join(chunks)
 
 

@@ -9,9 +9,21 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.lowlevel
 
-from application.errors import ChatEngineError, ConversationGone
-from domain.chat import Answer, AnswerFile, AppInfo, AppParameters, Question
+from application.errors import ChatEngineError, ConversationGone, MediaTooLarge
+from domain.chat import Answer, AnswerFile, AppInfo, AppParameters, Attachment, Question
+from domain.media import (
+    DIFY_SPEECH_LIMIT_BYTES,
+    MediaBlob,
+    UploadedFile,
+    UploadPolicy,
+    bare_type,
+    dify_file_kind,
+    dify_size_limit,
+    extension_of,
+    sniff_type,
+)
 
 Turn = tuple[str, str]  # (query, answer), oldest first
 
@@ -29,6 +41,14 @@ Responder = Callable[[Question, Sequence[Turn]], str | FakeReply | Awaitable[str
 
 def echo(question: Question, history: Sequence[Turn]) -> str:
     return f"答：{question.query}"
+
+
+DEFAULT_TRANSCRIPT = "你好，我想问一下保修的事。"
+# /audio-to-text part types current Dify accepts (spec §6), also with upper-case extensions.
+SPEECH_TYPES = frozenset(
+    [f"audio/{e}" for e in ("mp3", "m4a", "wav", "amr", "mpga")]
+    + [f"audio/{e.upper()}" for e in ("mp3", "m4a", "wav", "amr", "mpga")]
+)
 
 
 @dataclass
@@ -55,13 +75,33 @@ class FakeChatEngine:
         self.delay = delay
         self.questions: list[Question] = []
         self.conversations: dict[str, FakeConversation] = {}
+        self.uploads: dict[str, tuple[UploadedFile, str, bytes]] = {}  # id → (file, user, bytes)
+        self.transcript = DEFAULT_TRANSCRIPT
+        self.transcriptions: list[tuple[str, str, bytes]] = []  # (user, content type, audio)
+        # What `fetch_file` serves: URL → blob (answers' files).
+        self.hosted: dict[str, MediaBlob] = {}
+        # Files the last questions carried that the app dropped because File Upload is off (spec §5.4 #2).
+        self.ignored_files = 0
         self._failures: deque[ChatEngineError] = deque()
+        self._media_failures: dict[str, deque[ChatEngineError]] = {}
 
     # --- knobs ------------------------------------------------------------------------------------------
 
     def fail_next(self, error: ChatEngineError, *, times: int = 1) -> None:
         """The next `times` asks raise `error` (after being recorded and delayed)."""
         self._failures.extend([error] * times)
+
+    def fail_next_media(self, operation: str, error: ChatEngineError, *, times: int = 1) -> None:
+        """The next `times` calls of `operation` ("upload_file", "transcribe", "fetch_file") raise `error`."""
+        self._media_failures.setdefault(operation, deque()).extend([error] * times)
+
+    def host_file(self, url: str, data: bytes, content_type: str, filename: str = "") -> str:
+        """Serve a file at `url` for `fetch_file` (an answer's file); returns `url`."""
+        self.hosted[url] = MediaBlob(data, content_type, filename or url.rsplit("/", 1)[-1].split("?")[0])
+        return url
+
+    def uploaded_bytes(self, upload_file_id: str) -> bytes:
+        return self.uploads[upload_file_id][2]
 
     def forget_conversation(self, conversation_id: str) -> None:
         """Simulate Dify losing a conversation (deleted, upgrade, ...): asking with it is ConversationGone."""
@@ -86,6 +126,7 @@ class FakeChatEngine:
             raise ChatEngineError("invalid_param", "Arg user must be provided.", status=400)
         if not question.query:
             raise ChatEngineError("invalid_param", "query is required", status=400)
+        self._check_files(question.user, question.files)
         conversation = self._conversation_for(question)
         reply = self.responder(question, tuple(conversation.turns))
         if inspect.isawaitable(reply):
@@ -99,6 +140,93 @@ class FakeChatEngine:
 
     async def parameters(self) -> AppParameters:
         return self.app_parameters
+
+    async def upload_file(self, user: str, filename: str, content_type: str, data: bytes) -> UploadedFile:
+        await anyio.lowlevel.checkpoint()
+        self._take_media_failure("upload_file")
+        # Dify's own checks (spec §5.1, §5.3), in its order.
+        if not filename:
+            raise ChatEngineError(
+                "filename_not_exists_error", "The specified filename does not exist.", status=400
+            )
+        if "/" in filename or "\\" in filename:
+            raise ChatEngineError("invalid_param", "Filename contains invalid characters", status=400)
+        if not content_type:
+            raise ChatEngineError("unsupported_file_type", "File type not allowed.", status=415)
+        name = filename[:200]
+        extension = extension_of(name)
+        limits = self.app_parameters
+        kind = dify_file_kind(extension)
+        limit = dify_size_limit(
+            kind if kind in ("image", "audio") else "document",
+            file_mb=limits.file_size_limit_mb,
+            image_mb=limits.image_file_size_limit_mb,
+            audio_mb=limits.audio_file_size_limit_mb,
+        )
+        if len(data) > limit:
+            raise ChatEngineError("file_too_large", f"File size exceeded. {name}", status=413)
+        uploaded = UploadedFile(
+            id=str(uuid.uuid4()), name=name, size=len(data), extension=extension, mime_type=content_type
+        )
+        self.uploads[uploaded.id] = (uploaded, user or "DEFAULT-USER", bytes(data))
+        return uploaded
+
+    async def transcribe(self, user: str, audio: bytes, content_type: str) -> str:
+        await anyio.lowlevel.checkpoint()
+        self._take_media_failure("transcribe")
+        if not self.app_parameters.speech_to_text:
+            raise ChatEngineError("speech_to_text_disabled", "Speech to text is disabled.", status=400)
+        if not audio:
+            raise ChatEngineError("no_audio_uploaded", "Please upload your audio.", status=400)
+        declared = content_type.split(";", 1)[0].strip()
+        if declared not in SPEECH_TYPES:
+            raise ChatEngineError("unsupported_audio_type", "Audio type not allowed.", status=415)
+        if len(audio) > DIFY_SPEECH_LIMIT_BYTES:
+            raise ChatEngineError("audio_too_large", "Audio size larger than 30 mb", status=413)
+        kind = bare_type(declared)
+        if kind == "audio/amr" or (kind in ("audio/wav", "audio/mp3") and sniff_type(audio) != kind):
+            # What the speech model says to bytes it cannot decode (Whisper takes no AMR, spec §6).
+            raise ChatEngineError(
+                "completion_request_error", "[openai] Error: Invalid file format.", status=400
+            )
+        self.transcriptions.append((user, declared, bytes(audio)))
+        return self.transcript
+
+    async def fetch_file(self, url: str, *, max_bytes: int) -> MediaBlob:
+        await anyio.lowlevel.checkpoint()
+        self._take_media_failure("fetch_file")
+        blob = self.hosted.get(url)
+        if blob is None:
+            raise ChatEngineError("http_404", "GET file: HTTP 404", status=404)
+        if blob.size > max_bytes:
+            raise MediaTooLarge(max_bytes, blob.size, what="file")
+        return blob
+
+    def _take_media_failure(self, operation: str) -> None:
+        queue = self._media_failures.get(operation)
+        if queue:
+            raise queue.popleft()
+
+    def _check_files(self, user: str, files: Sequence[Attachment]) -> None:
+        """Dify's file factory (spec §5.4): ignored when File Upload is off, else own uploads of allowed and
+        truthful types."""
+        if not files:
+            return
+        policy = UploadPolicy.of(self.app_parameters.file_upload)
+        if not policy.enabled:
+            self.ignored_files += len(files)
+            return
+        for attachment in files:
+            found = self.uploads.get(attachment.upload_file_id)
+            if found is None or found[1] != user:
+                raise ChatEngineError("invalid_param", "Invalid upload file", status=400)
+            uploaded = found[0]
+            if policy.kind_for(uploaded.extension) is None or (
+                attachment.kind != "custom" and attachment.kind != dify_file_kind(uploaded.extension)
+            ):
+                raise ChatEngineError(
+                    "invalid_param", f"File validation failed for file: {uploaded.name}", status=400
+                )
 
     def _conversation_for(self, question: Question) -> FakeConversation:
         if not question.conversation_id:  # Dify reads "" as "start a new conversation" too (spec §2.1)

@@ -20,8 +20,17 @@ from typing import Any, NamedTuple
 import anyio.lowlevel
 
 from adapters.outbound.wecom_messages import parse_sync_item, to_sync_item
-from application.errors import WeComError
+from application.errors import MediaTooLarge, WeComError
 from application.ports import ServiceState
+from domain.media import (
+    WECOM_UPLOAD_CAPS,
+    WECOM_UPLOAD_IMAGE_TYPES,
+    WECOM_UPLOAD_MIN_BYTES,
+    MediaBlob,
+    bare_type,
+    extension_for_type,
+    sniff_type,
+)
 from domain.messages import CustomerRef, InboundMessage, SyncPage
 
 GETTOKEN = "gettoken"
@@ -30,7 +39,18 @@ SEND_MSG = "kf/send_msg"
 SEND_MSG_ON_EVENT = "kf/send_msg_on_event"
 SERVICE_STATE_GET = "kf/service_state/get"
 SERVICE_STATE_TRANS = "kf/service_state/trans"
-APIS = (GETTOKEN, SYNC_MSG, SEND_MSG, SEND_MSG_ON_EVENT, SERVICE_STATE_GET, SERVICE_STATE_TRANS)
+MEDIA_GET = "media/get"
+MEDIA_UPLOAD = "media/upload"
+APIS = (
+    GETTOKEN,
+    SYNC_MSG,
+    SEND_MSG,
+    SEND_MSG_ON_EVENT,
+    SERVICE_STATE_GET,
+    SERVICE_STATE_TRANS,
+    MEDIA_GET,
+    MEDIA_UPLOAD,
+)
 
 # errcodes (spec §6.4). Those marked "chosen" are the fake's pick where WeCom's is NOT VERIFIED.
 ERR_INVALID_PARAM = 40058  # bad/missing field, text > 2048 bytes, bad msgid, bad cursor
@@ -45,6 +65,16 @@ ERR_NOT_SERVICER = 95014
 ERR_ILLEGAL_TRANSITION = 95016
 ERR_SESSION_NOT_SENDABLE = 95018
 ERR_SERVICER_STOPPED = 95019
+# media (spec §7.3, §7.4)
+ERR_BAD_MEDIA_TYPE = 40004
+ERR_BAD_TYPE_PARAM = 40005
+ERR_BAD_FILE_SIZE = 40006
+ERR_INVALID_MEDIA_ID = 40007
+ERR_IMAGE_SIZE = 40009
+ERR_VIDEO_SIZE = 40011
+ERR_EMPTY_MEDIA = 44001
+MEDIA_TTL_S = 3 * 86400  # media_id lives 3 days
+SEND_MEDIA_MSGTYPES = frozenset({"image", "voice", "video", "file"})
 
 MAX_TEXT_BYTES = 2048
 MAX_MENU_TEXT_BYTES = 1024
@@ -91,6 +121,28 @@ class SentOnEvent(NamedTuple):
     text: str
     msgid: str
     menu: tuple[tuple[str, str], ...] = ()
+
+
+class SentMedia(NamedTuple):
+    """An image/voice/video/file message accepted by `kf/send_msg`."""
+
+    customer: CustomerRef
+    msgtype: str
+    media_id: str
+    msgid: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMedia:
+    """Temporary media: what a customer sent (seeded) or what `media/upload` received."""
+
+    media_id: str
+    kind: str  # image | voice | video | file
+    data: bytes
+    content_type: str
+    filename: str
+    created_at: float
+    uploaded: bool  # through media/upload (only those can be sent, spec §6.4 40007 "wrong source API")
 
 
 class SyncRequest(NamedTuple):
@@ -143,6 +195,8 @@ class KfWorld:
         self.page_size: int | None = None
         self.sent: list[SentText] = []
         self.sent_on_event: list[SentOnEvent] = []
+        self.sent_media: list[SentMedia] = []
+        self.media: dict[str, StoredMedia] = {}
         self.sync_requests: list[SyncRequest] = []
         self.servicers: dict[str, int] = {}
         self._lock = threading.RLock()
@@ -252,6 +306,33 @@ class KfWorld:
             )
         return msgid, code
 
+    def add_media(self, data: bytes, content_type: str, *, filename: str = "", kind: str = "file") -> str:
+        """Temporary media as a customer's message carries it (valid 3 days); returns its media_id."""
+        with self._lock:
+            media_id = self._next_id("MEDIA_") + "_" + "x" * 20
+            self.media[media_id] = StoredMedia(
+                media_id, kind, bytes(data), content_type, filename, self.clock(), uploaded=False
+            )
+            return media_id
+
+    def add_customer_media(
+        self,
+        open_kfid: str,
+        external_userid: str,
+        msgtype: str,
+        data: bytes,
+        content_type: str,
+        *,
+        filename: str = "",
+        send_time: int | None = None,
+    ) -> tuple[str, str]:
+        """A customer's image/voice/video/file message with its media; returns (msgid, media_id)."""
+        media_id = self.add_media(data, content_type, filename=filename, kind=msgtype)
+        msgid = self.add_customer_message(
+            open_kfid, external_userid, msgtype, {"media_id": media_id}, send_time=send_time
+        )
+        return msgid, media_id
+
     def push(self, message: InboundMessage) -> None:
         """Add a domain message as WeCom would return it (see `to_sync_item`)."""
         self.add_item(to_sync_item(message))
@@ -351,9 +432,16 @@ class KfWorld:
             if not open_kfid or not touser:
                 raise _invalid(SEND_MSG, "touser and open_kfid required")
             _check_msgid(SEND_MSG, msgid)
-            if msgtype != "text":
+            if msgtype in SEND_MEDIA_MSGTYPES:
+                media_id = body.get("media_id")
+                stored = self.media.get(media_id) if isinstance(media_id, str) else None
+                if stored is None or not stored.uploaded or stored.kind != msgtype or self._expired(stored):
+                    raise WeComError(ERR_INVALID_MEDIA_ID, "invalid media_id", api=SEND_MSG)
+                text = ""
+            elif msgtype != "text":
                 raise _invalid(SEND_MSG, f"msgtype {msgtype!r} not supported by the fake")
-            text = _check_text(SEND_MSG, body.get("content"), MAX_TEXT_BYTES)
+            else:
+                text = _check_text(SEND_MSG, body.get("content"), MAX_TEXT_BYTES)
             self._check_unique(SEND_MSG, open_kfid, msgid)
             customer = CustomerRef(open_kfid, touser)
             session = self._session(customer)
@@ -367,8 +455,63 @@ class KfWorld:
             session.quota -= 1
             session.state = 1  # sending via the API hands the session to the bot (spec §6.1)
             msgid = self._claim_msgid(open_kfid, msgid)
-            self.sent.append(SentText(customer, text, msgid))
+            if msgtype == "text":
+                self.sent.append(SentText(customer, text, msgid))
+            else:
+                self.sent_media.append(SentMedia(customer, msgtype, str(body["media_id"]), msgid))
             return msgid
+
+    def media_get(self, media_id: str) -> StoredMedia:
+        """`media/get`: unknown, malformed or expired media is 40007 (spec §7.3)."""
+        with self._lock:
+            self.check_failure(MEDIA_GET)
+            stored = self.media.get(media_id)
+            if stored is None or self._expired(stored):
+                raise WeComError(ERR_INVALID_MEDIA_ID, "invalid media_id", api=MEDIA_GET)
+            return stored
+
+    def media_upload(self, kind: str, filename: str, content_type: str, data: bytes) -> str:
+        """`media/upload` with the checks of spec §7.4; returns the media_id."""
+        api = MEDIA_UPLOAD
+        with self._lock:
+            self.check_failure(api)
+            if kind not in WECOM_UPLOAD_CAPS:
+                raise WeComError(ERR_BAD_TYPE_PARAM, "invalid media type param", api=api)
+            if not data:
+                raise WeComError(ERR_EMPTY_MEDIA, "empty media data", api=api)
+            if not filename:
+                raise _invalid(api, "media part without filename")
+            if len(data) < WECOM_UPLOAD_MIN_BYTES:
+                raise WeComError(ERR_BAD_FILE_SIZE, "invalid file size", api=api)
+            over = len(data) > WECOM_UPLOAD_CAPS[kind]
+            sniffed = sniff_type(data)
+            if kind == "image":
+                if over:
+                    raise WeComError(ERR_IMAGE_SIZE, "invalid image size", api=api)
+                # JPG/PNG only, judged by the bytes; the part's declared type must say so too (chosen: WeCom's
+                # handling of a missing or contradicting part type is NOT VERIFIED).
+                if sniffed not in WECOM_UPLOAD_IMAGE_TYPES or bare_type(content_type) != sniffed:
+                    raise WeComError(ERR_BAD_MEDIA_TYPE, "invalid media type", api=api)
+            elif kind == "voice":
+                if over:
+                    raise WeComError(ERR_BAD_FILE_SIZE, "invalid voice size", api=api)
+                if sniffed != "audio/amr":
+                    raise WeComError(ERR_BAD_MEDIA_TYPE, "invalid media type", api=api)
+            elif kind == "video":
+                if over:
+                    raise WeComError(ERR_VIDEO_SIZE, "invalid video size", api=api)
+                if data[4:8] != b"ftyp":
+                    raise WeComError(ERR_BAD_MEDIA_TYPE, "invalid media type", api=api)
+            elif over:
+                raise WeComError(ERR_BAD_FILE_SIZE, "invalid file size", api=api)
+            media_id = self._next_id("UPLOADED_") + "_" + "y" * 20
+            self.media[media_id] = StoredMedia(
+                media_id, kind, bytes(data), content_type or sniffed, filename, self.clock(), uploaded=True
+            )
+            return media_id
+
+    def _expired(self, stored: StoredMedia) -> bool:
+        return self.clock() - stored.created_at > MEDIA_TTL_S
 
     def send_on_event(self, code: str, msgtype: str, body: Mapping[str, Any], *, msgid: str = "") -> str:
         """`kf/send_msg_on_event`: text or msgmenu, once per code (spec §7.1); returns the msgid."""
@@ -567,6 +710,28 @@ class KfWorldSeeding:
     def sync_requests(self) -> list[SyncRequest]:
         return self.world.sync_requests
 
+    @property
+    def sent_media(self) -> list[SentMedia]:
+        return self.world.sent_media
+
+    def add_customer_media(
+        self,
+        open_kfid: str,
+        external_userid: str,
+        msgtype: str,
+        data: bytes,
+        content_type: str,
+        *,
+        filename: str = "",
+        send_time: int | None = None,
+    ) -> tuple[str, str]:
+        return self.world.add_customer_media(
+            open_kfid, external_userid, msgtype, data, content_type, filename=filename, send_time=send_time
+        )
+
+    def uploaded_media(self, media_id: str) -> StoredMedia:
+        return self.world.media[media_id]
+
     def push(self, message: InboundMessage) -> None:
         self.world.push(message)
 
@@ -702,6 +867,31 @@ class FakeKfChannel(KfWorldSeeding):
     async def check_access(self) -> None:
         await anyio.lowlevel.checkpoint()
         self.world.check_failure(GETTOKEN)
+
+    async def download_media(self, media_id: str, *, max_bytes: int) -> MediaBlob:
+        await anyio.lowlevel.checkpoint()
+        stored = self.world.media_get(media_id)
+        if len(stored.data) > max_bytes:
+            raise MediaTooLarge(max_bytes, len(stored.data))
+        return MediaBlob(stored.data, stored.content_type, media_filename(stored))
+
+    async def upload_media(self, kind: str, filename: str, content_type: str, data: bytes) -> str:
+        await anyio.lowlevel.checkpoint()
+        return self.world.media_upload(kind, filename, content_type, data)
+
+    async def send_image(self, customer: CustomerRef, media_id: str, *, msgid: str) -> str:
+        await anyio.lowlevel.checkpoint()
+        return self.world.send_msg(
+            customer.open_kfid, customer.external_userid, "image", {"media_id": media_id}, msgid=msgid
+        )
+
+
+def media_filename(stored: StoredMedia) -> str:
+    """The name media/get gives in Content-Disposition: the sender's file name, else MEDIA_ID.ext."""
+    if stored.filename:
+        return stored.filename
+    extension = extension_for_type(bare_type(stored.content_type))
+    return f"{stored.media_id}.{extension}" if extension else stored.media_id
 
 
 def _invalid(api: str, errmsg: str) -> WeComError:

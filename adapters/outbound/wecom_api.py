@@ -1,11 +1,13 @@
 """`KfChannel` over the WeCom kf HTTP API (httpx), with a shared access-token cache.
 
-Spec: specs/wecom-kf.md §4 (gettoken), §5 (sync_msg), §6 (send_msg), §7 (send_msg_on_event, service_state).
+Spec: specs/wecom-kf.md §4 (gettoken), §5 (sync_msg), §6 (send_msg), §7 (send_msg_on_event, service_state,
+media/get, media/upload).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -13,11 +15,13 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+import anyio
 import httpx
 
 from adapters.outbound.wecom_messages import parse_sync_item
-from application.errors import WeComError
+from application.errors import MediaTooLarge, WeComError
 from application.ports import ServiceState
+from domain.media import MediaBlob, filename_from_disposition
 from domain.messages import CustomerRef, SyncPage
 
 DEFAULT_API_BASE = "https://qyapi.weixin.qq.com"
@@ -28,6 +32,11 @@ SEND_MSG = "kf/send_msg"
 SEND_MSG_ON_EVENT = "kf/send_msg_on_event"
 SERVICE_STATE_GET = "kf/service_state/get"
 SERVICE_STATE_TRANS = "kf/service_state/trans"
+MEDIA_GET = "media/get"
+MEDIA_UPLOAD = "media/upload"
+# media/get answers an error as a small JSON body instead of the bytes (spec §7.3); anything this size or
+# smaller with a JSON-ish or text type is checked for an errcode.
+_MAX_ERROR_BODY = 64 * 1024
 
 # Refresh this long before WeCom's `expires_in` runs out (but keep at least half the lifetime).
 TOKEN_REFRESH_MARGIN_S = 300.0
@@ -52,6 +61,7 @@ class WeComKfChannel:
         client: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.monotonic,
         config_error_backoff_s: float = CONFIG_ERROR_BACKOFF_S,
+        media_timeout_s: float = 60.0,
     ) -> None:
         self._corp_id = corp_id
         self._secret = corp_secret
@@ -60,6 +70,7 @@ class WeComKfChannel:
         self._client = client if client is not None else httpx.AsyncClient(timeout=timeout)
         self._clock = clock
         self._config_error_backoff_s = config_error_backoff_s
+        self._media_timeout_s = media_timeout_s
         self._token = ""
         self._token_valid_until = 0.0
         self._token_lock = asyncio.Lock()
@@ -156,6 +167,40 @@ class WeComKfChannel:
             self._token = ""
             await self._fetch_token()
 
+    async def send_image(self, customer: CustomerRef, media_id: str, *, msgid: str) -> str:
+        body: dict[str, Any] = {
+            "touser": customer.external_userid,
+            "open_kfid": customer.open_kfid,
+            "msgtype": "image",
+            "image": {"media_id": media_id},
+        }
+        if msgid:
+            body["msgid"] = msgid
+        data = await self._call(SEND_MSG, body)
+        return _as_str(data.get("msgid")) or msgid
+
+    async def upload_media(self, kind: str, filename: str, content_type: str, data: bytes) -> str:
+        # The part is named `media` and carries the file name the customer sees (spec §7.4).
+        answer = await self._call(
+            MEDIA_UPLOAD, None, query={"type": kind}, files={"media": (filename, data, content_type)}
+        )
+        media_id = _as_str(answer.get("media_id"))
+        if not media_id:
+            raise WeComError(None, "answer without media_id", api=MEDIA_UPLOAD)
+        return media_id
+
+    async def download_media(self, media_id: str, *, max_bytes: int) -> MediaBlob:
+        token = await self._access_token()
+        try:
+            return await self._download(media_id, token, max_bytes)
+        except WeComError as exc:
+            if exc.errcode not in WeComError.TOKEN_ERRCODES:
+                raise
+            _log.info("WeCom media/get rejected the access token (errcode %s): refreshing once", exc.errcode)
+            self._invalidate(token)
+        token = await self._access_token()
+        return await self._download(media_id, token, max_bytes)
+
     # --- access token ----------------------------------------------------------------------------------
 
     async def _access_token(self) -> str:
@@ -206,23 +251,40 @@ class WeComKfChannel:
 
     # --- HTTP ------------------------------------------------------------------------------------------
 
-    async def _call(self, api: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    async def _call(
+        self,
+        api: str,
+        body: Mapping[str, Any] | None,
+        *,
+        query: Mapping[str, str] | None = None,
+        files: Mapping[str, tuple[str, bytes, str]] | None = None,
+    ) -> dict[str, Any]:
         """POST `api` with the access token; on 40014/42001 refresh the token once and retry once."""
         token = await self._access_token()
         try:
-            return await self._request("POST", api, params={"access_token": token}, json=body)
+            return await self._request(
+                "POST", api, params={"access_token": token, **(query or {})}, json=body, files=files
+            )
         except WeComError as exc:
             if exc.errcode not in WeComError.TOKEN_ERRCODES:
                 raise
             _log.info("WeCom %s rejected the access token (errcode %s): refreshing once", api, exc.errcode)
             self._invalidate(token)
         token = await self._access_token()
-        return await self._request("POST", api, params={"access_token": token}, json=body)
+        return await self._request(
+            "POST", api, params={"access_token": token, **(query or {})}, json=body, files=files
+        )
 
     async def _request(
-        self, method: str, api: str, *, params: dict[str, str], json: Mapping[str, Any] | None = None
+        self,
+        method: str,
+        api: str,
+        *,
+        params: dict[str, str],
+        json: Mapping[str, Any] | None = None,
+        files: Mapping[str, tuple[str, bytes, str]] | None = None,
     ) -> dict[str, Any]:
-        response = await self._send(method, api, params=params, json=json)
+        response = await self._send(method, api, params=params, json=json, files=files)
         if isinstance(response, str):
             raise WeComError(None, f"{api} unreachable: {response}", api=api)
         if response.status_code >= 400:
@@ -233,14 +295,23 @@ class WeComKfChannel:
             data = None
         if not isinstance(data, dict):
             raise WeComError(None, f"{api} answered a non-JSON body (HTTP {response.status_code})", api=api)
+        self._raise_errcode(api, data, params)
+        return data
+
+    def _raise_errcode(self, api: str, data: Mapping[str, Any], params: Mapping[str, str]) -> None:
         errcode = _as_int(data.get("errcode")) or 0
         if errcode != 0:
             errmsg = self._redact(_as_str(data.get("errmsg")), params)
             raise WeComError(errcode, errmsg, api=api)
-        return data
 
     async def _send(
-        self, method: str, api: str, *, params: dict[str, str], json: Mapping[str, Any] | None
+        self,
+        method: str,
+        api: str,
+        *,
+        params: dict[str, str],
+        json: Mapping[str, Any] | None,
+        files: Mapping[str, tuple[str, bytes, str]] | None = None,
     ) -> httpx.Response | str:
         """The response, or the name of the httpx exception class.
 
@@ -248,13 +319,43 @@ class WeComKfChannel:
         method, and the caller raises outside any except block so the original is not chained either.
         """
         try:
-            return await self._client.request(method, self._base + api, params=params, json=json)
+            return await self._client.request(method, self._base + api, params=params, json=json, files=files)
         except httpx.HTTPError as exc:
             return type(exc).__name__
 
+    async def _download(self, media_id: str, token: str, max_bytes: int) -> MediaBlob:
+        """One `media/get`, streamed: the body stops being read as soon as it passes `max_bytes`."""
+        api = MEDIA_GET
+        params = {"access_token": token, "media_id": media_id}
+        failure = ""
+        try:
+            with anyio.fail_after(self._media_timeout_s):
+                async with self._client.stream("GET", self._base + api, params=params) as response:
+                    if response.status_code >= 400:
+                        raise WeComError(None, f"{api} answered HTTP {response.status_code}", api=api)
+                    content_type = response.headers.get("content-type", "")
+                    data = await _read_limited(response, max_bytes)
+                    disposition = response.headers.get("content-disposition", "")
+        except TimeoutError:
+            failure = f"no answer within {self._media_timeout_s:g} s"
+        except httpx.HTTPError as exc:
+            failure = type(exc).__name__  # never the exception itself: its URL holds the token
+        if failure:
+            raise WeComError(None, f"{api} unreachable: {failure}", api=api)
+        error = _error_body(content_type, data)
+        if error is not None:
+            self._raise_errcode(api, error, params)
+            raise WeComError(None, f"{api} answered a JSON body instead of the media", api=api)
+        return MediaBlob(
+            data=data,
+            content_type=content_type or "application/octet-stream",
+            filename=filename_from_disposition(disposition),
+        )
+
     @staticmethod
     def _redact(text: str, params: Mapping[str, str]) -> str:
-        for value in params.values():
+        for name in ("access_token", "corpsecret"):
+            value = params.get(name, "")
             if value and value in text:
                 text = text.replace(value, "***")
         return text
@@ -281,6 +382,36 @@ def _install_log_redaction() -> None:
     logger = logging.getLogger("httpx")
     if not any(isinstance(f, _RedactSecretsInUrls) for f in logger.filters):
         logger.addFilter(_RedactSecretsInUrls())
+
+
+async def _read_limited(response: httpx.Response, max_bytes: int) -> bytes:
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise MediaTooLarge(max_bytes, int(declared))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > max_bytes:
+            raise MediaTooLarge(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error_body(content_type: str, data: bytes) -> dict[str, Any] | None:
+    """The errcode object when media/get answered an error instead of the bytes (spec §7.3): a small JSON
+    object with `errcode` and `errmsg`, sent as application/json or text/plain. A customer's own .json or .txt
+    file is told apart by its shape."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if kind not in ("application/json", "text/plain", "") or len(data) > _MAX_ERROR_BODY:
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(value, dict) and "errcode" in value and "errmsg" in value:
+        return value
+    return None
 
 
 def _as_str(value: object) -> str:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import pytest
 
+from adapters.outbound.audio import silent_wav
 from adapters.outbound.dify import DifyChatEngine
-from adapters.outbound.fake_dify import FakeChatEngine
-from application.errors import ChatEngineError, ConversationGone
+from adapters.outbound.fake_dify import DEFAULT_TRANSCRIPT, FakeChatEngine
+from application.errors import ChatEngineError, ConversationGone, MediaTooLarge
 from application.ports import ChatEngine
-from domain.chat import Answer, AppInfo, AppParameters, Question
+from domain.chat import Answer, AppInfo, AppParameters, Attachment, Question
+from tests.support import media_samples
 from tests.support.dify_server import FakeDifyHost, FakeDifyServer, Fault
 from tests.support.http_server import serve
 
@@ -24,7 +28,15 @@ APP_NAME = "售后客服"
 OPENING = "您好，请问有什么可以帮您？"
 SUGGESTED = ("保修期多久？", "怎么退货？")
 FILE_UPLOAD = {"image": {"enabled": True, "number_limits": 3, "transfer_methods": ["local_file"]}}
-LIMITS = {"file_size_limit": 15, "image_file_size_limit": 10, "audio_file_size_limit": 50}
+# Small limits, so the too-large cases stay small on the wire.
+LIMITS = {"file_size_limit": 2, "image_file_size_limit": 1, "audio_file_size_limit": 50}
+DOCUMENTS = {
+    "enabled": True,
+    "allowed_file_types": ["document"],
+    "allowed_file_upload_methods": ["local_file"],
+    "number_limits": 3,
+}
+MB = 1024 * 1024
 
 AnswerFunction = Callable[[str, Sequence[tuple[str, str]]], str]
 
@@ -37,6 +49,11 @@ class Harness:
     set_answer: Callable[[AnswerFunction], None]
     fail_next: Callable[[ChatEngineError], None]  # as Dify would report it: code, message, status
     forget: Callable[[str], None]  # Dify lost the conversation (deleted, upgrade, ...)
+    set_file_upload: Callable[[Mapping[str, Any]], None]  # the app's File Upload settings
+    set_speech_to_text: Callable[[bool], None]
+    host: Callable[[bytes, str, str], str]  # (bytes, content type, extension) → URL an answer could name
+    last_files: Callable[[], list[tuple[str, str]]]  # (type, upload_file_id) of the last question's files
+    stored: Callable[[str], tuple[str, bytes]]  # upload_file_id → (user, bytes) as Dify keeps them
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +71,8 @@ def _fake_harness() -> Harness:
             suggested_questions=SUGGESTED,
             speech_to_text=True,
             file_upload=FILE_UPLOAD,
-            file_size_limit_mb=15,
-            image_file_size_limit_mb=10,
+            file_size_limit_mb=2,
+            image_file_size_limit_mb=1,
             audio_file_size_limit_mb=50,
         ),
     )
@@ -63,12 +80,38 @@ def _fake_harness() -> Harness:
     def set_answer(answer: AnswerFunction) -> None:
         fake.responder = lambda question, history: answer(question.query, history)
 
+    def set_file_upload(settings: Mapping[str, Any]) -> None:
+        fake.app_parameters = dataclasses.replace(fake.app_parameters, file_upload=dict(settings))
+
+    def set_speech_to_text(enabled: bool) -> None:
+        fake.app_parameters = dataclasses.replace(fake.app_parameters, speech_to_text=enabled)
+
+    def host(data: bytes, content_type: str, extension: str) -> str:
+        return fake.host_file(
+            f"https://dify.fake/files/tools/{uuid.uuid4()}.{extension}?sign=s", data, content_type
+        )
+
+    def last_files() -> list[tuple[str, str]]:
+        return [(f.kind, f.upload_file_id) for f in fake.questions[-1].files]
+
+    def stored(upload_file_id: str) -> tuple[str, bytes]:
+        _, user, data = fake.uploads[upload_file_id]
+        return user, data
+
     return Harness(
-        engine=fake, set_answer=set_answer, fail_next=fake.fail_next, forget=fake.forget_conversation
+        engine=fake,
+        set_answer=set_answer,
+        fail_next=fake.fail_next,
+        forget=fake.forget_conversation,
+        set_file_upload=set_file_upload,
+        set_speech_to_text=set_speech_to_text,
+        host=host,
+        last_files=last_files,
+        stored=stored,
     )
 
 
-def _emulated_harness(server: FakeDifyServer, engine: DifyChatEngine) -> Harness:
+def _emulated_harness(server: FakeDifyServer, engine: DifyChatEngine, url: str) -> Harness:
     def set_answer(answer: AnswerFunction) -> None:
         server.answer = answer
 
@@ -76,8 +119,33 @@ def _emulated_harness(server: FakeDifyServer, engine: DifyChatEngine) -> Harness
         body = {"code": error.code, "message": error.message, "status": error.status}
         server.inject(Fault(status=error.status or 500, body=body))
 
+    def set_file_upload(settings: Mapping[str, Any]) -> None:
+        server.file_upload = dict(settings)
+
+    def set_speech_to_text(enabled: bool) -> None:
+        server.speech_to_text = enabled
+
+    def host(data: bytes, content_type: str, extension: str) -> str:
+        return url + server.host_file(data, content_type, extension)
+
+    def last_files() -> list[tuple[str, str]]:
+        files = server.chat_requests()[-1].json.get("files") or []
+        return [(f["type"], f["upload_file_id"]) for f in files]
+
+    def stored(upload_file_id: str) -> tuple[str, bytes]:
+        upload = server.uploads[upload_file_id]
+        return upload.user, upload.data
+
     return Harness(
-        engine=engine, set_answer=set_answer, fail_next=fail_next, forget=server.delete_conversation
+        engine=engine,
+        set_answer=set_answer,
+        fail_next=fail_next,
+        forget=server.delete_conversation,
+        set_file_upload=set_file_upload,
+        set_speech_to_text=set_speech_to_text,
+        host=host,
+        last_files=last_files,
+        stored=stored,
     )
 
 
@@ -107,7 +175,7 @@ async def harness(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIt
         total_timeout=10,
     )
     try:
-        yield _emulated_harness(server, engine)
+        yield _emulated_harness(server, engine, url)
     finally:
         await engine.aclose()
 
@@ -301,7 +369,156 @@ class TestChatEngineContract:
             suggested_questions=SUGGESTED,
             speech_to_text=True,
             file_upload=FILE_UPLOAD,
-            file_size_limit_mb=15,
-            image_file_size_limit_mb=10,
+            file_size_limit_mb=2,
+            image_file_size_limit_mb=1,
             audio_file_size_limit_mb=50,
         )
+
+
+class TestFilesContract:
+    async def test_an_uploaded_image_belongs_to_the_user_and_can_be_asked_about(
+        self, harness: Harness
+    ) -> None:
+        image = media_samples.png()
+
+        uploaded = await harness.engine.upload_file("wm-alice", "photo.png", "image/png", image)
+        answer = await harness.engine.ask(
+            Question(user="wm-alice", query="这是什么？", files=(Attachment("image", uploaded.id),))
+        )
+
+        assert (uploaded.name, uploaded.size, uploaded.extension, uploaded.mime_type) == (
+            "photo.png",
+            len(image),
+            "png",
+            "image/png",
+        )
+        assert harness.stored(uploaded.id) == ("wm-alice", image)
+        assert answer.text == "答：这是什么？"
+        assert harness.last_files() == [("image", uploaded.id)]
+
+    async def test_an_image_uploaded_by_another_user_is_refused(self, harness: Harness) -> None:
+        uploaded = await harness.engine.upload_file("wm-alice", "photo.png", "image/png", media_samples.png())
+
+        with pytest.raises(ChatEngineError) as caught:
+            await harness.engine.ask(
+                Question(user="wm-bob", query="看看", files=(Attachment("image", uploaded.id),))
+            )
+        assert (caught.value.code, caught.value.retryable) == ("invalid_param", False)
+
+    async def test_an_unknown_upload_id_is_refused(self, harness: Harness) -> None:
+        with pytest.raises(ChatEngineError) as caught:
+            await harness.engine.ask(
+                Question(user="wm-alice", query="看看", files=(Attachment("image", str(uuid.uuid4())),))
+            )
+        assert caught.value.code == "invalid_param"
+
+    async def test_files_are_silently_ignored_when_the_app_takes_no_uploads(self, harness: Harness) -> None:
+        harness.set_file_upload({})
+
+        answer = await harness.engine.ask(
+            Question(user="wm-alice", query="看看", files=(Attachment("image", str(uuid.uuid4())),))
+        )
+
+        assert answer.text == "答：看看"
+
+    async def test_a_document_is_taken_when_the_app_allows_documents(self, harness: Harness) -> None:
+        harness.set_file_upload(DOCUMENTS)
+        document = media_samples.pdf()
+
+        uploaded = await harness.engine.upload_file("wm-alice", "季度报告.pdf", "application/pdf", document)
+        answer = await harness.engine.ask(
+            Question(user="wm-alice", query="总结一下", files=(Attachment("document", uploaded.id),))
+        )
+
+        assert uploaded.name == "季度报告.pdf"
+        assert harness.stored(uploaded.id) == ("wm-alice", document)
+        assert answer.text == "答：总结一下"
+        assert harness.last_files() == [("document", uploaded.id)]
+
+    async def test_a_type_the_app_does_not_allow_is_refused(self, harness: Harness) -> None:
+        harness.set_file_upload(DOCUMENTS)
+        uploaded = await harness.engine.upload_file("wm-alice", "photo.png", "image/png", media_samples.png())
+
+        with pytest.raises(ChatEngineError) as caught:
+            await harness.engine.ask(
+                Question(user="wm-alice", query="看看", files=(Attachment("image", uploaded.id),))
+            )
+        assert caught.value.code == "invalid_param"
+
+    @pytest.mark.parametrize(
+        ("name", "content_type", "size"),
+        [("big.png", "image/png", 1 * MB + 1), ("big.pdf", "application/pdf", 2 * MB + 1)],
+    )
+    async def test_an_upload_over_the_apps_size_limit_is_file_too_large(
+        self, harness: Harness, name: str, content_type: str, size: int
+    ) -> None:
+        data = media_samples.png(noise=size) if name.endswith(".png") else media_samples.pdf()
+        data = data + b"\0" * max(0, size - len(data))
+
+        with pytest.raises(ChatEngineError) as caught:
+            await harness.engine.upload_file("wm-alice", name, content_type, data)
+        assert (caught.value.code, caught.value.status) == ("file_too_large", 413)
+
+    async def test_an_upload_without_a_content_type_is_refused_as_unsupported(self, harness: Harness) -> None:
+        with pytest.raises(ChatEngineError) as caught:
+            await harness.engine.upload_file("wm-alice", "photo.png", "", media_samples.png())
+        assert (caught.value.code, caught.value.status) == ("unsupported_file_type", 415)
+
+    async def test_a_file_name_with_a_path_is_refused(self, harness: Harness) -> None:
+        with pytest.raises(ChatEngineError) as caught:
+            await harness.engine.upload_file("wm-alice", "a/b.png", "image/png", media_samples.png())
+        assert caught.value.code == "invalid_param"
+
+
+class TestSpeechContract:
+    @pytest.mark.parametrize("content_type", ["audio/wav", "audio/WAV"])
+    async def test_wav_is_transcribed(self, harness: Harness, content_type: str) -> None:
+        text = await harness.engine.transcribe("wm-alice", silent_wav(0.5), content_type)
+
+        assert text == DEFAULT_TRANSCRIPT
+
+    @pytest.mark.parametrize("content_type", ["audio/mpeg", "audio/x-wav", "application/octet-stream"])
+    async def test_guessed_or_generic_part_types_are_refused(
+        self, harness: Harness, content_type: str
+    ) -> None:
+        # What Python's mimetypes guesses for .mp3/.wav, and httpx's fallback: newer Dify refuses them all.
+        with pytest.raises(ChatEngineError) as caught:
+            await harness.engine.transcribe("wm-alice", silent_wav(0.5), content_type)
+        assert (caught.value.code, caught.value.status) == ("unsupported_audio_type", 415)
+
+    async def test_amr_passes_difys_gate_but_not_the_speech_model(self, harness: Harness) -> None:
+        with pytest.raises(ChatEngineError) as caught:
+            await harness.engine.transcribe("wm-alice", media_samples.synthetic_amr(), "audio/amr")
+        assert caught.value.code == "completion_request_error"
+
+    async def test_speech_to_text_off_is_refused(self, harness: Harness) -> None:
+        harness.set_speech_to_text(False)
+
+        with pytest.raises(ChatEngineError) as caught:
+            await harness.engine.transcribe("wm-alice", silent_wav(0.5), "audio/wav")
+        assert caught.value.code == "speech_to_text_disabled"
+
+
+class TestFetchFileContract:
+    async def test_an_answer_file_is_fetched_with_its_type(self, harness: Harness) -> None:
+        image = media_samples.png()
+        url = harness.host(image, "image/png", "png")
+
+        blob = await harness.engine.fetch_file(url, max_bytes=1 * MB)
+
+        assert blob.data == image
+        assert blob.content_type.startswith("image/png")
+        assert blob.filename.endswith(".png")
+
+    async def test_a_file_over_max_bytes_is_media_too_large(self, harness: Harness) -> None:
+        url = harness.host(media_samples.png(noise=20_000), "image/png", "png")
+
+        with pytest.raises(MediaTooLarge):
+            await harness.engine.fetch_file(url, max_bytes=10_000)
+
+    async def test_a_missing_file_is_a_chat_engine_error(self, harness: Harness) -> None:
+        url = harness.host(b"x", "text/plain", "txt").replace(".txt", "-gone.txt")
+
+        with pytest.raises(ChatEngineError) as caught:
+            await harness.engine.fetch_file(url, max_bytes=MB)
+        assert caught.value.code == "http_404"

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from adapters.outbound.fake_wecom import FakeKfChannel, KfWorld
+from adapters.outbound.fake_wecom import FakeKfChannel, KfWorld, SentMedia
 from adapters.outbound.wecom_api import WeComKfChannel
-from application.errors import WeComError
+from application.errors import MediaTooLarge, WeComError
 from application.ports import KfChannel, ServiceState
 from domain.messages import CustomerRef, InboundMessage, KfEvent, Origin, SyncPage
+from tests.support import media_samples
 from tests.support.http_server import serve
 from tests.support.wecom_server import FakeWeComServer
 
@@ -26,6 +27,7 @@ KF = "wkKF000001"
 ALICE = CustomerRef(KF, "wmALICE0001")
 BOB = CustomerRef(KF, "wmBOB000002")
 T0 = 1_750_000_000.0
+MB = 1024 * 1024
 
 
 class ManualClock:
@@ -416,3 +418,160 @@ class TestErrors:
         with pytest.raises(WeComError) as caught:
             await channel.check_access()
         assert caught.value.errcode == 60020 and caught.value.is_config_error
+
+
+class TestMedia:
+    async def test_a_customers_image_downloads_with_its_bytes_type_and_name(
+        self, kf: KfHarness, channel: KfChannel
+    ) -> None:
+        image = media_samples.png()
+        msgid, media_id = kf.world.add_customer_media(KF, ALICE.external_userid, "image", image, "image/png")
+
+        (message,), _ = await kf.drain()
+        blob = await channel.download_media(message.media_id, max_bytes=2 * MB)
+
+        assert (message.msgid, message.media_id, message.kind.value) == (msgid, media_id, "image")
+        assert blob.data == image
+        assert blob.content_type.startswith("image/png")
+        assert blob.filename == f"{media_id}.png"  # WeCom names images MEDIA_ID.ext (spec §7.3)
+
+    async def test_a_file_keeps_the_name_the_customer_gave_it(
+        self, kf: KfHarness, channel: KfChannel
+    ) -> None:
+        document = media_samples.pdf()
+        _, media_id = kf.world.add_customer_media(
+            KF, ALICE.external_userid, "file", document, "application/pdf", filename="季度报告 (终稿).pdf"
+        )
+
+        blob = await channel.download_media(media_id, max_bytes=20 * MB)
+
+        assert (blob.data, blob.filename) == (document, "季度报告 (终稿).pdf")
+
+    async def test_unknown_media_is_40007(self, kf: KfHarness, channel: KfChannel) -> None:
+        with pytest.raises(WeComError) as caught:
+            await channel.download_media("no-such-media", max_bytes=MB)
+        assert caught.value.errcode == 40007
+
+    async def test_media_expires_after_three_days(self, kf: KfHarness, channel: KfChannel) -> None:
+        _, media_id = kf.world.add_customer_media(
+            KF, ALICE.external_userid, "image", media_samples.png(), "image/png"
+        )
+        kf.clock.advance(3 * 86400 + 1)
+
+        with pytest.raises(WeComError) as caught:
+            await channel.download_media(media_id, max_bytes=MB)
+        assert caught.value.errcode == 40007
+
+    async def test_media_over_max_bytes_is_media_too_large(self, kf: KfHarness, channel: KfChannel) -> None:
+        big = media_samples.png(noise=300_000)
+        _, media_id = kf.world.add_customer_media(KF, ALICE.external_userid, "image", big, "image/png")
+
+        with pytest.raises(MediaTooLarge) as caught:
+            await channel.download_media(media_id, max_bytes=100_000)
+        assert caught.value.limit_bytes == 100_000
+
+    async def test_a_media_get_failure_surfaces_as_wecom_error(
+        self, kf: KfHarness, channel: KfChannel
+    ) -> None:
+        _, media_id = kf.world.add_customer_media(
+            KF, ALICE.external_userid, "image", media_samples.png(), "image/png"
+        )
+        kf.world.fail_next("media/get", 45033)
+
+        with pytest.raises(WeComError) as caught:
+            await channel.download_media(media_id, max_bytes=MB)
+        assert caught.value.errcode == 45033
+
+    async def test_an_uploaded_png_is_sent_as_an_image_message(
+        self, kf: KfHarness, channel: KfChannel
+    ) -> None:
+        kf.customer_says(ALICE, "有图吗")
+        image = media_samples.png()
+
+        media_id = await channel.upload_media("image", "answer.png", "image/png", image)
+        msgid = await channel.send_image(ALICE, media_id, msgid="img_1")
+
+        assert msgid == "img_1"
+        assert kf.world.sent_media == [SentMedia(ALICE, "image", media_id, "img_1")]
+        stored = kf.world.media[media_id]
+        assert (stored.data, stored.filename, stored.kind) == (image, "answer.png", "image")
+        assert kf.world.sent == []  # an image is not a text
+
+    async def test_a_jpeg_is_accepted_too(self, kf: KfHarness, channel: KfChannel) -> None:
+        image = media_samples.jpeg()
+        if image is None:
+            pytest.skip("no ffmpeg to make a JPEG")
+
+        media_id = await channel.upload_media("image", "photo.jpg", "image/jpeg", image)
+
+        assert kf.world.media[media_id].data == image
+
+    async def test_images_and_texts_share_the_five_message_quota(
+        self, kf: KfHarness, channel: KfChannel
+    ) -> None:
+        kf.customer_says(ALICE, "hi")
+        media_id = await channel.upload_media("image", "a.png", "image/png", media_samples.png())
+        for part in range(3):
+            await channel.send_text(ALICE, f"part {part}", msgid=f"t{part}")
+        await channel.send_image(ALICE, media_id, msgid="i0")
+        await channel.send_image(ALICE, media_id, msgid="i1")
+
+        with pytest.raises(WeComError) as caught:
+            await channel.send_image(ALICE, media_id, msgid="i2")
+        assert caught.value.errcode == 95001
+
+    @pytest.mark.parametrize(
+        ("kind", "sample", "errcode"),
+        [
+            ("image", "gif", 40004),  # images must be JPG or PNG
+            ("image", "untyped", 40004),  # ... and say so in the part's Content-Type
+            ("image", "tiny", 40006),  # every file must be larger than 5 bytes
+            ("image", "huge", 40009),  # images at most 10 MB
+            ("voice", "png", 40004),  # voice must be AMR
+            ("sticker", "png", 40005),  # no such type
+        ],
+    )
+    async def test_upload_refuses_what_wecom_refuses(
+        self, kf: KfHarness, channel: KfChannel, kind: str, sample: str, errcode: int
+    ) -> None:
+        data = {
+            "gif": media_samples.GIF_1X1,
+            "tiny": b"\x89PNG",
+            "huge": media_samples.png(noise=10 * MB + 1),
+            "png": media_samples.png(),
+            "untyped": media_samples.png(),
+        }[sample]
+        content_type = "application/octet-stream" if sample == "untyped" else "image/png"
+
+        with pytest.raises(WeComError) as caught:
+            await channel.upload_media(kind, f"x.{sample}", content_type, data)
+        assert caught.value.errcode == errcode
+
+    async def test_an_amr_voice_can_be_uploaded(self, kf: KfHarness, channel: KfChannel) -> None:
+        voice = media_samples.synthetic_amr(1.0)
+
+        media_id = await channel.upload_media("voice", "voice.amr", "audio/amr", voice)
+
+        assert kf.world.media[media_id].data == voice
+
+    async def test_sending_a_media_id_that_was_not_uploaded_is_40007(
+        self, kf: KfHarness, channel: KfChannel
+    ) -> None:
+        kf.customer_says(ALICE, "hi")
+        _, customer_media = kf.world.add_customer_media(
+            KF, ALICE.external_userid, "image", media_samples.png(), "image/png"
+        )
+
+        for media_id in ("no-such-media", customer_media):
+            with pytest.raises(WeComError) as caught:
+                await channel.send_image(ALICE, media_id, msgid=f"x{len(media_id)}")
+            assert caught.value.errcode == 40007
+
+    async def test_an_image_into_a_human_session_is_refused(self, kf: KfHarness, channel: KfChannel) -> None:
+        kf.customer_says(ALICE, "hi")
+        media_id = await channel.upload_media("image", "a.png", "image/png", media_samples.png())
+        kf.world.set_service_state(ALICE, 3, "zhangsan")
+
+        with pytest.raises(WeComError) as caught:
+            await channel.send_image(ALICE, media_id, msgid="i0")
+        assert caught.value.errcode == WeComError.SESSION_NOT_SENDABLE

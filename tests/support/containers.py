@@ -11,6 +11,7 @@ from dependency_injector import containers, providers
 import bootstrap
 from adapters.inbound.config_file import Settings
 from adapters.inbound.wecom_crypto import WeComCrypto
+from adapters.outbound.audio import FakeAudioConverter
 from adapters.outbound.fake_dify import FakeChatEngine
 from adapters.outbound.fake_wecom import FakeKfChannel, KfWorld
 from adapters.outbound.memory_store import MemoryStateStore
@@ -38,6 +39,7 @@ class FakeAdapters(containers.DeclarativeContainer):
     store = providers.Singleton(MemoryStateStore)
     channel = providers.Singleton(FakeKfChannel, world)
     engine = providers.Singleton(FakeChatEngine)
+    audio = providers.Singleton(FakeAudioConverter)
     renderer = providers.Object(lambda text: text)
     crypto = providers.Singleton(
         WeComCrypto,
@@ -58,6 +60,8 @@ def unit_settings(**overrides: Any) -> Settings:
         admin_token="unit-admin",
         recovery_interval_s=0.0,
         shutdown_grace_s=2.0,
+        # Tests that want the interim text (default 5 s) turn it on themselves.
+        interim_after_s=0.0,
     )
     base.update(overrides)
     return Settings(**base)

@@ -18,11 +18,31 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from tests.support.multipart import MultipartError, Part, parse_form
+
 Turn = tuple[str, str]  # (query, answer), oldest first
 AnswerFunction = Callable[[str, Sequence[Turn]], str]
+# (audio bytes, part content type) → transcript.
+TranscribeFunction = Callable[[bytes, str], str]
 
 PING = b"event: ping\n\n"
 _EVENT_STREAM = "text/event-stream"
+MB = 1024 * 1024
+DEFAULT_TRANSCRIPT = "你好，我想问一下保修的事。"
+
+# Dify's extension lists decide an upload's size category and its detected type (spec §5.1, §5.4 #3).
+_IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "svg"}
+_VIDEO_EXTS = {"mp4", "mov", "mpeg", "webm"}
+_AUDIO_EXTS = {"mp3", "m4a", "wav", "amr", "mpga"}
+_DOCUMENT_EXTS = {"txt", "markdown", "md", "mdx", "pdf", "html", "htm", "xlsx", "xls", "docx", "csv", "vtt"}
+# /audio-to-text part types of current Dify (spec §6): audio/<ext>, also with upper-case extensions.
+_SPEECH_TYPES = {f"audio/{e}" for e in ("mp3", "m4a", "wav", "amr", "mpga")}
+_SPEECH_TYPES |= {f"audio/{e.upper()}" for e in ("mp3", "m4a", "wav", "amr", "mpga")}
+SPEECH_LIMIT = 30 * MB
+
+
+def default_transcript(audio: bytes, content_type: str) -> str:
+    return DEFAULT_TRANSCRIPT
 
 
 def echo_answer(query: str, history: Sequence[Turn]) -> str:
@@ -53,8 +73,10 @@ class Fault:
     stall_after: int | None = None
     # Output moderation: `message_replace` with this text just before message_end.
     replace_with: str | None = None
-    # Tool-generated files: one `message_file` event per (type, url).
+    # Tool-generated files: one `message_file` event per (type, url) ...
     files: tuple[tuple[str, str], ...] = ()
+    # ... or, as newer builds also do, listed in message_end's `files` instead.
+    files_in_message_end: bool = False
     # Chatflow only: the run fails (workflow_finished failed, then an `error` event unless told otherwise).
     workflow_failed: bool = False
     error_after_workflow_failed: bool = True
@@ -73,6 +95,7 @@ class RecordedRequest:
     headers: Mapping[str, str]  # lower-case names
     json: Any
     query: Mapping[str, str]
+    form: tuple[Part, ...] = ()  # multipart requests (uploads): every part with its own headers
 
 
 @dataclass
@@ -81,6 +104,26 @@ class _Conversation:
     user: str
     turns: list[Turn] = field(default_factory=list)
     status: str = "normal"
+
+
+@dataclass(frozen=True)
+class StoredUpload:
+    """A file uploaded through /files/upload: it belongs to `user` (spec §0 #8)."""
+
+    id: str
+    name: str
+    size: int
+    extension: str
+    mime_type: str
+    user: str
+    data: bytes
+    created_at: int
+
+
+@dataclass(frozen=True)
+class HostedFile:
+    data: bytes
+    content_type: str
 
 
 @dataclass
@@ -117,6 +160,7 @@ class FakeDifyServer:
         system_parameters: Mapping[str, Any] | None = None,
         not_found_suffix: str = "",
         hang_on_unknown_conversation: bool = False,
+        transcribe: TranscribeFunction = default_transcript,
     ) -> None:
         self.api_key = api_key
         self.mode = mode
@@ -145,6 +189,11 @@ class FakeDifyServer:
         self.not_found_suffix = not_found_suffix
         # Dify #38800 (spec §8.3): streaming with an unknown conversation id pings forever instead of 404.
         self.hang_on_unknown_conversation = hang_on_unknown_conversation
+        self.transcribe = transcribe
+        self.uploads: dict[str, StoredUpload] = {}
+        self.hosted: dict[str, HostedFile] = {}
+        # Files chat requests carried that Dify ignored because the app's File Upload feature is off.
+        self.ignored_files = 0
         self.requests: list[RecordedRequest] = []
         self.faults: deque[Fault] = deque()
         self.conversations: dict[str, _Conversation] = {}
@@ -155,6 +204,9 @@ class FakeDifyServer:
                 Route("/v1/chat-messages", self._chat_messages, methods=["POST"]),
                 Route("/v1/info", self._info, methods=["GET"]),
                 Route("/v1/parameters", self._parameters, methods=["GET"]),
+                Route("/v1/files/upload", self._files_upload, methods=["POST"]),
+                Route("/v1/audio-to-text", self._audio_to_text, methods=["POST"]),
+                Route("/files/tools/{name}", self._hosted_file, methods=["GET"]),
             ],
             exception_handlers={HTTPException: self._http_exception},
         )
@@ -181,6 +233,16 @@ class FakeDifyServer:
 
     def chat_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path == "/v1/chat-messages"]
+
+    def requests_to(self, path: str) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path == path]
+
+    def host_file(self, data: bytes, content_type: str, extension: str) -> str:
+        """Serve `data` like a tool-generated file; returns the signed, host-relative URL Dify would put in a
+        `message_file` event (spec §3.3)."""
+        name = f"{uuid.uuid4()}.{extension}"
+        self.hosted[name] = HostedFile(data, content_type)
+        return f"/files/tools/{name}?timestamp={int(time.time())}&nonce=n0&sign=s1g"
 
     # --- endpoints --------------------------------------------------------------------------------------
 
@@ -212,6 +274,10 @@ class FakeDifyServer:
         files = body.get("files") or []
         if not isinstance(files, list) or not all(_is_file_reference(f) for f in files):
             return _error(400, "invalid_param", "Invalid upload file id format")
+        if files and not self._file_upload_on():
+            self.ignored_files += len(files)  # Chatbot/Agent silently drop files (spec §5.4 #2)
+        elif files and (refused := self._check_files(files, user)) is not None:
+            return refused
         streaming = response_mode == "streaming"
         if not streaming and self.mode == "agent-chat":
             return _error(400, "invalid_param", "Agent Chat App does not support blocking mode")
@@ -305,6 +371,143 @@ class FakeDifyServer:
             }
         )
 
+    async def _files_upload(self, request: Request) -> Response:
+        """POST /files/upload (spec §5.1–5.3): one `file` part with a name, an extension and a type."""
+        await self._record(request)
+        if (denied := self._auth(request)) is not None:
+            return denied
+        if (early := await self._fault_response(request.url.path)) is not None:
+            return early
+        parts = self.requests[-1].form
+        files = [p for p in parts if p.filename is not None]
+        upload = next((p for p in files if p.name == "file"), None)
+        if upload is None:
+            return _error(400, "no_file_uploaded", "Please upload your file.")
+        if len(files) > 1:
+            return _error(400, "too_many_files", "Only one file is allowed.")
+        name = upload.filename or ""
+        if not name:
+            return _error(400, "filename_not_exists_error", "The specified filename does not exist.")
+        if "/" in name or "\\" in name:
+            return _error(400, "invalid_param", "Filename contains invalid characters")
+        if not upload.content_type:
+            return _error(415, "unsupported_file_type", "File type not allowed.")
+        name = name[:200]
+        extension = name.rpartition(".")[2].lower() if "." in name else ""
+        limit_mb = self._limit_mb(extension)
+        if len(upload.data) > limit_mb * MB:
+            return _error(413, "file_too_large", f"File size exceeded. {name} > {limit_mb} MB")
+        user = next((p.text for p in parts if p.name == "user" and p.filename is None), "") or "DEFAULT-USER"
+        stored = StoredUpload(
+            id=str(uuid.uuid4()),
+            name=name,
+            size=len(upload.data),
+            extension=extension,
+            mime_type=upload.content_type,
+            user=user,
+            data=upload.data,
+            created_at=int(time.time()),
+        )
+        self.uploads[stored.id] = stored
+        return JSONResponse(
+            {
+                "id": stored.id,
+                "name": stored.name,
+                "size": stored.size,
+                "extension": stored.extension or None,
+                "mime_type": stored.mime_type,
+                "created_by": str(uuid.uuid5(uuid.NAMESPACE_URL, user)),
+                "created_at": stored.created_at,
+                "preview_url": None,
+                "source_url": f"/files/{stored.id}/file-preview?timestamp=0&nonce=n&sign=s",
+            },
+            status_code=201,
+        )
+
+    async def _audio_to_text(self, request: Request) -> Response:
+        """POST /audio-to-text (spec §6): judged by the part's Content-Type, never the file name."""
+        await self._record(request)
+        if (denied := self._auth(request)) is not None:
+            return denied
+        if (early := await self._fault_response(request.url.path)) is not None:
+            return early
+        if not self.speech_to_text:
+            return _error(400, "speech_to_text_disabled", "Speech to text is disabled.")
+        parts = self.requests[-1].form
+        audio = next((p for p in parts if p.name == "file" and p.filename is not None), None)
+        if audio is None:
+            return _error(400, "no_audio_uploaded", "Please upload your audio.")
+        declared = (audio.content_type or "").split(";", 1)[0].strip()
+        if declared not in _SPEECH_TYPES:
+            return _error(415, "unsupported_audio_type", "Audio type not allowed.")
+        if len(audio.data) > SPEECH_LIMIT:
+            return _error(413, "audio_too_large", "Audio size larger than 30 mb")
+        if not _looks_like(declared, audio.data):
+            # What the speech model says to bytes it cannot decode (Whisper lists no AMR, spec §6).
+            return _error(400, "completion_request_error", "[openai] Error: Invalid file format.")
+        return JSONResponse({"text": self.transcribe(audio.data, declared)})
+
+    async def _hosted_file(self, request: Request) -> Response:
+        await self._record(request)
+        hosted = self.hosted.get(request.path_params["name"])
+        if hosted is None or not request.query_params.get("sign"):
+            return _error(404, "not_found", "File not found")
+        return Response(hosted.data, media_type=hosted.content_type)
+
+    async def _fault_response(self, path: str) -> Response | None:
+        fault = self._take_fault(path)
+        if fault is None:
+            return None
+        await anyio.sleep(fault.delay)
+        return _raw(fault.status, fault.body, fault.content_type) if fault.status is not None else None
+
+    def _limit_mb(self, extension: str) -> int:
+        limits = self.system_parameters
+        if extension in _IMAGE_EXTS:
+            return int(limits.get("image_file_size_limit") or 10)
+        if extension in _VIDEO_EXTS:
+            return int(limits.get("video_file_size_limit") or 100)
+        if extension in _AUDIO_EXTS:
+            return int(limits.get("audio_file_size_limit") or 50)
+        return int(limits.get("file_size_limit") or 15)
+
+    def _file_upload_on(self) -> bool:
+        legacy = self.file_upload.get("image")
+        return self.file_upload.get("enabled") is True or (
+            isinstance(legacy, Mapping) and legacy.get("enabled") is True
+        )
+
+    def _check_files(self, files: list[dict[str, Any]], user: str) -> Response | None:
+        """Dify's file factory (spec §5.4): own uploads of allowed, truthful types, within the counts."""
+        legacy = self.file_upload.get("image")
+        allowed = set(self.file_upload.get("allowed_file_types") or [])
+        if isinstance(legacy, Mapping) and legacy.get("enabled") is True:
+            allowed.add("image")
+        extensions = {e.lower().lstrip(".") for e in self.file_upload.get("allowed_file_extensions") or []}
+        for reference in files:
+            stored = self.uploads.get(reference.get("upload_file_id", ""))
+            if stored is None or stored.user != user:
+                return _error(400, "invalid_param", "Invalid upload file")
+            kind = reference["type"]
+            if kind not in allowed and not ("custom" in allowed and stored.extension in extensions):
+                return _error(400, "invalid_param", f"File validation failed for file: {stored.name}")
+            if kind != "custom" and kind != _detected(stored.extension):
+                return _error(
+                    400,
+                    "invalid_param",
+                    "Detected file type does not match the specified type. Please verify the file.",
+                )
+        images = sum(1 for f in files if f["type"] == "image")
+        image_limit = legacy.get("number_limits") if isinstance(legacy, Mapping) else None
+        total_limit = self.file_upload.get("number_limits")
+        if isinstance(image_limit, int) and images > image_limit:
+            return _error(
+                400, "invalid_param", f"Number of image files exceeds the maximum limit {image_limit}"
+            )
+        if isinstance(total_limit, int) and len(files) > total_limit:
+            return _error(400, "invalid_param", f"Number of files exceeds the maximum limit {total_limit}")
+        return None
+
     async def _http_exception(self, request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
@@ -314,10 +517,19 @@ class FakeDifyServer:
 
     async def _record(self, request: Request) -> Any:
         raw = await request.body()
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = None
+        form: tuple[Part, ...] = ()
+        content_type = request.headers.get("content-type", "")
+        body: Any = None
+        if content_type.lower().startswith("multipart/"):
+            try:
+                form = tuple(parse_form(content_type, raw))
+            except MultipartError:
+                form = ()
+        else:
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = None
         self.requests.append(
             RecordedRequest(
                 method=request.method,
@@ -325,6 +537,7 @@ class FakeDifyServer:
                 headers={k.lower(): v for k, v in request.headers.items()},
                 json=body,
                 query=dict(request.query_params),
+                form=form,
             )
         )
         return body
@@ -433,10 +646,13 @@ class FakeDifyServer:
             return [*steps, _Sleep(self.hang_limit)]
         if agent:
             steps.append(_thought(common, position=2, thought=text, tool="", observation=""))
+        end_files: list[dict[str, Any]] = []
         for file_type, url in fault.files:
-            steps.append(
-                event("message_file", id=str(uuid.uuid4()), type=file_type, belongs_to="assistant", url=url)
-            )
+            file_event = {"id": str(uuid.uuid4()), "type": file_type, "belongs_to": "assistant", "url": url}
+            if fault.files_in_message_end:
+                end_files.append(file_event)
+            else:
+                steps.append(event("message_file", **file_event))
         if self.mode == "agent":  # New Agent closes with one `message` repeating the full answer (spec §3.3)
             steps.append(event("message", id=message_id, answer=text))
         if fault.replace_with is not None:
@@ -449,7 +665,12 @@ class FakeDifyServer:
             steps.append(node("node_finished", "answer", "answer", index=3, status="succeeded"))
         steps.append(_Call(remember))
         steps.append(
-            event("message_end", id=message_id, metadata={"usage": _USAGE, "retriever_resources": []})
+            event(
+                "message_end",
+                id=message_id,
+                metadata={"usage": _USAGE, "retriever_resources": []},
+                files=end_files or None,
+            )
         )
         if chatflow:
             steps.append(
@@ -546,6 +767,30 @@ def _is_uuid(value: object) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _detected(extension: str) -> str:
+    if extension in _IMAGE_EXTS:
+        return "image"
+    if extension in _DOCUMENT_EXTS:
+        return "document"
+    if extension in _AUDIO_EXTS:
+        return "audio"
+    if extension in _VIDEO_EXTS:
+        return "video"
+    return "custom"
+
+
+def _looks_like(content_type: str, data: bytes) -> bool:
+    """Whether the bytes are audio of the declared type (what a speech model would find out)."""
+    kind = content_type.lower()
+    if kind == "audio/wav":
+        return data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    if kind == "audio/mp3":
+        return data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
+    if kind == "audio/amr":
+        return False  # Dify's gate accepts AMR, the speech model does not (spec §6)
+    return bool(data)
 
 
 def _is_file_reference(value: object) -> bool:

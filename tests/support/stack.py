@@ -44,6 +44,14 @@ class Servers:
 
 
 @contextlib.contextmanager
+def extra_dify(**dify_kwargs: Any) -> Iterator[tuple[FakeDifyServer, str]]:
+    """Another Dify app on its own port (a second kf account's app): (server, its /v1 base URL)."""
+    dify = FakeDifyServer(ping_interval=0.2, **dify_kwargs)
+    with serve(dify.app) as dify_url:
+        yield dify, dify_url + "/v1"
+
+
+@contextlib.contextmanager
 def fake_servers(**dify_kwargs: Any) -> Iterator[Servers]:
     wecom = FakeWeComServer()
     dify = FakeDifyServer(ping_interval=0.2, **dify_kwargs)
@@ -65,6 +73,8 @@ def make_settings(servers: Servers, **overrides: Any) -> Settings:
         dify_total_timeout_s=20.0,
         recovery_interval_s=0.0,
         shutdown_grace_s=5.0,
+        # Tests that want the interim text (default 5 s) turn it on themselves.
+        interim_after_s=0.0,
     )
     return dataclasses.replace(base, **overrides)
 
@@ -122,6 +132,8 @@ class Stack:
         import asyncio
 
         await asyncio.wait_for(self.container.dispatcher().idle(), timeout)
+        # Welcomes run beside the pulls (they must not hold them up): wait for those too.
+        await asyncio.wait_for(self.container.observer().idle(), timeout)
 
     def admin_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}"}

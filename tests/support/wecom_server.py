@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 from starlette.applications import Starlette
@@ -24,6 +25,8 @@ from starlette.routing import Route
 from adapters.outbound.fake_wecom import (
     APIS,
     GETTOKEN,
+    MEDIA_GET,
+    MEDIA_UPLOAD,
     SEND_MSG,
     SEND_MSG_ON_EVENT,
     SERVICE_STATE_GET,
@@ -31,9 +34,11 @@ from adapters.outbound.fake_wecom import (
     SYNC_MSG,
     KfWorld,
     KfWorldSeeding,
+    media_filename,
 )
 from application.errors import WeComError
 from domain.messages import CustomerRef
+from tests.support.multipart import MultipartError, parse_form
 
 BAD_GATEWAY_HTML = "<html><head><title>502 Bad Gateway</title></head><body>502 Bad Gateway</body></html>"
 
@@ -82,6 +87,9 @@ class FakeWeComServer(KfWorldSeeding):
         self._revoked: dict[str, int] = {}  # token → errcode it now answers
         self._http_failures: dict[str, list[_HttpFailure]] = {}
         self._lock = threading.Lock()
+        # media/get answers errors as JSON instead of bytes; the exact Content-Type is NOT VERIFIED (spec
+        # §7.3), so tests may switch it to text/plain.
+        self.media_error_content_type = "application/json; charset=UTF-8"
         handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             SYNC_MSG: self._sync_msg,
             SEND_MSG: self._send_msg,
@@ -89,7 +97,11 @@ class FakeWeComServer(KfWorldSeeding):
             SERVICE_STATE_GET: self._service_state_get,
             SERVICE_STATE_TRANS: self._service_state_trans,
         }
-        routes = [Route("/cgi-bin/gettoken", self._gettoken, methods=["GET"])]
+        routes = [
+            Route("/cgi-bin/gettoken", self._gettoken, methods=["GET"]),
+            Route(f"/cgi-bin/{MEDIA_GET}", self._media_get, methods=["GET"]),
+            Route(f"/cgi-bin/{MEDIA_UPLOAD}", self._media_upload, methods=["POST"]),
+        ]
         routes += [
             Route(f"/cgi-bin/{api}", self._endpoint(api, handler), methods=["GET", "POST"])
             for api, handler in handlers.items()
@@ -179,6 +191,70 @@ class FakeWeComServer(KfWorldSeeding):
         except WeComError as exc:
             answer = _error(exc)
         self._record(api, request.method, None, None, answer["errcode"])
+        return JSONResponse(answer)
+
+    # --- media ---------------------------------------------------------------------------------------------
+
+    async def _media_get(self, request: Request) -> Response:
+        """GET media/get: the bytes, typed and named, or an errcode JSON (spec §7.3)."""
+        api = MEDIA_GET
+        token = request.query_params.get("access_token")
+        early = await self._injected(api)
+        if early is not None:
+            self._record(api, request.method, token, None, None)
+            return early
+        media_id = request.query_params.get("media_id", "")
+        try:
+            self._check_token(api, token)
+            stored = self.world.media_get(media_id)
+        except WeComError as exc:
+            self._record(api, request.method, token, {"media_id": media_id}, exc.errcode)
+            return Response(
+                json.dumps(_error(exc)), media_type=self.media_error_content_type, status_code=200
+            )
+        self._record(api, request.method, token, {"media_id": media_id}, 0)
+        return Response(
+            stored.data,
+            media_type=stored.content_type,
+            headers={
+                "Content-Disposition": _disposition(media_filename(stored)),
+                "Cache-Control": "no-cache, must-revalidate",
+            },
+        )
+
+    async def _media_upload(self, request: Request) -> Response:
+        """POST media/upload?type=…: one multipart part named `media` (spec §7.4)."""
+        api = MEDIA_UPLOAD
+        token = request.query_params.get("access_token")
+        early = await self._injected(api)
+        if early is not None:
+            self._record(api, request.method, token, None, None)
+            return early
+        kind = request.query_params.get("type", "")
+        recorded: dict[str, Any] = {"type": kind}
+        try:
+            self._check_token(api, token)
+            try:
+                parts = parse_form(request.headers.get("content-type", ""), await request.body())
+            except MultipartError as exc:
+                raise WeComError(40058, f"invalid parameter: {exc}", api=api) from None
+            media = next((p for p in parts if p.name == "media" and p.filename is not None), None)
+            if media is None:
+                raise WeComError(44001, "empty media data", api=api)
+            recorded.update(filename=media.filename, content_type=media.content_type, size=len(media.data))
+            media_id = self.world.media_upload(
+                kind, media.filename or "", media.content_type or "", media.data
+            )
+            answer: dict[str, Any] = {
+                "errcode": 0,
+                "errmsg": "",
+                "type": kind,
+                "media_id": media_id,
+                "created_at": str(int(self.world.clock())),  # a string, as WeCom sends it
+            }
+        except WeComError as exc:
+            answer = _error(exc)
+        self._record(api, request.method, token, recorded, answer["errcode"])
         return JSONResponse(answer)
 
     # --- kf endpoints ----------------------------------------------------------------------------------
@@ -301,6 +377,15 @@ class FakeWeComServer(KfWorldSeeding):
     ) -> None:
         with self._lock:
             self.calls.append(RecordedCall(api, method, token, body, errcode))
+
+
+def _disposition(filename: str) -> str:
+    """`attachment; filename="…"`, plus the RFC 5987 form when the name is not ASCII."""
+    ascii_name = filename.encode("ascii", "replace").decode().replace('"', "_")
+    header = f'attachment; filename="{ascii_name}"'
+    if not filename.isascii():
+        header += f"; filename*=UTF-8''{quote(filename)}"
+    return header
 
 
 def _error(exc: WeComError) -> dict[str, Any]:

@@ -1,0 +1,135 @@
+"""Welcome a customer who enters a session: `kf/send_msg_on_event` with the event's welcome_code.
+
+The code is single use and lives 20 seconds (spec §7.1): stale events get nothing, and composing the
+welcome (the AI app's /parameters, cached per route) is bounded by a deadline inside that window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from application.errors import ChatEngineError, WeComError
+from application.options import BotOptions
+from application.ports import Clock, KfChannel
+from application.rejections import RejectedCustomers
+from application.routing import KfRoute, Routing
+from application.telemetry import Telemetry
+from domain.chat import AppParameters
+from domain.dedupe import DedupeKey, outbound_msgid
+from domain.messages import InboundMessage
+from domain.welcome import Welcome, compose_welcome
+
+log = logging.getLogger("kfdify.welcome")
+
+
+class AppParametersCache:
+    """Each route's `GET /parameters`, reused for `ttl_s`; one fetch at a time per route."""
+
+    def __init__(self, *, ttl_s: float) -> None:
+        self._ttl = ttl_s
+        self._cache: dict[str, tuple[float, AppParameters]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, route: KfRoute) -> AppParameters:
+        cached = self._fresh(route)
+        if cached is not None:
+            return cached
+        lock = self._locks.setdefault(route.name, asyncio.Lock())
+        async with lock:
+            cached = self._fresh(route)
+            if cached is not None:
+                return cached
+            parameters = await route.engine.parameters()
+            self._cache[route.name] = (time.monotonic(), parameters)
+            return parameters
+
+    def _fresh(self, route: KfRoute) -> AppParameters | None:
+        entry = self._cache.get(route.name)
+        if entry is None or time.monotonic() - entry[0] >= self._ttl:
+            return None
+        return entry[1]
+
+
+class WelcomeCustomer:
+    def __init__(
+        self,
+        *,
+        channel: KfChannel,
+        routing: Routing,
+        clock: Clock,
+        options: BotOptions,
+        telemetry: Telemetry,
+        rejections: RejectedCustomers,
+        parameters: AppParametersCache,
+        render: Callable[[str], str] = lambda text: text,
+    ) -> None:
+        self._channel = channel
+        self._routing = routing
+        self._clock = clock
+        self._options = options
+        self._telemetry = telemetry
+        self._rejections = rejections
+        self._parameters = parameters
+        self._render = render
+
+    async def __call__(self, message: InboundMessage) -> bool:
+        """Welcome the customer of an enter_session `message`; True when a welcome went out."""
+        event = message.event
+        code = event.welcome_code if event is not None else ""
+        if not code:
+            return False
+        age = self._clock.now() - message.send_time
+        budget = min(self._options.welcome_deadline_s, self._options.welcome_max_age_s - age)
+        if budget <= 0:
+            return self._skip(message, "stale", f"event is {age:.0f} s old")
+        if self._rejections.applies(message.customer):
+            return self._skip(message, "rejected", "the customer refuses our messages")
+        route = self._routing.for_kf(message.open_kfid)
+        try:
+            async with asyncio.timeout(budget):
+                welcome = await self._compose(route)
+                if welcome is None:
+                    return self._skip(message, "nothing_to_say", "no welcome text and no opening statement")
+                msgid = outbound_msgid(DedupeKey.for_message(message), 0)
+                await self._channel.send_on_event(code, welcome.text, msgid=msgid, menu=welcome.menu)
+        except TimeoutError:
+            return self._skip(message, "timeout", f"not ready within {budget:.0f} s", warn=True)
+        except ChatEngineError as exc:
+            return self._skip(message, "dify_error", f"Dify /parameters failed: {exc.code}", warn=True)
+        except WeComError as exc:
+            self._telemetry.count_labelled("wecom_errors", str(exc.errcode))
+            return self._skip(message, "wecom_error", f"errcode {exc.errcode} {exc.errmsg}", warn=True)
+        self._telemetry.count("welcomes_sent")
+        log.info(
+            "welcome sent kf=%s customer=%s menu_items=%d",
+            message.open_kfid,
+            message.external_userid,
+            len(welcome.menu),
+        )
+        return True
+
+    async def _compose(self, route: KfRoute) -> Welcome | None:
+        configured = route.texts.welcome
+        if configured.strip():
+            return compose_welcome(configured=configured, opening_statement="")
+        parameters = await self._parameters.get(route)
+        opening = parameters.opening_statement
+        return compose_welcome(
+            configured="",
+            opening_statement=self._render(opening) if opening.strip() else "",
+            suggested_questions=parameters.suggested_questions,
+        )
+
+    def _skip(self, message: InboundMessage, reason: str, detail: str, *, warn: bool = False) -> bool:
+        self._telemetry.count_labelled("welcomes_skipped", reason)
+        log.log(
+            logging.WARNING if warn else logging.INFO,
+            "no welcome kf=%s customer=%s: %s",
+            message.open_kfid,
+            message.external_userid,
+            detail,
+        )
+        return False
