@@ -144,9 +144,7 @@ class ReplySession:
                 self._telemetry.count_labelled("wecom_errors", str(exc.errcode))
                 if exc.is_transient and attempt + 1 < attempts:
                     # Same outbound msgid on the retry: WeCom refuses a repeat if the first one did land.
-                    await asyncio.sleep(
-                        self._options.send_retry_delay_s * (attempt + 1) * (1 + random.random())
-                    )
+                    await asyncio.sleep(_backoff(self._options.send_retry_delay_s, attempt))
                     continue
                 log.warning(
                     "reply part %d failed kf=%s customer=%s msgid=%s errcode=%s errmsg=%s",
@@ -199,7 +197,7 @@ class ReplySession:
                     return False
                 self._telemetry.count_labelled("wecom_errors", str(exc.errcode))
                 if exc.is_transient and attempt + 1 < attempts:
-                    await asyncio.sleep(self._options.send_retry_delay_s * (attempt + 1))
+                    await asyncio.sleep(_backoff(self._options.send_retry_delay_s, attempt))
                     continue
                 log.warning(
                     "image reply part %d failed kf=%s customer=%s msgid=%s errcode=%s errmsg=%s",
@@ -480,7 +478,8 @@ class AnswerCustomerMessage:
                 self._telemetry.observe(t.DIFY, time.monotonic() - started)
                 self._telemetry.count_labelled("dify_errors", exc.code)
                 self._telemetry.reachability("dify", exc.code not in ("unreachable",), exc.code)
-                if exc.retryable and retries_left > 0:
+                # A timed-out answer already cost the customer the whole wait: do not make them wait twice.
+                if exc.retryable and retries_left > 0 and exc.code not in ("timeout", "idle_timeout"):
                     retries_left -= 1
                     await asyncio.sleep(self._options.dify_retry_delay_s * (1 + random.random()))
                     continue
@@ -502,6 +501,11 @@ class AnswerCustomerMessage:
             if answer.conversation_id:
                 await self._conversations.put_conversation(customer, updated)
             return _Asked(answer, elapsed)
+
+
+def _backoff(base_s: float, attempt: int) -> float:
+    """Exponential backoff with jitter: base, 2×base, 4×base ... each stretched by up to 2×."""
+    return base_s * (2**attempt) * (1 + random.random())
 
 
 def _trace_id(message: InboundMessage) -> str:

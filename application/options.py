@@ -66,7 +66,9 @@ class BotOptions:
     welcome_deadline_s: float = 15.0
     # How long the AI app's /parameters (opening statement, suggested questions) are reused.
     app_parameters_ttl_s: float = 300.0
-    send_retries: int = 2
+    # Busy (-1), rate-limited (45009/45033) or unreachable WeCom: up to this many resends of the same
+    # msgid, after 0.5, 1, 2, 4 s (each with jitter), so a minute-long hiccup still delivers the answer.
+    send_retries: int = 4
     send_retry_delay_s: float = 0.5
     # A claimed message is renewed every third of this while it is answered; a dead instance's claim
     # expires after it and another instance answers the message.

@@ -7,5 +7,9 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e .
+EXTRAS=""
+if ! command -v ffmpeg >/dev/null 2>&1; then
+    EXTRAS="[voice]"  # voice messages need an ffmpeg: take the one the imageio-ffmpeg package ships
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${EXTRAS}"
 exec .venv/bin/python bootstrap.py "$@"
