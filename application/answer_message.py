@@ -7,7 +7,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
@@ -116,16 +116,36 @@ class ReplySession:
 
     async def send(self, text: str) -> bool:
         """Send one text (already within 2048 bytes). False when it could not be sent."""
-        if self.human_owns_session or self.remaining <= 0 or not text.strip():
+        if not text.strip():
+            return False
+        return await self._deliver(
+            "text",
+            lambda msgid: self._channel.send_text(self._message.customer, text, msgid=msgid),
+            size=len(text.encode()),
+        )
+
+    async def send_image(self, media_id: str) -> bool:
+        """Send one image message (a `media/upload` media_id): the same quota and msgid scheme as texts."""
+        if not media_id:
+            return False
+        return await self._deliver(
+            "image", lambda msgid: self._channel.send_image(self._message.customer, media_id, msgid=msgid)
+        )
+
+    async def _deliver(self, kind: str, send: Callable[[str], Awaitable[object]], *, size: int = 0) -> bool:
+        """One reply message within the quota, named `<digest>_<part>` after the customer's message, resent
+        with the same name while WeCom is busy. False when it could not be sent."""
+        if self.human_owns_session or self.remaining <= 0:
             return False
         part = self.used
         self.used += 1
         msgid = outbound_msgid(self._key, part)
         attempts = 1 + (max(self._options.send_retries, 0) if self._retry else 0)
+        message = self._message
         for attempt in range(attempts):
             started = time.monotonic()
             try:
-                await self._channel.send_text(self._message.customer, text, msgid=msgid)
+                await send(msgid)
             except WeComError as exc:
                 self._telemetry.observe(t.SEND, time.monotonic() - started)
                 if exc.errcode == WeComError.SESSION_NOT_SENDABLE:
@@ -133,12 +153,12 @@ class ReplySession:
                     self.human_owns_session = True
                     self._telemetry.count("replies_suppressed_human")
                     if self._sessions is not None:
-                        self._sessions.learn(self._message.customer, SessionState.HUMAN)
+                        self._sessions.learn(message.customer, SessionState.HUMAN)
                     log.info(
                         "reply not sent: session is not the bot's (95018) kf=%s customer=%s msgid=%s",
-                        self._message.open_kfid,
-                        self._message.external_userid,
-                        self._message.msgid,
+                        message.open_kfid,
+                        message.external_userid,
+                        message.msgid,
                     )
                     return False
                 self._telemetry.count_labelled("wecom_errors", str(exc.errcode))
@@ -147,78 +167,33 @@ class ReplySession:
                     await asyncio.sleep(_backoff(self._options.send_retry_delay_s, attempt))
                     continue
                 log.warning(
-                    "reply part %d failed kf=%s customer=%s msgid=%s errcode=%s errmsg=%s",
+                    "%s reply part %d failed kf=%s customer=%s msgid=%s errcode=%s errmsg=%s",
+                    kind,
                     part,
-                    self._message.open_kfid,
-                    self._message.external_userid,
-                    self._message.msgid,
+                    message.open_kfid,
+                    message.external_userid,
+                    message.msgid,
                     exc.errcode,
                     exc.errmsg,
                 )
                 return False
-            else:
-                elapsed = time.monotonic() - started
-                self._telemetry.observe(t.SEND, elapsed)
-                self._telemetry.count("replies_sent")
-                self._telemetry.reachability("wecom", True)
-                self.delivered += 1
-                if self._sessions is not None:
-                    # Sending through the API hands the session to the bot (spec §6.1).
-                    self._sessions.learn(self._message.customer, SessionState.BOT)
-                log.info(
-                    "reply sent kf=%s customer=%s msgid=%s part=%d bytes=%d in %.0f ms",
-                    self._message.open_kfid,
-                    self._message.external_userid,
-                    self._message.msgid,
-                    part,
-                    len(text.encode()),
-                    elapsed * 1000,
-                )
-                return True
-        return False
-
-    async def send_image(self, media_id: str) -> bool:
-        """Send one image message (a `media/upload` media_id): the same quota and msgid scheme as texts."""
-        if self.human_owns_session or self.remaining <= 0 or not media_id:
-            return False
-        part = self.used
-        self.used += 1
-        msgid = outbound_msgid(self._key, part)
-        attempts = 1 + (max(self._options.send_retries, 0) if self._retry else 0)
-        for attempt in range(attempts):
-            try:
-                await self._channel.send_image(self._message.customer, media_id, msgid=msgid)
-            except WeComError as exc:
-                if exc.errcode == WeComError.SESSION_NOT_SENDABLE:
-                    self.human_owns_session = True
-                    self._telemetry.count("replies_suppressed_human")
-                    if self._sessions is not None:
-                        self._sessions.learn(self._message.customer, SessionState.HUMAN)
-                    return False
-                self._telemetry.count_labelled("wecom_errors", str(exc.errcode))
-                if exc.is_transient and attempt + 1 < attempts:
-                    await asyncio.sleep(_backoff(self._options.send_retry_delay_s, attempt))
-                    continue
-                log.warning(
-                    "image reply part %d failed kf=%s customer=%s msgid=%s errcode=%s errmsg=%s",
-                    part,
-                    self._message.open_kfid,
-                    self._message.external_userid,
-                    self._message.msgid,
-                    exc.errcode,
-                    exc.errmsg,
-                )
-                return False
-            self._telemetry.count("image_replies_sent")
+            elapsed = time.monotonic() - started
+            self._telemetry.observe(t.SEND, elapsed)
+            self._telemetry.count("replies_sent" if kind == "text" else f"{kind}_replies_sent")
+            self._telemetry.reachability("wecom", True)
             self.delivered += 1
             if self._sessions is not None:
-                self._sessions.learn(self._message.customer, SessionState.BOT)
+                # Sending through the API hands the session to the bot (spec §6.1).
+                self._sessions.learn(message.customer, SessionState.BOT)
             log.info(
-                "image reply sent kf=%s customer=%s msgid=%s part=%d",
-                self._message.open_kfid,
-                self._message.external_userid,
-                self._message.msgid,
+                "reply sent kf=%s customer=%s msgid=%s part=%d %s bytes=%d in %.0f ms",
+                message.open_kfid,
+                message.external_userid,
+                message.msgid,
                 part,
+                kind,
+                size,
+                elapsed * 1000,
             )
             return True
         return False
