@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -18,6 +19,7 @@ log = logging.getLogger("kfdify.admin")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 MAX_ADMIN_BODY = 16 * 1024
+ADMIN_BODY_TIMEOUT_S = 10.0
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -98,9 +100,12 @@ class AdminApi:
 
 async def _json_body(request: Request) -> tuple[dict[str, Any], str]:
     try:
-        raw = await read_limited(request, MAX_ADMIN_BODY)
+        async with asyncio.timeout(ADMIN_BODY_TIMEOUT_S):
+            raw = await read_limited(request, MAX_ADMIN_BODY)
     except BodyTooLarge:
         return {}, "body too large"
+    except TimeoutError:
+        return {}, "body not received in time"
     if not raw.strip():
         return {}, "a JSON body is required"
     try:

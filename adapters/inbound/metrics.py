@@ -36,6 +36,13 @@ LABEL_NAMES: Final[Mapping[str, str]] = {
     "callback_events": "event",
     "callbacks_rejected": "status",
     "outcomes": "outcome",
+    "handoffs": "trigger",
+    "handoff_failures": "errcode",
+    "media_received": "kind",
+    "media_declined": "reason",
+    "rate_limited": "decision",
+    "send_failures": "fail_type",
+    "welcomes_skipped": "reason",
 }
 DEFAULT_LABEL: Final = "label"
 
