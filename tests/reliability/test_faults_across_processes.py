@@ -1,0 +1,95 @@
+"""Two real service processes, one real Memcached, fake WeCom and Dify: faults everywhere at once.
+
+Dify answers 500, 429, an HTML gateway page, a stream that stops mid-answer; WeCom answers busy (-1), rate
+limited (45009) and slowly; Memcached is killed and restarted mid-run. Every customer message gets exactly
+one reply (the answer, or the polite fallback), per customer in order, and the webhook never answers 5xx.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.dify_server import Fault
+from tests.support.memcached import MemcachedProcess
+from tests.support.service_process import ServiceProcess, service_config, signed_callback, wait_for
+from tests.support.stack import ADMIN_TOKEN, KF, Servers
+
+pytestmark = [pytest.mark.memcached, pytest.mark.slow]
+FALLBACK = "抱歉，我暂时无法回答您的问题，请稍后再试。"
+
+
+def test_messages_in_equal_replies_out_under_mixed_faults(
+    tmp_path: Path, servers: Servers, memcached: MemcachedProcess
+) -> None:
+    config = service_config(
+        tmp_path / "config.ini",
+        servers,
+        memcached=memcached,
+        prefix=f"faults{secrets.token_hex(3)}",
+        bot={"RECOVERY_INTERVAL": 1, "MESSAGE_LEASE": 3, "PULL_LEASE": 3, "DIFY_TOTAL_TIMEOUT": 10},
+    )
+    instances = [ServiceProcess(config).start(), ServiceProcess(config).start()]
+    customers = [f"wmMix{i}" for i in range(12)]
+    rounds = 3
+    statuses: list[int] = []
+    faults = [
+        lambda: servers.dify.inject(
+            Fault(status=500, body={"code": "internal_server_error", "message": "x", "status": 500})
+        ),
+        lambda: servers.dify.inject(
+            Fault(status=429, body={"code": "too_many_requests", "message": "busy", "status": 429})
+        ),
+        lambda: servers.dify.inject(Fault(status=502, body="<html>502</html>", content_type="text/html")),
+        lambda: servers.dify.inject(Fault(eof_after=1)),
+        lambda: servers.wecom.world.fail_next("kf/send_msg", -1, times=2),
+        lambda: servers.wecom.world.fail_next("kf/send_msg", 45009),
+        lambda: servers.wecom.delay_next("kf/sync_msg", 1.0),
+    ]
+    try:
+        with httpx.Client(timeout=10) as client:
+            for round_ in range(rounds):
+                for fault in faults:
+                    fault()
+                if round_ == 1:
+                    memcached.kill()
+                for c in customers:
+                    servers.wecom.add_customer_text(KF, c, f"{c}/{round_}")
+                for i, service in enumerate(instances * 2):
+                    params, body = signed_callback(servers.wecom.corp_id, KF)
+                    statuses.append(
+                        client.post(service.url + "/webhook", params=params, content=body).status_code
+                    )
+                    if i == 1 and round_ == 1:
+                        memcached.restart()
+                time.sleep(0.5)
+        wait_for(
+            lambda: len(servers.wecom.sent) >= len(customers) * rounds, 90, what="a reply to every message"
+        )
+        time.sleep(3.0)  # a duplicate, if any, would arrive by now
+
+        assert statuses == [200] * len(statuses)
+        assert len(servers.wecom.sent) == len(customers) * rounds
+        for c in customers:
+            replies = [s.text for s in servers.wecom.sent if s.customer.external_userid == c]
+            assert len(replies) == rounds, (c, replies)
+            answered = [r for r in replies if r != FALLBACK]
+            expected_order = [f"答：{c}/{r}" for r in range(rounds)]
+            assert answered == [e for e in expected_order if e in answered], (c, replies)
+        fallbacks = sum(1 for s in servers.wecom.sent if s.text == FALLBACK)
+        assert fallbacks <= len(faults) * rounds
+        status = httpx.get(
+            instances[0].url + "/status", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        ).json()
+        assert status["store"]["backend"] == "memcached"
+    finally:
+        for service in instances:
+            service.stop()
+    logs = [service.logs() for service in instances]
+    assert not any("Traceback" in log for log in logs)
+    # The Memcached outage really happened under load: at least one instance went into degraded mode.
+    assert any("degraded mode" in log for log in logs)
