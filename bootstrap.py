@@ -501,6 +501,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             store_factory=build_store,
             out=sys.stdout,
             config_source=source,
+            voice_probe=lambda s: build_audio(s).executable,
         )
     settings = load_or_exit(args.config, env)
     if args.command == "serve":

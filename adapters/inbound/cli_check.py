@@ -83,6 +83,7 @@ def run_check(
     out: TextIO,
     config_source: str = "",
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    voice_probe: Callable[[Settings], str | None] | None = None,
 ) -> int:
     """Run every check and print the report. 0 when nothing failed, 1 otherwise.
 
@@ -109,6 +110,8 @@ def run_check(
             timeout_s=timeout_s,
         )
     )
+    if voice_probe is not None:
+        check_voice(settings, report, voice_probe)
     counts = f"{report.failed} failed, {report.warnings} warning(s), {report.ok_count} OK"
     if report.failed:
         report.summary(f"{counts} -- fix the FAIL lines and run `python bootstrap.py check` again")
@@ -434,6 +437,27 @@ def check_admin(settings: Settings, report: Report) -> None:
         )
     else:
         report.ok("admin", "ADMIN_TOKEN is set")
+
+
+# --- g. voice -----------------------------------------------------------------------------------------
+
+
+def check_voice(settings: Settings, report: Report, probe: Callable[[Settings], str | None]) -> None:
+    """`probe` names the ffmpeg voice messages will use, or None when there is none."""
+    try:
+        found = probe(settings)
+    except Exception as exc:  # a broken probe must not hide the other results
+        found = None
+        report.warn("voice", f"could not look for ffmpeg: {type(exc).__name__}")
+        return
+    if found:
+        report.ok("voice", f"ffmpeg for voice messages: {found}")
+    else:
+        report.warn(
+            "voice",
+            "no ffmpeg found: voice messages get the 'unsupported' text; apt-get install ffmpeg, or "
+            "pip install imageio-ffmpeg",
+        )
 
 
 # --- helpers ------------------------------------------------------------------------------------------

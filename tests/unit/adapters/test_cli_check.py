@@ -632,3 +632,22 @@ def test_secrets_never_appear_even_when_an_adapter_leaks_them(
 
     assert code == 1
     assert "***" in line(text, "FAIL wecom")  # check() also asserts no secret value is in the output
+
+
+@pytest.mark.parametrize(("found", "line"), [("/usr/bin/ffmpeg", "OK   voice"), (None, "WARN voice")])
+def test_check_says_whether_voice_messages_can_be_converted(
+    wecom: tuple[FakeWeComServer, str], dify: tuple[FakeDifyServer, str], found: str | None, line: str
+) -> None:
+    settings = make_settings(wecom[1], dify[1])
+    out = io.StringIO()
+    code = run_check(
+        settings,
+        [],
+        channel_factory=real_channel,
+        engine_factory=real_engine,
+        store_factory=memory_store,
+        out=out,
+        voice_probe=lambda s: found,
+    )
+    assert code == 0
+    assert any(row.startswith(line) for row in out.getvalue().splitlines())
