@@ -88,6 +88,7 @@ def build_dify(
         connect_timeout=settings.dify_connect_timeout_s,
         idle_timeout=settings.dify_idle_timeout_s,
         total_timeout=settings.dify_total_timeout_s,
+        max_connections=max(settings.dify_concurrency, 1) + 8,
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 from application.drain_customer import DrainCustomer, DrainOutcome
@@ -26,6 +26,12 @@ from application.telemetry import Telemetry, correlation_id
 from domain.messages import CallbackNotice, CustomerRef
 
 log = logging.getLogger("kfdify.dispatch")
+
+
+def _running(task: asyncio.Task[None] | None) -> bool:
+    """A task whose coroutine has returned is done at once, but forgotten only by a later callback: a
+    request in between must start a new task, not wait for one that will never look again."""
+    return task is not None and not task.done()
 
 
 class Dispatcher:
@@ -62,20 +68,18 @@ class Dispatcher:
             return
         if token:
             self._tokens[open_kfid] = token
-        if open_kfid in self._pulls:
+        if _running(self._pulls.get(open_kfid)):
             self._pull_again.add(open_kfid)
             self._telemetry.count("pulls_coalesced")
             return
-        self._pulls[open_kfid] = self._spawn(
-            self._pull_loop(open_kfid), lambda: self._pulls.pop(open_kfid, None)
-        )
+        self._pulls[open_kfid] = self._spawn(self._pull_loop(open_kfid), self._pulls, open_kfid)
 
     def on_notice(self, notice: CallbackNotice) -> None:
         """A `kf_msg_or_event` callback. Older payloads lack OpenKfId: then every known account is pulled."""
         if notice.open_kfid:
             self.notify(notice.open_kfid, notice.token)
         elif not self._closing:
-            self._spawn(self._notify_known(notice.token), lambda: None)
+            self._spawn(self._notify_known(notice.token))
 
     async def _notify_known(self, token: str) -> None:
         for open_kfid in await self._store.known_kfs():
@@ -84,12 +88,10 @@ class Dispatcher:
     def drain(self, customer: CustomerRef) -> None:
         if self._closing:
             return
-        if customer in self._drains:
+        if _running(self._drains.get(customer)):
             self._drain_again.add(customer)
             return
-        self._drains[customer] = self._spawn(
-            self._drain_loop(customer), lambda: self._drains.pop(customer, None)
-        )
+        self._drains[customer] = self._spawn(self._drain_loop(customer), self._drains, customer)
 
     async def start(self) -> None:
         self._recovery = asyncio.create_task(self._recovery_loop())
@@ -121,16 +123,24 @@ class Dispatcher:
         """Wait until no pull or drain runs (tests and benchmarks)."""
         while self._pulls or self._drains:
             await asyncio.wait([*self._pulls.values(), *self._drains.values()])
+            await asyncio.sleep(0)  # let the done callbacks forget the finished tasks
 
     # --- loops --------------------------------------------------------------------------------------------
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], on_done: Callable[[], object]) -> asyncio.Task[None]:
+    def _spawn(
+        self,
+        coro: Coroutine[Any, Any, None],
+        registry: dict[Any, asyncio.Task[None]] | None = None,
+        key: object = None,
+    ) -> asyncio.Task[None]:
+        """Start `coro`; when it ends, forget it in `registry[key]` unless a newer task took that place."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)  # the loop keeps only weak references to tasks
 
         def done(finished: asyncio.Task[None]) -> None:
             self._tasks.discard(finished)
-            on_done()
+            if registry is not None and registry.get(key) is finished:
+                del registry[key]
 
         task.add_done_callback(done)
         return task

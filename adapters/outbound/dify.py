@@ -43,6 +43,7 @@ class DifyChatEngine:
         read_timeout: float = 60,
         idle_timeout: float = 45,
         total_timeout: float = 180,
+        max_connections: int = 100,
         client: httpx.AsyncClient | None = None,
     ) -> None:
         if response_mode not in ("streaming", "blocking"):
@@ -59,6 +60,11 @@ class DifyChatEngine:
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             headers={"User-Agent": "kf-dify"},
+            # A streaming answer holds its connection for the whole answer: the pool must be at least as
+            # large as the number of answers allowed at once, or questions queue behind httpx's default 100.
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=min(max_connections, 100)
+            ),
         )
 
     async def aclose(self) -> None:
