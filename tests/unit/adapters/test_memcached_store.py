@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -487,3 +488,36 @@ class TestTwoServers:
             assert client.get("k") is None  # ... and as "missing"
         finally:
             client.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.memcached
+async def test_many_customers_recording_and_removing_at_once_never_exhaust_cas(
+    server: MemcachedProcess,
+) -> None:
+    """One index key per kf account must not become a hot spot: a busy shop drains 100 customers at once."""
+    stores = [MemcachedStateStore(servers=[server.server], prefix="contended", **FAST) for _ in range(2)]
+    try:
+
+        async def customer(i: int) -> None:
+            store = stores[i % 2]
+            who = CustomerRef(KF, f"wm{i}")
+            for turn in range(5):
+                msg = InboundMessage(
+                    msgid=f"m{i}-{turn}",
+                    open_kfid=KF,
+                    external_userid=who.external_userid,
+                    send_time=1_700_000_000 + turn,
+                    origin=Origin.CUSTOMER,
+                    msgtype="text",
+                    text="hi",
+                )
+                await store.record([msg])
+                assert [m.msgid for m in await store.pending(who)] == [msg.msgid]
+                await store.remove(who, msg.msgid)
+
+        await asyncio.gather(*(customer(i) for i in range(100)))
+        assert await stores[0].customers_with_pending(KF) == []
+    finally:
+        for store in stores:
+            await store.aclose()
