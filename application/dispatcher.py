@@ -171,8 +171,10 @@ class Dispatcher:
         """One coordinated pull. True when another pull is due at once."""
         await self._store.remember_kf(open_kfid)
         await self._store.request_pull(open_kfid, token)
-        if not await self._store.acquire_pull(
-            open_kfid, owner=self._owner, lease_s=self._options.pull_lease_s
+        lease = self._options.pull_lease_s
+        if not await self._store.acquire_pull(open_kfid, owner=self._owner, lease_s=lease) and (
+            # Our own lease, left behind by a release that failed (say, Memcached blinked): still ours.
+            not await self._store.renew_pull(open_kfid, owner=self._owner, lease_s=lease)
         ):
             self._telemetry.count("pulls_elsewhere")
             # The holder will see our request when it finishes. Only a local callback that came in while

@@ -90,7 +90,7 @@ class Settings:
     rate_limit_window_s: float = 60.0
     recovery_interval_s: float = 60.0
     message_lease_s: float = 60.0
-    pull_lease_s: float = 60.0
+    pull_lease_s: float = 15.0
     # Media: image + text pairing, and the ffmpeg that turns voice into speech audio.
     image_text_window_s: float = 3.0
     ffmpeg: str = ""  # "" = ffmpeg on PATH, else the imageio-ffmpeg package's; "off" = no voice
@@ -334,7 +334,7 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         rate_limit_window_s=r.typed("BOT", "RATE_LIMIT_WINDOW", 60.0, _positive_float, "seconds"),
         recovery_interval_s=r.typed("BOT", "RECOVERY_INTERVAL", 60.0, _positive_float, "seconds (0 = off)"),
         message_lease_s=max(1.0, r.typed("BOT", "MESSAGE_LEASE", 60.0, _positive_float, "seconds ≥ 1")),
-        pull_lease_s=max(1.0, r.typed("BOT", "PULL_LEASE", 60.0, _positive_float, "seconds ≥ 1")),
+        pull_lease_s=max(1.0, r.typed("BOT", "PULL_LEASE", 15.0, _positive_float, "seconds ≥ 1")),
         image_text_window_s=r.typed(
             "BOT", "IMAGE_TEXT_WINDOW", 3.0, _positive_float, "seconds (0 = never wait for a text)"
         ),

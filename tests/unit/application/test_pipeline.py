@@ -255,3 +255,14 @@ async def test_shutdown_lets_replies_in_flight_finish_within_the_grace_period() 
     app.dispatcher().notify(KF, "t")
     await asyncio.sleep(0.05)
     assert texts(world, "wmGrace") == ["答：slow but in time"]
+
+
+async def test_a_pull_lease_left_behind_by_our_own_failed_release_does_not_block_pulls() -> None:
+    app = fake_application()
+    store: MemoryStateStore = app.adapters.store()
+    # A release that never reached the store (an outage at the wrong moment) leaves our own lease behind.
+    assert await store.acquire_pull(KF, owner=app.owner(), lease_s=600)
+    world = app.adapters.world()
+    world.add_customer_text(KF, "wmLease", "还能回答吗")
+    await run(app)
+    assert texts(world, "wmLease") == ["答：还能回答吗"]
