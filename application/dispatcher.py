@@ -146,15 +146,19 @@ class Dispatcher:
         return task
 
     async def _pull_loop(self, open_kfid: str) -> None:
+        loop = asyncio.get_running_loop()
         pause = 0.0
         while True:
             if pause:
                 await asyncio.sleep(pause)
             self._pull_again.discard(open_kfid)
             token = self._tokens.pop(open_kfid, "")
+            started = loop.time()
             try:
                 again = await self._pull_once(open_kfid, token)
-                pause = 0.0
+                # Back-to-back pulls (a flood of callbacks) start at least pull_interval_s apart: the next
+                # pull then collects everything that arrived meanwhile, in one sync_msg.
+                pause = max(self._options.pull_interval_s - (loop.time() - started), 0.0)
             except WeComError as exc:
                 log.warning("pull failed kf=%s errcode=%s %s", open_kfid, exc.errcode, exc.errmsg)
                 again = exc.is_transient

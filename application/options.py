@@ -73,6 +73,8 @@ class BotOptions:
     # A claimed message is renewed every third of this while it is answered; a dead instance's claim
     # expires after it and another instance answers the message.
     message_lease_s: float = 60.0
+    # Under a flood of callbacks, consecutive pulls of one kf account start at least this far apart.
+    pull_interval_s: float = 0.2
     # Renewed on every page of a pull; short, so a dead puller blocks its kf account only briefly.
     pull_lease_s: float = 15.0
     # How often an instance pulls every known kf account without a callback, to catch lost callbacks.
