@@ -9,6 +9,7 @@ concrete classes.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import socket
@@ -396,6 +397,10 @@ def serve(settings: Settings) -> None:
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
     container = build_container(settings)
     app = container.app()
+    # Tens of thousands of import-time objects would otherwise be walked by every full collection, a
+    # 40 ms stop of the event loop that shows up as webhook p99 (bench/FINDINGS.md).
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
         app,
         host=settings.host,

@@ -26,6 +26,8 @@ _MAX_MESSAGE_CHARS = 500
 # Dify follows a failed `workflow_finished` with the `error` event that explains it (spec §3.3); wait this
 # long for it so the application gets Dify's code, not just "workflow_failed".
 _FAILED_WORKFLOW_GRACE_S = 2.0
+# After message_end, how long to read the rest of a stream so its connection can be reused.
+_TAIL_READ_S = 0.1
 # Transient by nature (spec §4.2, §8.1); status-based rules (5xx, 429) are applied on top.
 _RETRYABLE_CODES = frozenset({"too_many_requests", "completion_request_error", "internal_server_error"})
 
@@ -361,7 +363,12 @@ class DifyChatEngine:
                 assembly.feed(event)
                 if kind == "message_end":
                     # Chatflow then sends workflow_finished, and some versions never close (spec §8.3
-                    # #21568): the answer is complete here, so stop and let the context close the response.
+                    # #21568): the answer is complete here. Read what little follows for a moment, so that
+                    # a response that does end returns its connection to the pool (else every answer opens
+                    # a new connection: a TLS handshake in production); then let the context close it.
+                    with anyio.move_on_after(_TAIL_READ_S):
+                        async for _ in lines:
+                            pass
                     return assembly.answer(question)
                 if kind == "workflow_finished":
                     data = event.get("data")
