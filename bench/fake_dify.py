@@ -1,0 +1,149 @@
+"""A tiny fake Dify for benchmarks: `POST /v1/chat-messages` streams a fixed Markdown answer as SSE.
+
+A bare ASGI app (no router, no recording) in its own process, so it is never the bottleneck. It waits
+`delay` seconds before the response starts (Dify "thinking"), then sends one `message` event per
+`chunk` characters and a `message_end`, each as its own write, as Dify does.
+
+    python -m bench.fake_dify --port P
+    POST /_bench/config {"delay": 2.0, "chunk": 4}      GET /_bench/stats      POST /_bench/reset
+
+Stats: requests served, streams open now, the most streams open at once (`peak`), and how many TCP
+connections those requests came on (`connections`: distinct client ports since the last reset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import uvicorn
+
+from bench.common import HOST, UVICORN_SETTINGS
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# A typical customer-service answer: a little Markdown (bold, an ordered list), about 100 CJK characters.
+ANSWER = (
+    "您好！关于您的问题，以下是**三个要点**：\n\n"
+    "1. 订单一般会在 24 小时内发货，节假日顺延。\n"
+    "2. 如需修改收货地址，请在发货前联系我们。\n"
+    "3. 退换货请在签收后 7 天内申请，商品需保持完好。\n\n"
+    "如有其他问题，欢迎随时咨询。"
+)
+_USAGE = {"prompt_tokens": 10, "completion_tokens": 50, "total_tokens": 60, "latency": 0.01}
+
+
+class FakeDify:
+    def __init__(self) -> None:
+        self.delay = 0.0
+        self.chunk = 4
+        self.requests = 0
+        self.active = 0
+        self.peak = 0
+        self.clients: set[tuple[str, int]] = set()  # distinct client (host, port): TCP connections seen
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        body = await _read_body(receive)
+        if path == "/v1/chat-messages" and method == "POST":
+            client = scope.get("client")
+            if client:
+                self.clients.add((client[0], client[1]))
+            await self._chat(json.loads(body), send)
+        elif path == "/_bench/config" and method == "POST":
+            config = json.loads(body or b"{}")
+            self.delay = float(config.get("delay", self.delay))
+            self.chunk = max(1, int(config.get("chunk", self.chunk)))
+            await _json(send, self._stats())
+        elif path == "/_bench/reset" and method == "POST":
+            self.requests = self.peak = 0
+            self.clients.clear()
+            await _json(send, self._stats())
+        elif path in ("/_bench/stats", "/healthz"):
+            await _json(send, self._stats())
+        else:
+            await _json(send, {"code": "not_found", "message": "Not Found", "status": 404}, 404)
+
+    def _stats(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "active": self.active,
+            "peak": self.peak,
+            "connections": len(self.clients),
+            "delay": self.delay,
+            "chunk": self.chunk,
+        }
+
+    async def _chat(self, question: dict[str, Any], send: Send) -> None:
+        self.requests += 1
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            conversation_id = question.get("conversation_id") or str(uuid.uuid4())
+            message_id = str(uuid.uuid4())
+            common = {
+                "task_id": message_id,
+                "id": message_id,
+                "message_id": message_id,
+                "conversation_id": conversation_id,
+                "created_at": int(time.time()),
+            }
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+                }
+            )
+            text = f"{question.get('query', '')}\n" + ANSWER
+            for i in range(0, len(text), self.chunk):
+                event = {"event": "message", **common, "answer": text[i : i + self.chunk]}
+                await send({"type": "http.response.body", "body": _sse(event), "more_body": True})
+            end = {"event": "message_end", **common, "metadata": {"usage": _USAGE}}
+            await send({"type": "http.response.body", "body": _sse(end), "more_body": False})
+        finally:
+            self.active -= 1
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _json(send: Send, payload: dict[str, Any], status: int = 200) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fake_dify")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    uvicorn.run(FakeDify(), host=HOST, port=args.port, lifespan="off", backlog=4096, **UVICORN_SETTINGS)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
