@@ -237,35 +237,15 @@ class DifyChatEngine:
         return payload
 
     async def _get_json(self, path: str) -> Mapping[str, Any]:
-        timeout = httpx.Timeout(
-            connect=self._connect_timeout,
-            read=self._read_timeout,
-            write=self._read_timeout,
-            pool=self._connect_timeout,
-        )
-        try:
-            with anyio.fail_after(self._total_timeout):
-                response = await self._client.get(self._url(path), headers=self._headers(), timeout=timeout)
-        except TimeoutError:
-            raise ChatEngineError(
-                "timeout", f"GET {path}: no answer within {self._total_timeout:g} s", retryable=True
-            ) from None
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, f"GET {path}") from exc
-        if not response.is_success:
-            raise self._http_error(
-                response.status_code, response.content, response.reason_phrase, had_conversation=False
-            )
-        body = _json_object(response.content)
-        if body is None:
-            raise ChatEngineError(
-                "bad_response", f"GET {path}: body is not a JSON object", status=response.status_code
-            )
-        return body
+        return await self._request_json("GET", path, what=f"GET {path}")
 
     async def _post_multipart(
         self, path: str, *, file: tuple[str, bytes, str], user: str, what: str
     ) -> Mapping[str, Any]:
+        return await self._request_json("POST", path, what=what, files={"file": file}, data={"user": user})
+
+    async def _request_json(self, method: str, path: str, *, what: str, **send: Any) -> Mapping[str, Any]:
+        """One non-streaming call answered by a JSON object; Dify's failures become ChatEngineError."""
         timeout = httpx.Timeout(
             connect=self._connect_timeout,
             read=self._read_timeout,
@@ -274,12 +254,8 @@ class DifyChatEngine:
         )
         try:
             with anyio.fail_after(self._total_timeout):
-                response = await self._client.post(
-                    self._url(path),
-                    files={"file": file},
-                    data={"user": user},
-                    headers=self._headers(),
-                    timeout=timeout,
+                response = await self._client.request(
+                    method, self._url(path), headers=self._headers(), timeout=timeout, **send
                 )
         except TimeoutError:
             raise ChatEngineError(
