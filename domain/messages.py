@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import IntEnum, StrEnum
 
 
@@ -74,6 +74,13 @@ class KfEvent:
     new_servicer_userid: str = ""
     recall_msgid: str = ""
     status: int | None = None
+
+
+# KfEvent's fields by kind, in declaration order (event_type aside): what adapters map from and to JSON.
+EVENT_TEXT_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(KfEvent) if f.type == "str" and f.name != "event_type"
+)
+EVENT_NUMBER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(KfEvent) if f.type == "int | None")
 
 
 @dataclass(frozen=True, slots=True)

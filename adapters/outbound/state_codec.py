@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from domain.conversation import Conversation
-from domain.messages import InboundMessage, KfEvent, Origin
+from domain.messages import EVENT_NUMBER_FIELDS, EVENT_TEXT_FIELDS, InboundMessage, KfEvent, Origin
 
 
 class UndecodableValue(ValueError):
@@ -85,28 +85,12 @@ def message_from_dict(data: object) -> InboundMessage:
         raise UndecodableValue(f"not a message: {exc!r}") from exc
 
 
-_EVENT_STR_FIELDS = (
-    "open_kfid",
-    "external_userid",
-    "welcome_code",
-    "scene",
-    "scene_param",
-    "fail_msgid",
-    "msg_code",
-    "servicer_userid",
-    "old_servicer_userid",
-    "new_servicer_userid",
-    "recall_msgid",
-)
-_EVENT_INT_FIELDS = ("fail_type", "change_type", "status")
-
-
 def _event_to_dict(event: KfEvent) -> dict[str, object]:
     data: dict[str, object] = {"event_type": event.event_type}
-    for name in _EVENT_STR_FIELDS:
+    for name in EVENT_TEXT_FIELDS:
         if value := getattr(event, name):
             data[name] = value
-    for name in _EVENT_INT_FIELDS:
+    for name in EVENT_NUMBER_FIELDS:
         if (number := getattr(event, name)) is not None:
             data[name] = number
     return data
@@ -114,8 +98,8 @@ def _event_to_dict(event: KfEvent) -> dict[str, object]:
 
 def _event_from_dict(data: object) -> KfEvent:
     d = _mapping(data, "event")
-    strings = {name: _str(d.get(name, "")) for name in _EVENT_STR_FIELDS}
-    numbers = {name: None if d.get(name) is None else int(d[name]) for name in _EVENT_INT_FIELDS}
+    strings = {name: _str(d.get(name, "")) for name in EVENT_TEXT_FIELDS}
+    numbers = {name: None if d.get(name) is None else int(d[name]) for name in EVENT_NUMBER_FIELDS}
     return KfEvent(event_type=_str(d["event_type"]), **strings, **numbers)  # type: ignore[arg-type]
 
 

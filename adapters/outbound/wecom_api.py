@@ -112,11 +112,17 @@ class WeComKfChannel:
         )
 
     async def send_text(self, customer: CustomerRef, text: str, *, msgid: str) -> str:
+        return await self._send_msg(customer, "text", {"content": text}, msgid)
+
+    async def _send_msg(
+        self, customer: CustomerRef, msgtype: str, content: dict[str, Any], msgid: str
+    ) -> str:
+        """`kf/send_msg` of one message; returns WeCom's msgid (ours, echoed, when we named it)."""
         body: dict[str, Any] = {
             "touser": customer.external_userid,
             "open_kfid": customer.open_kfid,
-            "msgtype": "text",
-            "text": {"content": text},
+            "msgtype": msgtype,
+            msgtype: content,
         }
         if msgid:
             body["msgid"] = msgid
@@ -168,16 +174,7 @@ class WeComKfChannel:
             await self._fetch_token()
 
     async def send_image(self, customer: CustomerRef, media_id: str, *, msgid: str) -> str:
-        body: dict[str, Any] = {
-            "touser": customer.external_userid,
-            "open_kfid": customer.open_kfid,
-            "msgtype": "image",
-            "image": {"media_id": media_id},
-        }
-        if msgid:
-            body["msgid"] = msgid
-        data = await self._call(SEND_MSG, body)
-        return _as_str(data.get("msgid")) or msgid
+        return await self._send_msg(customer, "image", {"media_id": media_id}, msgid)
 
     async def upload_media(self, kind: str, filename: str, content_type: str, data: bytes) -> str:
         # The part is named `media` and carries the file name the customer sees (spec §7.4).

@@ -7,26 +7,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from domain.messages import InboundMessage, KfEvent, Origin
+from domain.messages import EVENT_NUMBER_FIELDS, EVENT_TEXT_FIELDS, InboundMessage, KfEvent, Origin
 
 MEDIA_MSGTYPES = frozenset({"image", "voice", "video", "file"})
 
-# KfEvent fields that are strings / integers in WeCom's `event` object (spec §5.4).
-_EVENT_STR_FIELDS = (
-    "open_kfid",
-    "external_userid",
-    "welcome_code",
-    "scene",
-    "scene_param",
-    "fail_msgid",
-    "msg_code",
-    "servicer_userid",
-    "old_servicer_userid",
-    "new_servicer_userid",
-    "recall_msgid",
-)
-_EVENT_INT_FIELDS = ("fail_type", "change_type", "status")
-_EVENT_KNOWN = frozenset({"event_type", *_EVENT_STR_FIELDS, *_EVENT_INT_FIELDS})
+_EVENT_KNOWN = frozenset({"event_type", *EVENT_TEXT_FIELDS, *EVENT_NUMBER_FIELDS})
 
 
 def parse_sync_item(item: object) -> InboundMessage | None:
@@ -113,11 +98,11 @@ def to_sync_item(message: InboundMessage) -> dict[str, Any]:
         body: dict[str, Any] = {"event_type": ev.event_type}
         body["open_kfid"] = ev.open_kfid or message.open_kfid
         body["external_userid"] = ev.external_userid or message.external_userid
-        for name in _EVENT_STR_FIELDS[2:]:
+        for name in EVENT_TEXT_FIELDS[2:]:
             value = getattr(ev, name)
             if value:
                 body[name] = value
-        for name in _EVENT_INT_FIELDS:
+        for name in EVENT_NUMBER_FIELDS:
             value = getattr(ev, name)
             if value is not None:
                 body[name] = value
