@@ -37,6 +37,7 @@ from adapters.outbound.wechat_text import WeChatTextRenderer
 from adapters.outbound.wecom_api import WeComKfChannel
 from application.admin import ConversationAdmin, StatusReport
 from application.answer_message import AnswerCustomerMessage
+from application.app_parameters import AppParametersCache
 from application.dispatcher import Dispatcher
 from application.drain_customer import DrainCustomer
 from application.handoff import HandOffToHuman
@@ -51,7 +52,7 @@ from application.routing import KfRoute, Routing
 from application.session_events import SessionEvents
 from application.session_state import SessionStates
 from application.telemetry import Telemetry
-from application.welcome import AppParametersCache, WelcomeCustomer
+from application.welcome import WelcomeCustomer
 from domain.messages import CustomerRef
 from domain.rate_limit import RateLimit
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 
 from application.answer_message import PreparedQuestion, ReplySession
+from application.app_parameters import AppParametersCache
 from application.errors import AudioConversionError, ChatEngineError, MediaTooLarge, WeComError
 from application.options import BotOptions, ReplyTexts
 from application.ports import AudioConverter, Clock, KfChannel
@@ -83,7 +84,9 @@ class MediaSupport:
         self._clock = clock
         self._options = options
         self._telemetry = telemetry
-        self._parameters_cache: dict[int, tuple[float, AppParameters | None]] = {}
+        self._app_parameters = AppParametersCache(
+            ttl_s=options.app_parameters_ttl_s, failure_retry_s=PARAMETERS_RETRY_S, clock=clock.now
+        )
 
     # --- MediaPreparer: customers' media in -----------------------------------------------------------------
 
@@ -323,7 +326,7 @@ class MediaSupport:
         except ChatEngineError as exc:
             self._warn(message, "speech to text failed", f"code={exc.code} status={exc.status} {exc.message}")
             if exc.code in ("speech_to_text_disabled", "provider_not_support_speech_to_text"):
-                self._parameters_cache.pop(id(route.engine), None)  # the app changed: read it again
+                self._app_parameters.invalidate(route)  # the app changed: read it again
                 raise _Declined(texts.unsupported, "not_enabled") from None
             raise _Declined(texts.voice_failed, "transcription_failed") from None
         transcript = transcript.strip()
@@ -361,16 +364,8 @@ class MediaSupport:
 
     async def _parameters(self, route: KfRoute, failed_reply: str = "") -> AppParameters:
         """The route's /parameters, reused for `app_parameters_ttl_s` (file upload and speech settings)."""
-        key = id(route.engine)
-        now = self._clock.now()
-        cached = self._parameters_cache.get(key)
-        failed = failed_reply or route.texts.media_failed
-        if cached is not None and cached[0] > now:
-            if cached[1] is None:
-                raise _Declined(failed, "parameters_unavailable")
-            return cached[1]
         try:
-            parameters = await route.engine.parameters()
+            return await self._app_parameters.get(route)
         except ChatEngineError as exc:
             log.warning(
                 "reading the Dify app's parameters failed route=%s code=%s status=%s: media not handled",
@@ -378,10 +373,7 @@ class MediaSupport:
                 exc.code,
                 exc.status,
             )
-            self._parameters_cache[key] = (now + PARAMETERS_RETRY_S, None)
-            raise _Declined(failed, "parameters_unavailable") from None
-        self._parameters_cache[key] = (now + self._options.app_parameters_ttl_s, parameters)
-        return parameters
+            raise _Declined(failed_reply or route.texts.media_failed, "parameters_unavailable") from None
 
     @staticmethod
     def _warn(message: InboundMessage, what: str, detail: str) -> None:

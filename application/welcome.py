@@ -8,49 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 
+from application.app_parameters import AppParametersCache
 from application.errors import ChatEngineError, WeComError
 from application.options import BotOptions
 from application.ports import Clock, KfChannel
 from application.rejections import RejectedCustomers
 from application.routing import KfRoute, Routing
 from application.telemetry import Telemetry
-from domain.chat import AppParameters
 from domain.dedupe import DedupeKey, outbound_msgid
 from domain.messages import InboundMessage
 from domain.welcome import Welcome, compose_welcome
 
 log = logging.getLogger("kfdify.welcome")
-
-
-class AppParametersCache:
-    """Each route's `GET /parameters`, reused for `ttl_s`; one fetch at a time per route."""
-
-    def __init__(self, *, ttl_s: float) -> None:
-        self._ttl = ttl_s
-        self._cache: dict[str, tuple[float, AppParameters]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    async def get(self, route: KfRoute) -> AppParameters:
-        cached = self._fresh(route)
-        if cached is not None:
-            return cached
-        lock = self._locks.setdefault(route.name, asyncio.Lock())
-        async with lock:
-            cached = self._fresh(route)
-            if cached is not None:
-                return cached
-            parameters = await route.engine.parameters()
-            self._cache[route.name] = (time.monotonic(), parameters)
-            return parameters
-
-    def _fresh(self, route: KfRoute) -> AppParameters | None:
-        entry = self._cache.get(route.name)
-        if entry is None or time.monotonic() - entry[0] >= self._ttl:
-            return None
-        return entry[1]
 
 
 class WelcomeCustomer:
