@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import urljoin
 
@@ -295,67 +296,75 @@ class DifyChatEngine:
         saw_content = False
         # Set by a failed workflow_finished: raised unless the explaining `error` event arrives in time.
         pending_failure: ChatEngineError | None = None
-        idle_deadline = anyio.current_time() + self._idle_timeout
-        async with _closing(response.aiter_lines()) as lines:
-            while True:
-                line: str | None = None
-                timed_out = True
-                with anyio.move_on_at(idle_deadline):
+        loop = asyncio.get_running_loop()
+        # One idle timer for the whole stream, moved on at every content event: a cancel scope per line
+        # cost more CPU than the rest of the answer (bench/FINDINGS.md #6).
+        idle = asyncio.timeout_at(loop.time() + self._idle_timeout)
+        try:
+            async with idle, _closing(response.aiter_lines()) as lines:
+                while True:
                     try:
                         line = await anext(lines)
                     except StopAsyncIteration:
-                        line = None
+                        if pending_failure is not None:
+                            raise pending_failure from None
+                        raise ChatEngineError(
+                            "stream_incomplete", "stream ended before message_end", retryable=True
+                        ) from None
                     except httpx.ReadTimeout:
-                        break  # the server went fully silent: same as the idle guard below
+                        break  # the server went fully silent: same as the idle guard
                     except httpx.TransportError as exc:
                         raise ChatEngineError(
                             "stream_incomplete", f"stream broke: {type(exc).__name__}", retryable=True
                         ) from exc
-                    timed_out = False
-                if timed_out:
-                    break
-                if line is None:
+                    if not line:
+                        continue  # the blank line that ends every SSE event
+                    event = _sse_event(line)
+                    if event is None or event.get("event") == "ping":
+                        continue  # keep-alives do not count as progress (spec §0 #10)
+                    kind = event.get("event")
                     if pending_failure is not None:
-                        raise pending_failure
-                    raise ChatEngineError(
-                        "stream_incomplete", "stream ended before message_end", retryable=True
-                    )
-                event = _sse_event(line)
-                if event is None or event.get("event") == "ping":
-                    continue  # keep-alives do not count as progress (spec §0 #10)
-                kind = event.get("event")
-                if pending_failure is not None:
+                        if kind == "error":
+                            raise self._stream_error(event, had_conversation)
+                        continue
+                    saw_content = True
+                    idle.reschedule(loop.time() + self._idle_timeout)
                     if kind == "error":
                         raise self._stream_error(event, had_conversation)
-                    continue
-                saw_content = True
-                idle_deadline = anyio.current_time() + self._idle_timeout
-                if kind == "error":
-                    raise self._stream_error(event, had_conversation)
-                if kind == "workflow_paused":
-                    raise ChatEngineError(
-                        "workflow_paused", "chatflow paused for human input", retryable=False
-                    )
-                assembly.feed(event)
-                if kind == "message_end":
-                    # Chatflow then sends workflow_finished, and some versions never close (spec §8.3
-                    # #21568): the answer is complete here. Read what little follows for a moment, so that
-                    # a response that does end returns its connection to the pool (else every answer opens
-                    # a new connection: a TLS handshake in production); then let the context close it.
-                    with anyio.move_on_after(_TAIL_READ_S):
-                        async for _ in lines:
-                            pass
-                    return assembly.answer(question)
-                if kind == "workflow_finished":
-                    data = event.get("data")
-                    status = data.get("status") if isinstance(data, Mapping) else None
-                    if status != "failed":
+                    if kind == "workflow_paused":
+                        raise ChatEngineError(
+                            "workflow_paused", "chatflow paused for human input", retryable=False
+                        )
+                    assembly.feed(event)
+                    if kind == "message_end":
+                        # Chatflow then sends workflow_finished, and some versions never close (spec §8.3
+                        # #21568): the answer is complete here. Read what little follows for a moment, so
+                        # that a response that does end returns its connection to the pool (else every
+                        # answer opens a new connection: a TLS handshake in production); then let the
+                        # context close it.
+                        idle.reschedule(None)
+                        with contextlib.suppress(TimeoutError, httpx.TransportError):
+                            async with asyncio.timeout(_TAIL_READ_S):
+                                async for _ in lines:
+                                    pass
                         return assembly.answer(question)
-                    error = data.get("error") if isinstance(data, Mapping) else None
-                    pending_failure = ChatEngineError(
-                        "workflow_failed", self._scrub(_text(error)) or "chatflow run failed", retryable=False
-                    )
-                    idle_deadline = min(idle_deadline, anyio.current_time() + _FAILED_WORKFLOW_GRACE_S)
+                    if kind == "workflow_finished":
+                        data = event.get("data")
+                        status = data.get("status") if isinstance(data, Mapping) else None
+                        if status != "failed":
+                            return assembly.answer(question)
+                        error = data.get("error") if isinstance(data, Mapping) else None
+                        pending_failure = ChatEngineError(
+                            "workflow_failed",
+                            self._scrub(_text(error)) or "chatflow run failed",
+                            retryable=False,
+                        )
+                        deadline = idle.when()
+                        grace = loop.time() + _FAILED_WORKFLOW_GRACE_S
+                        idle.reschedule(grace if deadline is None else min(deadline, grace))
+        except TimeoutError:
+            if not idle.expired():
+                raise
         if pending_failure is not None:
             raise pending_failure
         if had_conversation and not saw_content:
@@ -551,7 +560,7 @@ async def _read_limited(response: httpx.Response, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def _closing(iterator: AsyncIterator[_T]) -> AsyncIterator[AsyncIterator[_T]]:
     """Close httpx's async generator when we stop early (terminal event), not whenever the GC gets to it."""
     try:
