@@ -300,6 +300,9 @@ class DifyChatEngine:
         # One idle timer for the whole stream, moved on at every content event: a cancel scope per line
         # cost more CPU than the rest of the answer (bench/FINDINGS.md #6).
         idle = asyncio.timeout_at(loop.time() + self._idle_timeout)
+        # Re-armed `slack` beyond what progress asks, so a fast stream re-arms it once, not per event; a
+        # silence is cut after between idle_timeout and idle_timeout + slack.
+        slack = self._idle_timeout / 20
         try:
             async with idle, _closing(response.aiter_lines()) as lines:
                 while True:
@@ -328,7 +331,9 @@ class DifyChatEngine:
                             raise self._stream_error(event, had_conversation)
                         continue
                     saw_content = True
-                    idle.reschedule(loop.time() + self._idle_timeout)
+                    due = loop.time() + self._idle_timeout
+                    if (idle.when() or 0.0) < due:
+                        idle.reschedule(due + slack)
                     if kind == "error":
                         raise self._stream_error(event, had_conversation)
                     if kind == "workflow_paused":
