@@ -65,7 +65,7 @@ def create_app(
 
     routes = [
         Route("/webhook", webhook.verify, methods=["GET"]),
-        Route("/webhook", webhook.receive, methods=["POST"]),
+        Route("/webhook", webhook, methods=["POST"]),  # bare ASGI: see WeComWebhook.__call__
         Route("/status", guard(admin.status), methods=["GET"]),
         Route("/clear", guard(admin.clear), methods=["POST"]),
         Route("/get_conversation", guard(admin.get_conversation), methods=["GET"]),

@@ -29,7 +29,9 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+from urllib.parse import unquote_plus
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
@@ -40,6 +42,10 @@ from application.telemetry import Telemetry, correlation_id
 from domain.messages import CallbackNotice
 
 log = logging.getLogger("kfdify.webhook")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _REQUIRED_GET = ("msg_signature", "timestamp", "nonce", "echostr")
 _REQUIRED_POST = ("msg_signature", "timestamp", "nonce")
@@ -89,12 +95,15 @@ class WeComWebhook:
         self._telemetry = telemetry
         self._accepting = accepting
         self._body_timeout_s = body_timeout_s
+        # Correlation ids: a random prefix per process, then a counter (no syscall per callback).
+        self._id_prefix = secrets.token_hex(2)
+        self._callbacks = 0
 
     async def verify(self, request: Request) -> Response:
         params = request.query_params
         missing = [name for name in _REQUIRED_GET if not params.get(name)]
         if missing:
-            return self._reject(request, 400, f"missing query parameters: {', '.join(missing)}")
+            return self._reject_request(request, 400, f"missing query parameters: {', '.join(missing)}")
         try:
             echo = self._crypto.verify_url(
                 msg_signature=params["msg_signature"],
@@ -103,32 +112,39 @@ class WeComWebhook:
                 echostr=params["echostr"],
             )
         except CallbackRejected as exc:
-            return self._reject(request, _status_for(exc), exc.reason)
+            return self._reject_request(request, _status_for(exc), exc.reason)
         log.info("webhook URL verified")
         # Exactly the decrypted text: no quotes, no BOM, no newline.
         return Response(echo.encode("utf-8"), media_type="text/plain; charset=utf-8")
 
-    async def receive(self, request: Request) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /webhook as a bare ASGI app: every callback pays only for what it needs (a Starlette Request,
+        its QueryParams and a Response object cost more than the crypto, bench/FINDINGS.md #5)."""
         started = time.monotonic()
         # Background work started below inherits this id, so its log lines name the callback.
-        correlation_id.set(f"cb-{secrets.token_hex(4)}")
+        self._callbacks += 1
+        correlation_id.set(f"cb-{self._id_prefix}{self._callbacks:x}")
         self._telemetry.count("callbacks")
         if not self._accepting():
             # Shutting down: WeCom retries within seconds and another instance (or we, restarted) answers.
-            return self._reject(request, 503, "shutting down")
-        params = request.query_params
+            return await self._reject(scope, receive, send, 503, "shutting down")
+        params = _query(scope["query_string"])
         missing = [name for name in _REQUIRED_POST if not params.get(name)]
         if missing:
-            return self._reject(request, 400, f"missing query parameters: {', '.join(missing)}")
+            return await self._reject(
+                scope, receive, send, 400, f"missing query parameters: {', '.join(missing)}"
+            )
         try:
             async with asyncio.timeout(self._body_timeout_s):
-                body = await read_limited(request, MAX_BODY_BYTES)
+                body = await _read_body(scope, receive, MAX_BODY_BYTES)
         except BodyTooLarge:
-            return self._reject(request, 413, f"body larger than {MAX_BODY_BYTES} bytes")
+            return await self._reject(scope, receive, send, 413, f"body larger than {MAX_BODY_BYTES} bytes")
         except TimeoutError:
-            return self._reject(request, 408, f"body not received within {self._body_timeout_s:g} s")
+            return await self._reject(
+                scope, receive, send, 408, f"body not received within {self._body_timeout_s:g} s"
+            )
         except ClientDisconnect:
-            return self._reject(request, 400, "client went away mid-body")
+            return await self._reject(scope, receive, send, 400, "client went away mid-body")
         try:
             xml = self._crypto.decrypt_callback(
                 msg_signature=params["msg_signature"],
@@ -138,28 +154,80 @@ class WeComWebhook:
             )
             notice = parse_notice(xml)
         except CallbackRejected as exc:
-            return self._reject(request, _status_for(exc), exc.reason)
+            return await self._reject(scope, receive, send, _status_for(exc), exc.reason)
         if notice.asks_for_pull:
             self._on_notice(notice)
         else:
             self._telemetry.count_labelled("callback_events", notice.event or "unknown")
         elapsed = time.monotonic() - started
         self._telemetry.observe(t.CALLBACK_ACK, elapsed)
-        log.info(
-            "callback received event=%s kf=%s in %.1f ms",
-            notice.event or "-",
-            notice.open_kfid or "-",
-            elapsed * 1000,
-        )
-        return PlainTextResponse("success")
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "callback received event=%s kf=%s in %.1f ms",
+                notice.event or "-",
+                notice.open_kfid or "-",
+                elapsed * 1000,
+            )
+        await send(_SUCCESS_START)
+        await send(_SUCCESS_BODY)
 
-    def _reject(self, request: Request, status: int, reason: str) -> Response:
+    def _refusal(self, method: str, client: Any, status: int, reason: str) -> Response:
         self._telemetry.count_labelled("callbacks_rejected", str(status))
-        client = request.client.host if request.client else "-"
-        log.warning("webhook %s rejected with %d from %s: %s", request.method, status, client, reason)
+        host = client[0] if client else "-"
+        log.warning("webhook %s rejected with %d from %s: %s", method, status, host, reason)
         # Close: the body may be unread (too large, too slow, never checked), and keeping the connection
         # would let the client go on trickling into it after its answer.
         return PlainTextResponse(reason, status_code=status, headers={"Connection": "close"})
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, status: int, reason: str) -> None:
+        await self._refusal(scope["method"], scope.get("client"), status, reason)(scope, receive, send)
+
+    def _reject_request(self, request: Request, status: int, reason: str) -> Response:
+        return self._refusal(request.method, request.client, status, reason)
+
+
+_SUCCESS_START: Final = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"7")],
+}
+_SUCCESS_BODY: Final = {"type": "http.response.body", "body": b"success"}
+
+
+def _query(raw: bytes) -> dict[str, str]:
+    """The query string as Starlette's QueryParams reads it (latin-1 bytes, %-escapes as UTF-8, '+' as a
+    space, the last of repeated names wins), without building a multi-dict per callback."""
+    params: dict[str, str] = {}
+    for part in raw.decode("latin-1").split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if "%" in part or "+" in part:
+            name, value = unquote_plus(name), unquote_plus(value)
+        params[name] = value
+    return params
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """Like `read_limited`, on the ASGI messages themselves."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if not value.isdigit() or int(value) > limit:
+                raise BodyTooLarge
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _status_for(exc: CallbackRejected) -> int:

@@ -167,3 +167,68 @@ def test_parse_notice_reads_fields_in_any_order(
     assert parse_notice(xml) == CallbackNotice(
         event=event or "event", token=token, open_kfid=open_kfid, create_time=create_time
     )
+
+
+# --- the flat-document fast path reads exactly what the XML parser reads -----------------------------------
+
+
+def parser_fields(document: str) -> dict[str, str] | None:
+    """The reference: defusedxml's reading of the root's children (first occurrence wins), None if refused."""
+    from defusedxml.ElementTree import fromstring
+
+    try:
+        root = fromstring(document, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except Exception:
+        return None
+    fields: dict[str, str] = {}
+    for child in root:
+        fields.setdefault(child.tag, child.text or "")
+    return fields
+
+
+tags = st.sampled_from(["Encrypt", "ToUserName", "Token", "a", "_x1", "OpenKfId"])
+# Characters around the edges of the grammar (CDATA terminators, CJK), and now and then one the fast path must
+# leave to the parser: markup, an entity, CR (XML rewrites CRLF), a forbidden control character.
+tricky = st.text(alphabet=st.sampled_from(list("ab]>[中=+/ \n\t") * 6 + list("<&\r\x01\x0b")), max_size=10)
+contents = st.one_of(
+    tricky.map(lambda t: f"<![CDATA[{t}]]>"),
+    tricky,
+    st.tuples(tricky, tricky).map(lambda p: f"{p[0]}<![CDATA[{p[1]}]]>"),
+)
+children = st.tuples(st.sampled_from(["", " ", "\n", "\t", "\r\n"]), tags, contents, tags).map(
+    # mostly well-formed (same closing tag), sometimes mismatched
+    lambda c: f"{c[0]}<{c[1]}>{c[2]}</{c[1] if c[3] != '_x1' else c[3]}>"
+)
+documents = st.tuples(
+    st.sampled_from(["", " ", "\n"]), st.lists(children, max_size=5), st.sampled_from(["", "\n", "x"])
+).map(lambda d: f"{d[0]}<xml>{''.join(d[1])}</xml>{d[2]}")
+
+
+@FUZZ
+@given(document=documents)
+def test_the_fast_path_reads_flat_documents_as_the_parser_does(document: str) -> None:
+    from adapters.inbound.wecom_crypto import _flat_fields
+
+    fast = _flat_fields(document)
+    if fast is not None:
+        assert fast == parser_fields(document)
+        assert _flat_fields(document.encode("utf-8")) == fast
+
+
+@FUZZ
+@given(document=st.text(max_size=300))
+def test_the_fast_path_accepts_nothing_the_parser_refuses(document: str) -> None:
+    from adapters.inbound.wecom_crypto import _flat_fields
+
+    fast = _flat_fields(document)
+    if fast is not None:
+        assert fast == parser_fields(document)
+
+
+def test_the_fast_path_takes_what_wecom_sends() -> None:
+    from adapters.inbound.wecom_crypto import _flat_fields
+
+    body, _ = CRYPTO.encrypt_callback("<xml></xml>", timestamp="1", nonce="2")
+    fields = _flat_fields(body)
+    assert fields is not None and set(fields) == {"ToUserName", "Encrypt", "AgentID"}
+    assert fields == parser_fields(body.decode())
