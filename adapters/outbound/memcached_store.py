@@ -42,15 +42,17 @@ delete-if-unchanged), which `begin` takes over with CAS. Inbox, its index and th
 read-modify-write loops with bounded retries. A customer's inbox holds at most 500 messages (and 512 KiB,
 within memcached's 1 MiB item limit); beyond that the oldest are dropped and an error is logged.
 
-Failure: pymemcache is synchronous, so every command runs on this store's own thread pool, and waits at most
-`connect_timeout + 2 * timeout` for it. A server that is down, refuses or answers too slowly raises
-`StoreUnavailable` -- never a False/None that could read as "duplicate" or "missing". Only a pooled
-connection found closed (typically: the server restarted since) is retried, on another connection.
+Failure: commands run on `memcached_client.MemcacheClient`, on the event loop (no threads), with at most
+`max_pool_size` connections per server. A command, including the wait for a free connection, takes at most
+`connect_timeout + 2 * timeout`; connecting at most `connect_timeout`, and the server has `timeout` to answer.
+A server that is down, refuses, answers an error or too slowly raises `StoreUnavailable` -- never a
+False/None that could read as "duplicate" or "missing". Only a pooled connection found closed (typically: the
+server restarted since) is retried, on another connection. A connection whose command timed out, was
+cancelled or failed is closed, never reused, so no command can read another one's answer.
 
-With several servers, keys are spread with consistent (rendezvous) hashing and a key always stays on its own
-node: pymemcache's HashClient failover is disabled because it answers the default value for a node in its
-retry window and, once the node is marked dead, moves its keys to the other nodes, where a DONE mark reads
-as NEW.
+With several servers, keys are spread with rendezvous hashing, placed exactly as pymemcache's HashClient (used
+by earlier versions) places them, and a key always stays on its own node: there is no failover, because moving
+a dead node's keys to the other nodes would make a DONE mark read as NEW there.
 """
 
 from __future__ import annotations
@@ -63,15 +65,10 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, TypeVar
-
-from pymemcache.client.base import PooledClient
-from pymemcache.client.hash import HashClient
-from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
 from adapters.outbound import state_codec as codec
+from adapters.outbound.memcached_client import MemcacheClient
 from application.errors import StoreUnavailable
 from application.ports import MessageState
 from domain.conversation import Conversation
@@ -79,8 +76,6 @@ from domain.dedupe import DedupeKey
 from domain.messages import CustomerRef, InboundMessage
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 MAX_KEY_BYTES = 250
 MAX_RELATIVE_TTL_S = 30 * 24 * 3600  # memcached reads a larger exptime as an absolute Unix time
@@ -95,13 +90,6 @@ CAS_ATTEMPTS = 40
 _SAFE_PART = re.compile(r"[A-Za-z0-9_.-]*")
 _SAFE_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HASH_MARK = "#"
-# A connection found closed (the server restarted since it was pooled): another pooled connection may work.
-_STALE_CONNECTION = (
-    MemcacheUnexpectedCloseError,
-    ConnectionResetError,
-    BrokenPipeError,
-    ConnectionAbortedError,
-)
 
 
 def _hashed(part: str) -> str:
@@ -131,21 +119,6 @@ def lease_expire_for(lease_s: float, *, now: float) -> int:
     return expire_for(max(1, math.ceil(lease_s)) + 1, now=now)
 
 
-class _KeyPinnedHashClient(HashClient):  # type: ignore[misc]
-    """HashClient without failover: a key always maps to its own node, and a failing node raises.
-
-    HashClient's `_safely_run_func` answers the default value (False/None) for a node in its retry window,
-    even with ignore_exc=False, and removes a dead node from the hash ring so its keys land on other nodes.
-    Running each command directly keeps "node down" an exception and keeps the node state read-only, which
-    also makes the client safe to share between threads (the failure bookkeeping is unlocked dicts).
-    """
-
-    def _safely_run_func(
-        self, client: Any, func: Callable[..., Any], default_val: Any, *args: Any, **kwargs: Any
-    ) -> Any:
-        return func(*args, **kwargs)
-
-
 class MemcachedStateStore:
     """All state ports on one or more memcached servers (see the module docstring for keys and TTLs)."""
 
@@ -161,96 +134,38 @@ class MemcachedStateStore:
         conversation_idle_ttl_s: float = 86400,
         done_ttl_s: float = 4 * 86400,
         max_pool_size: int = 16,
-        executor_threads: int = 8,
     ) -> None:
-        if not servers:
-            raise ValueError("at least one memcached server is needed")
         if not _SAFE_PREFIX.fullmatch(prefix):
             raise ValueError("prefix must be 1-64 characters of [A-Za-z0-9_.-]")
-        if executor_threads < 1 or max_pool_size < executor_threads:
-            # Each worker thread holds one pooled connection per command; pymemcache's pool raises (rather
-            # than waits) when it is exhausted.
-            raise ValueError("need 1 <= executor_threads <= max_pool_size")
         self._prefix = prefix
         self._conversation_ttl = conversation_idle_ttl_s
         self._done_ttl = done_ttl_s
-        # One command may connect, send and read: beyond that the server is not answering.
-        self._deadline = connect_timeout + 2 * timeout
-        self._stale_retries = max_pool_size
-        options: dict[str, Any] = {
-            "connect_timeout": connect_timeout,
-            "timeout": timeout,
-            "no_delay": True,
-            "max_pool_size": max_pool_size,
-            "ignore_exc": False,
-            # pymemcache defaults to noreply, under which add() is always True and cas() never says "changed".
-            "default_noreply": False,
-        }
-        self._client: Any
-        self._nodes: list[Any]
-        if len(servers) == 1:
-            self._client = PooledClient(tuple(servers[0]), **options)
-            self._nodes = [self._client]
-        else:
-            self._client = _KeyPinnedHashClient([tuple(s) for s in servers], use_pooling=True, **options)
-            self._nodes = list(self._client.clients.values())
-        self._executor = ThreadPoolExecutor(max_workers=executor_threads, thread_name_prefix="memcached")
-        self._closed = False
+        self._client = MemcacheClient(
+            servers, connect_timeout=connect_timeout, timeout=timeout, max_pool_size=max_pool_size
+        )
         self._generation: int | None = None
         self._generation_read_at = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Wait for running commands (bounded by the timeouts), then close every connection."""
-        if self._closed:
-            return
-        self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Refuse further commands and close the connections (a command still running closes its own)."""
         self._client.close()
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self.close)
+        await self._client.aclose()
 
     # --- plumbing -------------------------------------------------------------------------------------
-
-    async def _run(self, command: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run one blocking pymemcache command on the store's threads (it would block the event loop)."""
-        if self._closed:
-            raise StoreUnavailable("state store is closed")
-        loop = asyncio.get_running_loop()
-        call = partial(self._guarded, command, *args, **kwargs)
-        try:
-            return await asyncio.wait_for(loop.run_in_executor(self._executor, call), self._deadline)
-        except TimeoutError:
-            raise StoreUnavailable(f"memcached did not answer within {self._deadline:g} s") from None
-        except RuntimeError as exc:  # the executor was shut down under us
-            raise StoreUnavailable("state store is closed") from exc
-
-    def _guarded(self, command: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        for attempt in range(self._stale_retries + 1):
-            try:
-                return command(*args, **kwargs)
-            except _STALE_CONNECTION as exc:
-                # pymemcache dropped the failed connection; the next one is fresh, or another stale one.
-                if attempt == self._stale_retries:
-                    raise StoreUnavailable(f"memcached closed the connection ({type(exc).__name__})") from exc
-            except OSError as exc:
-                raise StoreUnavailable(f"memcached unreachable ({type(exc).__name__}: {exc})") from exc
-            except (MemcacheError, ValueError, RuntimeError) as exc:
-                # Not str(exc): pymemcache puts keys (customer ids) into its messages.
-                raise StoreUnavailable(f"memcached command failed ({type(exc).__name__})") from exc
-        raise AssertionError("unreachable")
 
     async def _current_generation(self) -> int:
         started = time.monotonic()
         if self._generation is not None and started - self._generation_read_at < GENERATION_CACHE_S:
             return self._generation
         gen_key = f"{self._prefix}:gen"
-        raw = await self._run(self._client.get, gen_key)
+        raw = await self._client.get(gen_key)
         if raw is None:
-            await self._run(self._client.add, gen_key, str(time.time_ns() // 1_000_000).encode(), 0)
-            raw = await self._run(self._client.get, gen_key)
+            await self._client.add(gen_key, str(time.time_ns() // 1_000_000).encode(), 0)
+            raw = await self._client.get(gen_key)
             if raw is None:
                 raise StoreUnavailable("memcached lost the namespace generation")
         generation = self._parse_generation(raw)
@@ -276,24 +191,22 @@ class MemcachedStateStore:
             if attempt:
                 # Someone else wrote it in between: step aside for a moment so the writers spread out.
                 await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 10)))
-            value, token = await self._run(self._client.gets, key)
+            value, token = await self._client.gets(key)
             changed = change(value)
             if changed is None:
                 return
             new, expire = changed
             if value is None:
-                if await self._run(self._client.add, key, new, expire):
+                if await self._client.add(key, new, expire):
                     return
-            elif await self._run(self._client.cas, key, new, token, expire):
+            elif await self._client.cas(key, new, token, expire):
                 return
         raise StoreUnavailable("memcached key too contended to update")
 
     # --- ConversationStore ----------------------------------------------------------------------------
 
     async def get_conversation(self, customer: CustomerRef) -> Conversation | None:
-        raw = await self._run(
-            self._client.get, await self._key("conv", customer.open_kfid, customer.external_userid)
-        )
+        raw = await self._client.get(await self._key("conv", customer.open_kfid, customer.external_userid))
         if raw is None:
             return None
         try:
@@ -305,11 +218,11 @@ class MemcachedStateStore:
     async def put_conversation(self, customer: CustomerRef, conversation: Conversation) -> None:
         key = await self._key("conv", customer.open_kfid, customer.external_userid)
         expire = expire_for(self._conversation_ttl, now=time.time())
-        await self._run(self._client.set, key, codec.encode_conversation(conversation), expire)
+        await self._client.set(key, codec.encode_conversation(conversation), expire)
 
     async def delete_conversation(self, customer: CustomerRef) -> bool:
         key = await self._key("conv", customer.open_kfid, customer.external_userid)
-        return bool(await self._run(self._client.delete, key))
+        return bool(await self._client.delete(key))
 
     # --- MessageLedger --------------------------------------------------------------------------------
 
@@ -324,13 +237,13 @@ class MemcachedStateStore:
     async def finish(self, key: DedupeKey) -> None:
         mk = await self._key("msg", key.open_kfid, key.msgid)
         expire = expire_for(self._done_ttl, now=time.time())
-        await self._run(self._client.set, mk, codec.encode_mark(codec.Mark(codec.DONE)), expire)
+        await self._client.set(mk, codec.encode_mark(codec.Mark(codec.DONE)), expire)
 
     async def release(self, key: DedupeKey, *, owner: str) -> None:
         await self._release_lease(await self._key("msg", key.open_kfid, key.msgid), owner)
 
     async def state(self, key: DedupeKey) -> MessageState:
-        raw = await self._run(self._client.get, await self._key("msg", key.open_kfid, key.msgid))
+        raw = await self._client.get(await self._key("msg", key.open_kfid, key.msgid))
         if raw is None:
             return MessageState.NEW
         status = codec.decode_mark(raw).status
@@ -341,24 +254,24 @@ class MemcachedStateStore:
     async def _take_lease(self, key: str, owner: str, expire: int) -> bool:
         held = codec.encode_mark(codec.Mark(codec.BUSY, owner))
         for _ in range(CAS_ATTEMPTS):
-            if await self._run(self._client.add, key, held, expire):
+            if await self._client.add(key, held, expire):
                 return True
-            raw, token = await self._run(self._client.gets, key)
+            raw, token = await self._client.gets(key)
             if raw is None:
                 continue  # expired in between: try add again
             if codec.decode_mark(raw).status != codec.FREE:
                 return False
-            if await self._run(self._client.cas, key, held, token, expire):
+            if await self._client.cas(key, held, token, expire):
                 return True
             # Someone else took over the freed lease (False) or it expired (None): look again.
         raise StoreUnavailable("memcached key too contended to update")
 
     async def _renew_lease(self, key: str, owner: str, expire: int) -> bool:
         for _ in range(CAS_ATTEMPTS):
-            raw, token = await self._run(self._client.gets, key)
+            raw, token = await self._client.gets(key)
             if raw is None or not codec.decode_mark(raw).held_by(owner):
                 return False
-            result = await self._run(self._client.cas, key, raw, token, expire)
+            result = await self._client.cas(key, raw, token, expire)
             if result is None:
                 return False
             if result:
@@ -368,10 +281,10 @@ class MemcachedStateStore:
     async def _release_lease(self, key: str, owner: str) -> None:
         freed = codec.encode_mark(codec.Mark(codec.FREE))
         for _ in range(CAS_ATTEMPTS):
-            raw, token = await self._run(self._client.gets, key)
+            raw, token = await self._client.gets(key)
             if raw is None or not codec.decode_mark(raw).held_by(owner):
                 return
-            if await self._run(self._client.cas, key, freed, token, FREED_LEASE_TTL_S) is not False:
+            if await self._client.cas(key, freed, token, FREED_LEASE_TTL_S) is not False:
                 return
         raise StoreUnavailable("memcached key too contended to update")
 
@@ -391,7 +304,7 @@ class MemcachedStateStore:
 
     async def pending(self, customer: CustomerRef) -> list[InboundMessage]:
         key = await self._key("inbox", customer.open_kfid, customer.external_userid)
-        return _decode_inbox(await self._run(self._client.get, key), customer)
+        return _decode_inbox(await self._client.get(key), customer)
 
     async def remove(self, customer: CustomerRef, msgid: str) -> None:
         key = await self._key("inbox", customer.open_kfid, customer.external_userid)
@@ -411,11 +324,11 @@ class MemcachedStateStore:
         await self._cas_update(key, without)
 
     async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]:
-        users = _id_list(await self._run(self._client.get, await self._key("inboxidx", open_kfid)))
+        users = _id_list(await self._client.get(await self._key("inboxidx", open_kfid)))
         if not users:
             return []
         keys = {await self._key("inbox", open_kfid, user): user for user in users}
-        boxes = await self._run(self._client.get_many, list(keys))
+        boxes = await self._client.get_many(list(keys))
         pending = {keys[k] for k, raw in boxes.items() if _decode_inbox(raw, CustomerRef(open_kfid, keys[k]))}
         if stale := set(users) - pending:
             await self._index_discard(open_kfid, stale)
@@ -447,7 +360,7 @@ class MemcachedStateStore:
     # --- CursorStore ----------------------------------------------------------------------------------
 
     async def get_cursor(self, open_kfid: str) -> str | None:
-        raw = await self._run(self._client.get, await self._key("cursor", open_kfid))
+        raw = await self._client.get(await self._key("cursor", open_kfid))
         if raw is None:
             return None
         try:
@@ -457,7 +370,7 @@ class MemcachedStateStore:
             return None
 
     async def set_cursor(self, open_kfid: str, cursor: str) -> None:
-        await self._run(self._client.set, await self._key("cursor", open_kfid), codec.encode_str(cursor), 0)
+        await self._client.set(await self._key("cursor", open_kfid), codec.encode_str(cursor), 0)
 
     # --- PullCoordination -----------------------------------------------------------------------------
 
@@ -475,19 +388,19 @@ class MemcachedStateStore:
     async def request_pull(self, open_kfid: str, token: str = "") -> None:
         counter = await self._key("pullreq", open_kfid)
         for _ in range(CAS_ATTEMPTS):
-            if await self._run(self._client.incr, counter, 1) is not None:
+            if await self._client.incr(counter, 1) is not None:
                 break
             # First request: create the counter. Losing this race to another instance is fine, both incr next.
-            await self._run(self._client.add, counter, b"0", 0)
+            await self._client.add(counter, b"0", 0)
         else:
             raise StoreUnavailable("memcached keeps losing the pull counter")
         if token:
             key = await self._key("pulltoken", open_kfid)
-            await self._run(self._client.set, key, codec.encode_str(token), PULL_TOKEN_TTL_S)
+            await self._client.set(key, codec.encode_str(token), PULL_TOKEN_TTL_S)
 
     async def pull_requests(self, open_kfid: str) -> tuple[int, str]:
         counter, token_key = await self._key("pullreq", open_kfid), await self._key("pulltoken", open_kfid)
-        found = await self._run(self._client.get_many, [counter, token_key])
+        found = await self._client.get_many([counter, token_key])
         try:
             count = int(found.get(counter) or 0)
         except ValueError:
@@ -509,15 +422,15 @@ class MemcachedStateStore:
         await self._cas_update(await self._key("kfs"), added)
 
     async def known_kfs(self) -> list[str]:
-        return _id_list(await self._run(self._client.get, await self._key("kfs")))
+        return _id_list(await self._client.get(await self._key("kfs")))
 
     # --- StoreAdmin -----------------------------------------------------------------------------------
 
     async def ping(self) -> bool:
         """True when every server answers `version` now."""
         try:
-            for node in self._nodes:
-                await self._run(node.version)
+            for node in self._client.nodes:
+                await self._client.version(node)
         except StoreUnavailable:
             return False
         return True
@@ -525,12 +438,12 @@ class MemcachedStateStore:
     async def clear(self) -> None:
         gen_key = f"{self._prefix}:gen"
         for _ in range(CAS_ATTEMPTS):
-            generation = await self._run(self._client.incr, gen_key, 1)
+            generation = await self._client.incr(gen_key, 1)
             if generation is not None:
                 break
             # No generation yet (or its node restarted): start past any this prefix could have used.
             fresh = time.time_ns() // 1_000_000
-            if await self._run(self._client.add, gen_key, str(fresh).encode(), 0):
+            if await self._client.add(gen_key, str(fresh).encode(), 0):
                 generation = fresh
                 break
         else:
