@@ -14,6 +14,7 @@ from urllib.parse import urljoin
 import anyio
 import httpx
 
+from adapters.outbound.http_transport import async_client
 from application.errors import ChatEngineError, ConversationGone, MediaTooLarge
 from domain.chat import Answer, AnswerFile, AppInfo, AppParameters, Question
 from domain.media import MediaBlob, UploadedFile, extension_of, filename_from_disposition
@@ -60,7 +61,7 @@ class DifyChatEngine:
         self._total_timeout = total_timeout
         self._owns_client = client is None
         # httpx defaults to 5 s for everything (spec §0 #9); every request below passes explicit timeouts.
-        self._client = client or httpx.AsyncClient(
+        self._client = client or async_client(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             headers={"User-Agent": "kf-dify"},
             # A streaming answer holds its connection for the whole answer: the pool must be at least as

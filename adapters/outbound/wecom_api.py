@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import httpx
 
+from adapters.outbound.http_transport import async_client
 from adapters.outbound.wecom_messages import parse_sync_item
 from application.errors import MediaTooLarge, WeComError
 from application.ports import ServiceState
@@ -25,6 +26,8 @@ from domain.media import MediaBlob, filename_from_disposition
 from domain.messages import CustomerRef, SyncPage
 
 DEFAULT_API_BASE = "https://qyapi.weixin.qq.com"
+# Connections to WeCom of the default client (a given client is used as is).
+MAX_CONNECTIONS = 32
 
 GETTOKEN = "gettoken"
 SYNC_MSG = "kf/sync_msg"
@@ -67,7 +70,12 @@ class WeComKfChannel:
         self._secret = corp_secret
         self._base = api_base.rstrip("/") + "/cgi-bin/"
         self._owns_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient(timeout=timeout)
+        # Hundreds of concurrent send_msg calls share a bounded pool, every connection kept alive, instead of
+        # opening (TLS) connections beyond httpx's default 20 kept alive.
+        pool = httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS)
+        self._client = (
+            client if client is not None else async_client(timeout=httpx.Timeout(timeout), limits=pool)
+        )
         self._clock = clock
         self._config_error_backoff_s = config_error_backoff_s
         self._media_timeout_s = media_timeout_s
