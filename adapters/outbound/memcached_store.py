@@ -77,6 +77,10 @@ from domain.messages import CustomerRef, InboundMessage
 
 log = logging.getLogger(__name__)
 
+# A `gets` result: (value, cas token), or (None, None) when the key is absent.
+Read = tuple[bytes, bytes] | tuple[None, None]
+ABSENT: Read = (None, None)
+
 MAX_KEY_BYTES = 250
 MAX_RELATIVE_TTL_S = 30 * 24 * 3600  # memcached reads a larger exptime as an absolute Unix time
 GENERATION_CACHE_S = 1.0
@@ -182,16 +186,19 @@ class MemcachedStateStore:
     async def _key(self, kind: str, *parts: str) -> str:
         return build_key(self._prefix, await self._current_generation(), kind, *parts)
 
-    async def _cas_update(self, key: str, change: Callable[[bytes | None], tuple[bytes, int] | None]) -> None:
+    async def _cas_update(
+        self, key: str, change: Callable[[bytes | None], tuple[bytes, int] | None], read: Read | None = None
+    ) -> None:
         """Read-modify-write `key` until nobody changed it in between.
 
         `change` maps the current value (None when absent) to (new value, exptime), or None for "no change".
+        `read`: the key's `gets` result if the caller already has it (saves the first read).
         """
         for attempt in range(CAS_ATTEMPTS):
             if attempt:
                 # Someone else wrote it in between: step aside for a moment so the writers spread out.
                 await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 10)))
-            value, token = await self._client.gets(key)
+            value, token = read if read is not None and not attempt else await self._client.gets(key)
             changed = change(value)
             if changed is None:
                 return
@@ -295,12 +302,17 @@ class MemcachedStateStore:
         for message in messages:
             by_customer.setdefault(message.customer, []).append(message)
         for customer, batch in by_customer.items():
-            # Indexed before the write: a crash in between leaves a harmless stale entry, never an unindexed
-            # inbox. For a customer already indexed this is one read and no write.
-            await self._index_add(customer)
+            index_key = await self._key("inboxidx", customer.open_kfid)
             key = await self._key("inbox", customer.open_kfid, customer.external_userid)
+            # One round trip reads both; the CAS tokens keep the writes safe whatever happens in between.
+            found = await self._client.gets_many([index_key, key])
+            # Indexed before the write: a crash in between leaves a harmless stale entry, never an unindexed
+            # inbox. For a customer already indexed this is no write.
+            await self._index_add(customer, found.get(index_key, ABSENT))
             expire = expire_for(self._done_ttl, now=time.time())
-            await self._cas_update(key, partial(_merged_inbox, customer, batch, expire))
+            await self._cas_update(
+                key, partial(_merged_inbox, customer, batch, expire), found.get(key, ABSENT)
+            )
 
     async def pending(self, customer: CustomerRef) -> list[InboundMessage]:
         key = await self._key("inbox", customer.open_kfid, customer.external_userid)
@@ -334,14 +346,14 @@ class MemcachedStateStore:
             await self._index_discard(open_kfid, stale)
         return [CustomerRef(open_kfid, user) for user in users if user in pending]
 
-    async def _index_add(self, customer: CustomerRef) -> None:
+    async def _index_add(self, customer: CustomerRef, read: Read | None = None) -> None:
         def added(raw: bytes | None) -> tuple[bytes, int] | None:
             users = _id_list(raw)
             if customer.external_userid in users:
                 return None
             return codec.encode_str_list([*users, customer.external_userid]), 0
 
-        await self._cas_update(await self._key("inboxidx", customer.open_kfid), added)
+        await self._cas_update(await self._key("inboxidx", customer.open_kfid), added, read)
 
     async def _index_discard(self, open_kfid: str, users: set[str]) -> None:
         """Unindex customers whose inbox looked empty, then re-index any a concurrent record() refilled."""
@@ -352,9 +364,11 @@ class MemcachedStateStore:
             return None if len(kept) == len(indexed) else (codec.encode_str_list(kept), 0)
 
         await self._cas_update(await self._key("inboxidx", open_kfid), discarded)
-        for user in users:
+        keys = {await self._key("inbox", open_kfid, user): user for user in users}
+        boxes = await self._client.get_many(list(keys))
+        for key, user in keys.items():
             customer = CustomerRef(open_kfid, user)
-            if await self.pending(customer):
+            if _decode_inbox(boxes.get(key), customer):
                 await self._index_add(customer)
 
     # --- CursorStore ----------------------------------------------------------------------------------

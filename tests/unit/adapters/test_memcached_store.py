@@ -357,6 +357,23 @@ class TestStoredValues:
         assert await store.state(DedupeKey(KF, "m2")) is MessageState.BUSY
         assert await store.begin(DedupeKey(KF, "m2"), owner="a", lease_s=30) is False
 
+    async def test_recording_for_an_indexed_customer_is_two_round_trips(
+        self, store: MemcachedStateStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        await store.record([message("m1")])  # indexes the customer
+        requests: list[bytes] = []
+        call = store._client._call
+
+        async def counted(node: str, request: bytes, parse: Any) -> Any:
+            if b":gen\r\n" not in request:  # the namespace generation, re-read once a second
+                requests.append(request.split(b" ", 1)[0])
+            return await call(node, request, parse)
+
+        monkeypatch.setattr(store._client, "_call", counted)
+        await store.record([message("m2", send_time=1_700_000_001)])
+        assert requests == [b"gets", b"cas"]  # index and inbox read at once; the index needs no write
+        assert [m.msgid for m in await store.pending(ALICE)] == ["m1", "m2"]
+
 
 @pytest.mark.anyio
 @pytest.mark.memcached
