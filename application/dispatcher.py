@@ -54,6 +54,8 @@ class Dispatcher:
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self._pull_again: set[str] = set()
         self._tokens: dict[str, str] = {}
+        # When the latest pull of each kf account started (loop time): paces pulls across pull loops too.
+        self._pull_started: dict[str, float] = {}
         self._drains: dict[CustomerRef, asyncio.Task[None]] = {}
         self._drain_again: set[CustomerRef] = set()
         self._recovery: asyncio.Task[None] | None = None
@@ -147,13 +149,16 @@ class Dispatcher:
 
     async def _pull_loop(self, open_kfid: str) -> None:
         loop = asyncio.get_running_loop()
-        pause = 0.0
+        # A callback right after a pull (the previous loop had nothing more to do) waits for the interval
+        # too: with a fast sync_msg, callbacks 2 ms apart would otherwise each start their own pull.
+        last = self._pull_started.get(open_kfid)
+        pause = 0.0 if last is None else max(self._options.pull_interval_s - (loop.time() - last), 0.0)
         while True:
             if pause:
                 await asyncio.sleep(pause)
             self._pull_again.discard(open_kfid)
             token = self._tokens.pop(open_kfid, "")
-            started = loop.time()
+            started = self._pull_started[open_kfid] = loop.time()
             try:
                 again = await self._pull_once(open_kfid, token)
                 # Back-to-back pulls (a flood of callbacks) start at least pull_interval_s apart: the next

@@ -266,3 +266,28 @@ async def test_a_pull_lease_left_behind_by_our_own_failed_release_does_not_block
     world.add_customer_text(KF, "wmLease", "还能回答吗")
     await run(app)
     assert texts(world, "wmLease") == ["答：还能回答吗"]
+
+
+async def test_pulls_of_one_kf_account_start_at_least_the_pull_interval_apart_across_callbacks() -> None:
+    # The first pull finishes long before the second callback: without pacing across pull loops, every
+    # callback of a steady stream would start its own sync_msg.
+    app = fake_application()
+    world = app.adapters.world()
+    interval = app.options().pull_interval_s
+    assert interval > 0
+    started: list[float] = []
+    channel = app.adapters.channel()
+    sync = channel.sync_messages
+
+    async def timed_sync(*args, **kwargs):  # type: ignore[no-untyped-def]
+        started.append(time.monotonic())
+        return await sync(*args, **kwargs)
+
+    channel.sync_messages = timed_sync
+    world.add_customer_text(KF, "wm1", "one")
+    await run(app)
+    world.add_customer_text(KF, "wm1", "two")
+    await run(app)
+    assert texts(world, "wm1") == ["答：one", "答：two"]
+    assert len(started) == 2
+    assert started[1] - started[0] >= interval * 0.95
