@@ -289,7 +289,12 @@ class WeComKfChannel:
         json: Mapping[str, Any] | None = None,
         files: Mapping[str, tuple[str, bytes, str]] | None = None,
     ) -> dict[str, Any]:
+        started = time.monotonic()
         response = await self._send(method, api, params=params, json=json, files=files)
+        if _log.isEnabledFor(logging.DEBUG):
+            outcome = response if isinstance(response, str) else f"HTTP {response.status_code}"
+            elapsed_ms = (time.monotonic() - started) * 1000
+            _log.debug("WeCom %s %s: %s in %.1f ms", method, api, outcome, elapsed_ms)
         if isinstance(response, str):
             raise WeComError(None, f"{api} unreachable: {response}", api=api)
         if response.status_code >= 400:
