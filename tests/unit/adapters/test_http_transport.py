@@ -511,3 +511,18 @@ async def test_the_factory_uses_aiohttp_and_leaves_proxies_to_httpx(monkeypatch:
     (request,) = proxy.received
     assert request.line == "GET http://wecom.test/cgi-bin/x HTTP/1.1"  # absolute form: sent to the proxy
     assert request.headers["user-agent"] == "kf-dify"
+
+
+async def test_the_adapters_client_keeps_no_cookies() -> None:
+    # Neither WeCom nor Dify uses cookies; the factory's client neither stores nor sends them.
+    def respond(request: Received) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nSet-Cookie: sid=abc; Path=/\r\nContent-Length: 2\r\n\r\nok"
+
+    async with serving(respond) as server:
+        http = async_client(timeout=FAST, limits=httpx.Limits(max_connections=2), trust_env=False)
+        async with http:
+            first = await http.get(f"{server.url}/a")
+            await http.get(f"{server.url}/b")
+    assert first.headers["set-cookie"].startswith("sid=")
+    assert not http.cookies
+    assert all("cookie" not in request.headers for request in server.received)
