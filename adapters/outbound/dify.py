@@ -310,10 +310,10 @@ class DifyChatEngine:
         # silence is cut after between idle_timeout and idle_timeout + slack.
         slack = self._idle_timeout / 20
         try:
-            async with idle, _closing(response.aiter_lines()) as lines:
+            async with idle, _closing(_sse_lines(response)) as batches:
                 while True:
                     try:
-                        line = await anext(lines)
+                        batch = await anext(batches)
                     except StopAsyncIteration:
                         if pending_failure is not None:
                             raise pending_failure from None
@@ -326,53 +326,52 @@ class DifyChatEngine:
                         raise ChatEngineError(
                             "stream_incomplete", f"stream broke: {type(exc).__name__}", retryable=True
                         ) from exc
-                    if not line:
-                        continue  # the blank line that ends every SSE event
-                    event = _sse_event(line)
-                    if event is None or event.get("event") == "ping":
-                        continue  # keep-alives do not count as progress (spec §0 #10)
-                    kind = event.get("event")
-                    if pending_failure is not None:
+                    for line in batch:
+                        event = _sse_event(line)
+                        if event is None or event.get("event") == "ping":
+                            continue  # keep-alives do not count as progress (spec §0 #10)
+                        kind = event.get("event")
+                        if pending_failure is not None:
+                            if kind == "error":
+                                raise self._stream_error(event, had_conversation)
+                            continue
+                        saw_content = True
+                        due = loop.time() + self._idle_timeout
+                        if (idle.when() or 0.0) < due:
+                            idle.reschedule(due + slack)
                         if kind == "error":
                             raise self._stream_error(event, had_conversation)
-                        continue
-                    saw_content = True
-                    due = loop.time() + self._idle_timeout
-                    if (idle.when() or 0.0) < due:
-                        idle.reschedule(due + slack)
-                    if kind == "error":
-                        raise self._stream_error(event, had_conversation)
-                    if kind == "workflow_paused":
-                        raise ChatEngineError(
-                            "workflow_paused", "chatflow paused for human input", retryable=False
-                        )
-                    assembly.feed(event)
-                    if kind == "message_end":
-                        # Chatflow then sends workflow_finished, and some versions never close (spec §8.3
-                        # #21568): the answer is complete here. Read what little follows for a moment, so
-                        # that a response that does end returns its connection to the pool (else every
-                        # answer opens a new connection: a TLS handshake in production); then let the
-                        # context close it.
-                        idle.reschedule(None)
-                        with contextlib.suppress(TimeoutError, httpx.TransportError):
-                            async with asyncio.timeout(_TAIL_READ_S):
-                                async for _ in lines:
-                                    pass
-                        return assembly.answer(question)
-                    if kind == "workflow_finished":
-                        data = event.get("data")
-                        status = data.get("status") if isinstance(data, Mapping) else None
-                        if status != "failed":
+                        if kind == "workflow_paused":
+                            raise ChatEngineError(
+                                "workflow_paused", "chatflow paused for human input", retryable=False
+                            )
+                        assembly.feed(event)
+                        if kind == "message_end":
+                            # Chatflow then sends workflow_finished, and some versions never close (spec
+                            # §8.3 #21568): the answer is complete here. Read what little follows for a
+                            # moment, so that a response that does end returns its connection to the pool
+                            # (else every answer opens a new connection: a TLS handshake in production);
+                            # then let the context close it.
+                            idle.reschedule(None)
+                            with contextlib.suppress(TimeoutError, httpx.TransportError):
+                                async with asyncio.timeout(_TAIL_READ_S):
+                                    async for _ in batches:
+                                        pass
                             return assembly.answer(question)
-                        error = data.get("error") if isinstance(data, Mapping) else None
-                        pending_failure = ChatEngineError(
-                            "workflow_failed",
-                            self._scrub(_text(error)) or "chatflow run failed",
-                            retryable=False,
-                        )
-                        deadline = idle.when()
-                        grace = loop.time() + _FAILED_WORKFLOW_GRACE_S
-                        idle.reschedule(grace if deadline is None else min(deadline, grace))
+                        if kind == "workflow_finished":
+                            data = event.get("data")
+                            status = data.get("status") if isinstance(data, Mapping) else None
+                            if status != "failed":
+                                return assembly.answer(question)
+                            error = data.get("error") if isinstance(data, Mapping) else None
+                            pending_failure = ChatEngineError(
+                                "workflow_failed",
+                                self._scrub(_text(error)) or "chatflow run failed",
+                                retryable=False,
+                            )
+                            deadline = idle.when()
+                            grace = loop.time() + _FAILED_WORKFLOW_GRACE_S
+                            idle.reschedule(grace if deadline is None else min(deadline, grace))
         except TimeoutError:
             if not idle.expired():
                 raise
@@ -520,12 +519,27 @@ class _AnswerAssembly:
         )
 
 
-def _sse_event(line: str) -> Mapping[str, Any] | None:
-    """The JSON of a `data:` line; None for blank lines, `event: ping`, comments and other fields."""
-    if not line.startswith("data:"):
+async def _sse_lines(response: httpx.Response) -> AsyncIterator[list[bytes]]:
+    """The body's `data:` lines, a list per chunk received (one await per chunk, not per line, and no text
+    decoding: the JSON parser reads UTF-8 bytes). Lines end at LF, CRLF or a lone CR, as SSE allows."""
+    rest = b""
+    async for chunk in response.aiter_bytes():
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *lines, rest = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
+        batch = [line for line in lines if line.startswith(b"data:")]
+        if batch:
+            yield batch
+    if rest.startswith(b"data:"):
+        yield [rest]
+
+
+def _sse_event(line: bytes) -> Mapping[str, Any] | None:
+    """The JSON of a `data:` line; None when it carries nothing."""
+    if not line.startswith(b"data:"):
         return None
     payload = line[5:]
-    if payload.startswith(" "):
+    if payload.startswith(b" "):
         payload = payload[1:]
     if not payload.strip():
         return None

@@ -807,3 +807,30 @@ class TestFakeChatEngine:
             await fake.ask(QUESTION)
 
         assert scope.cancelled_caught
+
+
+class TestSseLines:
+    """The stream reader's line splitting, on bodies cut into chunks at awkward places."""
+
+    @staticmethod
+    async def lines_of(*chunks: bytes) -> list[bytes]:
+        from adapters.outbound.dify import _sse_lines
+
+        async def body() -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+        response = httpx.Response(200, content=body())
+        return [line async for batch in _sse_lines(response) for line in batch]
+
+    @pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"])
+    async def test_every_sse_line_ending_splits_lines(self, ending: bytes, anyio_backend: str) -> None:
+        body = ending.join([b"event: ping", b"", b'data: {"a": 1}', b"", b'data: {"b": "\xe4\xbd\xa0"}', b""])
+        for cut in range(1, len(body)):  # the body in two chunks, cut everywhere
+            assert await self.lines_of(body[:cut], body[cut:]) == [
+                b'data: {"a": 1}',
+                b'data: {"b": "\xe4\xbd\xa0"}',
+            ]
+
+    async def test_a_last_line_without_newline_still_counts(self, anyio_backend: str) -> None:
+        assert await self.lines_of(b'data: {"a"', b": 1}") == [b'data: {"a": 1}']
