@@ -20,6 +20,11 @@ aiomcache: it talks to one server, has no timeouts, and pools a connection after
 
 Values are bytes with flags 0 (as pymemcache stores bytes); results follow pymemcache: get → bytes | None,
 gets → (bytes, cas) | (None, None), cas → True | False (EXISTS) | None (NOT_FOUND), incr → int | None.
+
+`store_many` pipelines several set/add/cas commands: one write and one read per server instead of one round
+trip each. A server runs the commands it gets on one connection in the order sent; commands for different
+servers run concurrently. A failure raises `StoreUnavailable` for the whole batch, and then any of its
+commands may or may not have run.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import re
 import socket
 from collections.abc import Callable, Collection, Iterable, Sequence
 from functools import lru_cache, partial
-from typing import TypeVar, cast
+from typing import NamedTuple, TypeVar, cast
 
 from pymemcache.client.rendezvous import RendezvousHash
 
@@ -42,6 +47,16 @@ Found = dict[bytes, tuple[bytes, bytes | None]]  # key → (value, cas token or 
 _KEY = re.compile(r"[!-~]{1,250}")  # printable ASCII without space: memcached's rules, at most 250 bytes
 _MAX_LINE = 1024  # longer than any reply line the commands used here can get
 _ERROR_LINES = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
+
+
+class StoreCommand(NamedTuple):
+    """One command for `store_many`: verb "set", "add" or "cas" (with the token `gets` answered)."""
+
+    verb: str
+    key: str
+    value: bytes
+    expire: int = 0
+    cas: bytes | int | None = None
 
 
 class _Closed(Exception):
@@ -196,6 +211,28 @@ class MemcacheClient:
         if not token or not token.isdigit():
             raise StoreUnavailable("invalid cas token")
         return await self._store(b"cas", key, value, expire, b" " + token, _CAS)
+
+    async def store_many(self, commands: Sequence[StoreCommand]) -> list[bool | None]:
+        """Pipelined set/add/cas (see the module docstring); each result as `set`, `add` or `cas` answers."""
+        batches: dict[str, list[int]] = {}
+        for index, command in enumerate(commands):
+            batches.setdefault(self.node_for(command.key), []).append(index)
+        requests = [_store_request(command) for command in commands]
+        results: list[bool | None] = [None] * len(commands)
+
+        async def run(node: str, indexes: list[int]) -> None:
+            replies = [_CAS_REPLIES if commands[i].verb == "cas" else _STORE_REPLIES for i in indexes]
+            request = b"".join(requests[i] for i in indexes)
+            answers = await self._call(node, request, partial(_parse_statuses, replies))
+            for index, answer in zip(indexes, answers, strict=True):
+                results[index] = answer
+
+        runs = [run(node, indexes) for node, indexes in batches.items()]
+        if len(runs) == 1:
+            await runs[0]
+        elif runs:
+            await asyncio.gather(*runs)
+        return results
 
     async def delete(self, key: str) -> bool:
         return await self._call(self.node_for(key), b"delete %b\r\n" % _key(key), _DELETE)
@@ -412,11 +449,49 @@ def _version(line: bytes) -> str:
     return line[8:].decode("ascii", "replace")
 
 
+_STORE_REPLIES: dict[bytes, bool | None] = {b"STORED": True, b"NOT_STORED": False}
+_CAS_REPLIES: dict[bytes, bool | None] = {b"STORED": True, b"EXISTS": False, b"NOT_FOUND": None}
 _STORE: Parser[bool] = _status({b"STORED": True, b"NOT_STORED": False})
 _CAS: Parser[bool | None] = _status({b"STORED": True, b"EXISTS": False, b"NOT_FOUND": None})
 _DELETE: Parser[bool] = _status({b"DELETED": True, b"NOT_FOUND": False})
 _INCR: Parser[int | None] = _one_line(_counter)
 _VERSION: Parser[str] = _one_line(_version)
+
+
+_STORE_VERBS = {"set": b"set", "add": b"add", "cas": b"cas"}
+
+
+def _store_request(command: StoreCommand) -> bytes:
+    verb = _STORE_VERBS.get(command.verb)
+    if verb is None:
+        raise ValueError(f"store_many takes set, add and cas, not {command.verb!r}")
+    if not isinstance(command.value, bytes):
+        raise StoreUnavailable("memcached values must be bytes")
+    extra = b""
+    if verb == b"cas":
+        token = str(command.cas).encode() if isinstance(command.cas, int) else command.cas
+        if not token or not token.isdigit():
+            raise StoreUnavailable("invalid cas token")
+        extra = b" " + token
+    header = b"%b %b 0 %d %d%b\r\n" % (verb, _key(command.key), command.expire, len(command.value), extra)
+    return b"".join((header, command.value, b"\r\n"))
+
+
+def _parse_statuses(
+    replies: Sequence[dict[bytes, bool | None]], buffer: bytearray
+) -> tuple[list[bool | None], int] | None:
+    """One status line per pipelined command, in order; an error line or an unexpected one raises."""
+    results: list[bool | None] = []
+    position = 0
+    for table in replies:
+        read = _line(buffer, position)
+        if read is None:
+            return None
+        line, position = read
+        if line not in table:
+            raise _unexpected(line)
+        results.append(table[line])
+    return results, position
 
 
 def _parse_values(with_cas: bool, wanted: Collection[bytes], buffer: bytearray) -> tuple[Found, int] | None:

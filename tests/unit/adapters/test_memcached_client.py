@@ -14,7 +14,7 @@ import pytest
 from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
 
-from adapters.outbound.memcached_client import MemcacheClient
+from adapters.outbound.memcached_client import MemcacheClient, StoreCommand
 from application.errors import StoreUnavailable
 from tests.support.memcached import MemcachedProcess, free_port, start_memcached
 from tests.unit.adapters.test_memcached_store import RawSerde
@@ -141,6 +141,50 @@ class TestCommands:
         assert await client.incr(key, 1) == 1
         assert await client.incr(key, 5) == 6
 
+    async def test_store_many_runs_set_add_and_cas_in_order_and_answers_each(
+        self, client: MemcacheClient
+    ) -> None:
+        fresh, taken, swapped = unique(), unique(), unique()
+        await client.set(taken, b"old")
+        await client.set(swapped, b"v1")
+        _, token = await client.gets(swapped)
+        assert token is not None
+        results = await client.store_many(
+            [
+                StoreCommand("add", fresh, b"a", 60),
+                StoreCommand("add", taken, b"b"),
+                StoreCommand("cas", swapped, b"v2", 0, token),
+                StoreCommand("cas", swapped, b"v3", 0, token),  # the one before changed it
+                StoreCommand("cas", unique(), b"x", 0, token),  # NOT_FOUND
+                StoreCommand("set", taken, b"new"),
+                StoreCommand("set", fresh, b"a2"),  # after the add of the same key: the order holds
+            ]
+        )
+        assert results == [True, False, True, False, None, True, True]
+        assert await client.get_many([fresh, taken, swapped]) == {fresh: b"a2", taken: b"new", swapped: b"v2"}
+        assert await client.store_many([]) == []
+
+    async def test_store_many_refuses_bad_commands_before_sending(self, client: MemcacheClient) -> None:
+        with pytest.raises(StoreUnavailable, match="invalid cas token"):
+            await client.store_many([StoreCommand("cas", unique(), b"x", 0, None)])
+        with pytest.raises(StoreUnavailable, match="invalid memcached key"):
+            await client.store_many([StoreCommand("set", "with space", b"x")])
+        with pytest.raises(ValueError, match="set, add and cas"):
+            await client.store_many([StoreCommand("append", unique(), b"x")])
+
+    async def test_a_failed_command_in_a_pipeline_raises_and_the_next_command_works(
+        self, client: MemcacheClient
+    ) -> None:
+        first, second = unique(SECRET), unique()
+        with pytest.raises(StoreUnavailable, match="SERVER_ERROR") as raised:
+            await client.store_many(
+                [StoreCommand("set", first, b"x" * (2 * 1024 * 1024)), StoreCommand("set", second, b"y")]
+            )
+        assert SECRET not in str(raised.value)
+        assert await client.get(first) is None
+        await client.set(first, b"ok")
+        assert await client.get_many([first]) == {first: b"ok"}
+
     async def test_get_many_answers_only_the_keys_found(self, client: MemcacheClient) -> None:
         keys = [unique() for _ in range(5)]
         for i, key in enumerate(keys[:3]):
@@ -209,6 +253,11 @@ class TestPlacement:
                 theirs.set(key, key.encode())
             assert await ours.get_many(keys) == {key: key.encode() for key in keys}
             assert theirs.get_many(keys) == {key: (key.encode(), 0) for key in keys}
+            # Pipelined writes go to each key's own node too.
+            assert await ours.store_many([StoreCommand("set", key, b"p" + key.encode()) for key in keys]) == [
+                True
+            ] * len(keys)
+            assert theirs.get_many(keys) == {key: (b"p" + key.encode(), 0) for key in keys}
         finally:
             theirs.close()
             await ours.aclose()
