@@ -65,24 +65,24 @@ class DrainCustomer:
         self._commands = CommandSet.of(reset=options.reset_words, handoff=options.handoff_words)
 
     async def __call__(self, customer: CustomerRef) -> DrainOutcome:
-        while True:
-            pending = await self._store.pending(customer)
-            if not pending:
-                return DrainOutcome.EMPTY
+        # Each removal hands back what is still pending: the inbox is read once per drain, not per message.
+        pending = await self._store.pending(customer)
+        while pending:
             message = pending[0]
             key = DedupeKey.for_message(message)
-            state = await self._store.state(key)
-            if state is MessageState.DONE:
-                self._telemetry.count("deduplicated")
-                await self._store.remove(customer, message.msgid)
+            # Claim first: begin() is True only for a NEW message nobody holds, so the state is only read when
+            # the claim fails (done already, or another instance holds it).
+            if await self._store.begin(key, owner=self._owner, lease_s=self._options.message_lease_s):
+                pending = await self._handle(message, key)
                 continue
-            if state is MessageState.BUSY or not await self._store.begin(
-                key, owner=self._owner, lease_s=self._options.message_lease_s
-            ):
+            if await self._store.state(key) is not MessageState.DONE:
                 return DrainOutcome.WAITING
-            await self._handle(message, key)
+            self._telemetry.count("deduplicated")
+            pending = await self._store.remove(customer, message.msgid)
+        return DrainOutcome.EMPTY
 
-    async def _handle(self, message: InboundMessage, key: DedupeKey) -> None:
+    async def _handle(self, message: InboundMessage, key: DedupeKey) -> list[InboundMessage]:
+        """Answer the claimed message; returns the customer's messages still pending afterwards."""
         claimed: list[tuple[InboundMessage, DedupeKey]] = [(message, key)]
         renewer = asyncio.create_task(self._keep_leases(claimed))
         self._telemetry.in_flight += 1
@@ -114,9 +114,10 @@ class DrainCustomer:
                     "answering msgid=%s kf=%s failed unexpectedly", message.msgid, message.open_kfid
                 )
                 self._telemetry.count("internal_errors")
-            for done, done_key in claimed:
-                await self._store.finish(done_key)
-                await self._store.remove(done.customer, done.msgid)
+            remaining: list[InboundMessage] = []
+            for done, _ in claimed:
+                remaining = await self._store.complete(done)  # DONE first, then out of the inbox
+            return remaining
         finally:
             self._telemetry.in_flight -= 1
             renewer.cancel()

@@ -26,7 +26,7 @@ Recovery
     interval (no new warning). While the probe runs, other operations keep using the fallback.
 
 After recovery the fallback is still consulted, so nothing done during the outage is forgotten:
-    - `state()`/`begin()`: a msgid DONE or BUSY in the fallback is not NEW;
+    - `state()`/`states()`/`begin()`: a msgid DONE or BUSY in the fallback is not NEW;
     - `renew()`/`renew_pull()`: a lease taken in the fallback is moved to the primary (False if the primary
       has meanwhile given it to someone else); `release*()` releases in both;
     - `acquire_pull()` also takes the fallback's lease, so a pull started during the outage and one started
@@ -34,7 +34,7 @@ After recovery the fallback is still consulted, so nothing done during the outag
     - `get_conversation()` returns the fallback's value when the primary has none;
     - `get_cursor()` prefers a cursor written during the outage that is not yet written through;
     - `pending()` and `customers_with_pending()` merge both (deduplicated by msgid / customer), `remove()`
-      removes from both, `known_kfs()` merges both;
+      and `complete()` remove from both (and return both's remaining messages), `known_kfs()` merges both;
     - `clear()` clears both.
 """
 
@@ -275,6 +275,22 @@ class FailoverStateStore:
 
         return await self._route(on_primary, lambda: self._fallback.state(key))
 
+    async def states(self, keys: Sequence[DedupeKey]) -> list[MessageState]:
+        async def on_primary() -> list[MessageState]:
+            local = await self._fallback.states(keys)
+            # Like state(): DONE here wins; otherwise the shared state, unless that one knows nothing.
+            undecided = [i for i, found in enumerate(local) if found is not MessageState.DONE]
+            if not undecided:
+                return local
+            shared = await self._primary.states([keys[i] for i in undecided])
+            merged = list(local)
+            for i, found in zip(undecided, shared, strict=True):
+                if found is not MessageState.NEW:
+                    merged[i] = found
+            return merged
+
+        return await self._route(on_primary, lambda: self._fallback.states(keys))
+
     # --- Inbox ----------------------------------------------------------------------------------------
 
     async def record(self, messages: Sequence[InboundMessage]) -> None:
@@ -282,22 +298,33 @@ class FailoverStateStore:
 
     async def pending(self, customer: CustomerRef) -> list[InboundMessage]:
         async def on_primary() -> list[InboundMessage]:
-            shared = await self._primary.pending(customer)
-            local = await self._fallback.pending(customer)
-            if not local:
-                return shared
-            seen = {m.msgid for m in shared}
-            merged = [*shared, *(m for m in local if m.msgid not in seen)]
-            return sorted(merged, key=lambda m: m.send_time)
+            return _merged(await self._primary.pending(customer), await self._fallback.pending(customer))
 
         return await self._route(on_primary, lambda: self._fallback.pending(customer))
 
-    async def remove(self, customer: CustomerRef, msgid: str) -> None:
-        async def on_primary() -> None:
-            await self._primary.remove(customer, msgid)
-            await self._fallback.remove(customer, msgid)
+    async def remove(self, customer: CustomerRef, msgid: str) -> list[InboundMessage]:
+        async def on_primary() -> list[InboundMessage]:
+            shared = await self._primary.remove(customer, msgid)
+            return _merged(shared, await self._fallback.remove(customer, msgid))
 
-        await self._route(on_primary, lambda: self._fallback.remove(customer, msgid))
+        return await self._route(on_primary, lambda: self._fallback.remove(customer, msgid))
+
+    async def complete(self, message: InboundMessage) -> list[InboundMessage]:
+        key = DedupeKey.for_message(message)
+
+        async def on_primary() -> list[InboundMessage]:
+            shared = await self._primary.complete(message)
+            # As finish() and remove(): a lease taken here during an outage ends DONE here too.
+            if await self._fallback.state(key) is MessageState.BUSY:
+                await self._fallback.finish(key)
+            return _merged(shared, await self._fallback.remove(message.customer, message.msgid))
+
+        async def on_fallback() -> list[InboundMessage]:
+            remaining = await self._fallback.complete(message)
+            self._dirty_done[key] = None
+            return remaining
+
+        return await self._route(on_primary, on_fallback)
 
     async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]:
         async def on_primary() -> list[CustomerRef]:
@@ -426,6 +453,15 @@ class FailoverStateStore:
         await self._fallback.clear()
         for dirty in (self._dirty_kfs, self._dirty_cursors, self._dirty_done, self._dirty_conversations):
             dirty.clear()
+
+
+def _merged(shared: list[InboundMessage], local: list[InboundMessage]) -> list[InboundMessage]:
+    """A customer's pending messages from both stores, deduplicated by msgid, oldest first."""
+    if not local:
+        return shared
+    seen = {m.msgid for m in shared}
+    merged = [*shared, *(m for m in local if m.msgid not in seen)]
+    return sorted(merged, key=lambda m: m.send_time)
 
 
 async def _flush(dirty: dict[T, None], write: Callable[[T], Awaitable[object]]) -> None:

@@ -63,6 +63,10 @@ class MessageLedger(Protocol):
 
     async def state(self, key: DedupeKey) -> MessageState: ...
 
+    async def states(self, keys: Sequence[DedupeKey]) -> list[MessageState]:
+        """`state()` of each key, in order, read in one go (a pulled page checks all its messages at once)."""
+        ...
+
 
 class Inbox(Protocol):
     """Customer messages pulled but not yet handled. Survives a crash so nothing pulled is lost."""
@@ -75,7 +79,10 @@ class Inbox(Protocol):
         """The customer's unhandled messages, oldest first."""
         ...
 
-    async def remove(self, customer: CustomerRef, msgid: str) -> None: ...
+    async def remove(self, customer: CustomerRef, msgid: str) -> list[InboundMessage]:
+        """Take the message out of the customer's inbox (harmless when it is not there). Returns what is still
+        pending for the customer, oldest first, as `pending()` would right after the removal."""
+        ...
 
     async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]: ...
 
@@ -129,8 +136,24 @@ class StoreAdmin(Protocol):
         ...
 
 
+class Completion(Protocol):
+    async def complete(self, message: InboundMessage) -> list[InboundMessage]:
+        """`finish()` the message, then `remove()` it from its customer's inbox, in that order (a crash in
+        between leaves a DONE message in the inbox, which the next drain drops). Returns what is still pending
+        for the customer, like `remove()`. A store may do both in fewer round trips than the two calls."""
+        ...
+
+
 class StateStore(
-    ConversationStore, MessageLedger, Inbox, CursorStore, PullCoordination, KfRegistry, StoreAdmin, Protocol
+    ConversationStore,
+    MessageLedger,
+    Inbox,
+    Completion,
+    CursorStore,
+    PullCoordination,
+    KfRegistry,
+    StoreAdmin,
+    Protocol,
 ):
     """Everything the service keeps between messages."""
 

@@ -129,7 +129,7 @@ class PullMessages:
         self, messages: tuple[InboundMessage, ...], result: PullResult, *, not_before: float
     ) -> None:
         now = self._clock.now()
-        fresh: list[InboundMessage] = []
+        customer_messages: list[InboundMessage] = []
         for message in messages:
             if not message.is_from_customer:
                 try:
@@ -137,11 +137,18 @@ class PullMessages:
                 except Exception:  # an event we mishandle must not stop the pull
                     log.exception("handling %s item %s failed", message.msgtype, message.msgid)
                 continue
-            key = DedupeKey.for_message(message)
+            customer_messages.append(message)
+        if not customer_messages:
+            return
+        keys = [DedupeKey.for_message(message) for message in customer_messages]
+        # The marks of the whole page in one read, not one per message.
+        states = await self._store.states(keys)
+        fresh: list[InboundMessage] = []
+        for message, key, state in zip(customer_messages, keys, states, strict=True):
             if is_too_old(message, now=now, max_age_s=self._options.max_message_age_s) or (
                 message.send_time < not_before
             ):
-                if await self._store.state(key) is MessageState.NEW:
+                if state is MessageState.NEW:
                     await self._store.finish(key)
                 self._telemetry.count("ignored_too_old")
                 log.info(
@@ -152,7 +159,7 @@ class PullMessages:
                     now - message.send_time,
                 )
                 continue
-            if await self._store.state(key) is MessageState.DONE:
+            if state is MessageState.DONE:
                 self._telemetry.count("deduplicated")
                 log.info("already handled kf=%s msgid=%s", message.open_kfid, message.msgid)
                 continue

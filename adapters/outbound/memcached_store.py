@@ -42,6 +42,15 @@ delete-if-unchanged), which `begin` takes over with CAS. Inbox, its index and th
 read-modify-write loops with bounded retries. A customer's inbox holds at most 500 messages (and 512 KiB,
 within memcached's 1 MiB item limit); beyond that the oldest are dropped and an error is logged.
 
+Round trips: a drained message costs `pending()` (`gets`), `begin()` (`add`) and `complete()`: the DONE mark
+and the inbox CAS in one pipelined write (`MemcacheClient.store_many`) when both keys live on the same server
+-- memcached runs one connection's commands in order, so the mark still comes first -- or one after the other.
+The CAS uses the token `pending()` read, kept per inbox (at most `INBOX_READS_KEPT` inboxes of up to
+`INBOX_READ_MAX_BYTES`); if the inbox changed meanwhile the CAS refuses and the inbox is read again, so a
+kept read never decides anything on its own. `record()` reads every index and inbox of a page in one `gets`
+and writes the inboxes in one pipelined write; `states()` is one multi-get. Concurrent commands that find
+the cached generation too old share one read of it.
+
 Failure: commands run on `memcached_client.MemcacheClient`, on the event loop (no threads), with at most
 `max_pool_size` connections per server. A command, including the wait for a free connection, takes at most
 `connect_timeout + 2 * timeout`; connecting at most `connect_timeout`, and the server has `timeout` to answer.
@@ -65,10 +74,10 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
+from functools import lru_cache, partial
 
 from adapters.outbound import state_codec as codec
-from adapters.outbound.memcached_client import MemcacheClient
+from adapters.outbound.memcached_client import MemcacheClient, StoreCommand
 from application.errors import StoreUnavailable
 from application.ports import MessageState
 from domain.conversation import Conversation
@@ -80,6 +89,8 @@ log = logging.getLogger(__name__)
 # A `gets` result: (value, cas token), or (None, None) when the key is absent.
 Read = tuple[bytes, bytes] | tuple[None, None]
 ABSENT: Read = (None, None)
+# An inbox as pending() read it: value, CAS token, messages.
+InboxRead = tuple[bytes, bytes, list[InboundMessage]]
 
 MAX_KEY_BYTES = 250
 MAX_RELATIVE_TTL_S = 30 * 24 * 3600  # memcached reads a larger exptime as an absolute Unix time
@@ -90,6 +101,10 @@ EMPTY_INBOX_TTL_S = 300
 INBOX_MAX_MESSAGES = 500
 INBOX_MAX_BYTES = 512 * 1024  # memcached's default item size limit is 1 MiB
 CAS_ATTEMPTS = 40
+# pending() keeps what it read (value and CAS token), so the remove() that usually follows can write at once
+# instead of reading again; a stale entry costs only that read (the CAS refuses it). Bounded in number, size.
+INBOX_READS_KEPT = 1024
+INBOX_READ_MAX_BYTES = 8 * 1024
 
 _SAFE_PART = re.compile(r"[A-Za-z0-9_.-]*")
 _SAFE_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -108,6 +123,10 @@ def build_key(prefix: str, generation: int, kind: str, *parts: str) -> str:
         safe = [s if len(s) <= len(_hashed("")) else _hashed(p) for p, s in zip(parts, safe, strict=True)]
         key = ":".join([prefix, str(generation), kind, *safe])
     return key
+
+
+# Keys are rebuilt for every command: remember the recent ones (ids are validated and maybe hashed each time).
+_cached_key = lru_cache(maxsize=16384)(build_key)
 
 
 def expire_for(ttl_s: float, *, now: float) -> int:
@@ -149,6 +168,10 @@ class MemcachedStateStore:
         )
         self._generation: int | None = None
         self._generation_read_at = 0.0
+        # One read of the generation at a time: when the cached one ages out, concurrent commands share it.
+        self._generation_read: asyncio.Task[int] | None = None
+        self._inbox_reads: dict[str, InboxRead] = {}
+        self._done_mark = codec.encode_mark(codec.Mark(codec.DONE))
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -162,9 +185,17 @@ class MemcachedStateStore:
     # --- plumbing -------------------------------------------------------------------------------------
 
     async def _current_generation(self) -> int:
-        started = time.monotonic()
-        if self._generation is not None and started - self._generation_read_at < GENERATION_CACHE_S:
+        if self._generation is not None and time.monotonic() - self._generation_read_at < GENERATION_CACHE_S:
             return self._generation
+        read = self._generation_read
+        if read is None or read.done() or read.get_loop() is not asyncio.get_running_loop():
+            read = self._generation_read = asyncio.ensure_future(self._read_generation())
+            read.add_done_callback(_retrieve)
+        # Shielded: a caller that is cancelled must not cancel the read the others wait for.
+        return await asyncio.shield(read)
+
+    async def _read_generation(self) -> int:
+        started = time.monotonic()
         gen_key = f"{self._prefix}:gen"
         raw = await self._client.get(gen_key)
         if raw is None:
@@ -184,7 +215,7 @@ class MemcachedStateStore:
             raise StoreUnavailable("the namespace generation is not a number") from None
 
     async def _key(self, kind: str, *parts: str) -> str:
-        return build_key(self._prefix, await self._current_generation(), kind, *parts)
+        return _cached_key(self._prefix, await self._current_generation(), kind, *parts)
 
     async def _cas_update(
         self, key: str, change: Callable[[bytes | None], tuple[bytes, int] | None], read: Read | None = None
@@ -244,19 +275,20 @@ class MemcachedStateStore:
     async def finish(self, key: DedupeKey) -> None:
         mk = await self._key("msg", key.open_kfid, key.msgid)
         expire = expire_for(self._done_ttl, now=time.time())
-        await self._client.set(mk, codec.encode_mark(codec.Mark(codec.DONE)), expire)
+        await self._client.set(mk, self._done_mark, expire)
 
     async def release(self, key: DedupeKey, *, owner: str) -> None:
         await self._release_lease(await self._key("msg", key.open_kfid, key.msgid), owner)
 
     async def state(self, key: DedupeKey) -> MessageState:
-        raw = await self._client.get(await self._key("msg", key.open_kfid, key.msgid))
-        if raw is None:
-            return MessageState.NEW
-        status = codec.decode_mark(raw).status
-        if status == codec.DONE:
-            return MessageState.DONE
-        return MessageState.NEW if status == codec.FREE else MessageState.BUSY
+        return _message_state(await self._client.get(await self._key("msg", key.open_kfid, key.msgid)))
+
+    async def states(self, keys: Sequence[DedupeKey]) -> list[MessageState]:
+        if not keys:
+            return []
+        names = [await self._key("msg", key.open_kfid, key.msgid) for key in keys]
+        found = await self._client.get_many(names)
+        return [_message_state(found.get(name)) for name in names]
 
     async def _take_lease(self, key: str, owner: str, expire: int) -> bool:
         held = codec.encode_mark(codec.Mark(codec.BUSY, owner))
@@ -301,39 +333,127 @@ class MemcachedStateStore:
         by_customer: dict[CustomerRef, list[InboundMessage]] = {}
         for message in messages:
             by_customer.setdefault(message.customer, []).append(message)
+        if not by_customer:
+            return
+        keys = {c: await self._key("inbox", c.open_kfid, c.external_userid) for c in by_customer}
+        index_keys = {kf: await self._key("inboxidx", kf) for kf in dict.fromkeys(c.open_kfid for c in keys)}
+        # One round trip reads every index and inbox of the batch; the CAS tokens keep the writes safe
+        # whatever happens in between.
+        found = await self._client.gets_many([*index_keys.values(), *keys.values()])
+        # Indexed before the inboxes are written: a crash in between leaves a harmless stale entry, never an
+        # unindexed inbox. For customers already indexed this is no write.
+        for open_kfid, index_key in index_keys.items():
+            users = [c.external_userid for c in keys if c.open_kfid == open_kfid]
+            await self._index_add(open_kfid, users, found.get(index_key, ABSENT))
+        expire = expire_for(self._done_ttl, now=time.time())
+        # Every inbox written at once (pipelined); one that changed since the read goes the usual CAS loop.
+        writes: list[tuple[CustomerRef, StoreCommand]] = []
         for customer, batch in by_customer.items():
-            index_key = await self._key("inboxidx", customer.open_kfid)
-            key = await self._key("inbox", customer.open_kfid, customer.external_userid)
-            # One round trip reads both; the CAS tokens keep the writes safe whatever happens in between.
-            found = await self._client.gets_many([index_key, key])
-            # Indexed before the write: a crash in between leaves a harmless stale entry, never an unindexed
-            # inbox. For a customer already indexed this is no write.
-            await self._index_add(customer, found.get(index_key, ABSENT))
-            expire = expire_for(self._done_ttl, now=time.time())
-            await self._cas_update(
-                key, partial(_merged_inbox, customer, batch, expire), found.get(key, ABSENT)
-            )
+            key = keys[customer]
+            self._inbox_reads.pop(key, None)  # about to change
+            raw, token = found.get(key, ABSENT)
+            changed = _merged_inbox(customer, batch, expire, raw)
+            if changed is not None:
+                value, exptime = changed
+                command = (
+                    StoreCommand("add", key, value, exptime)
+                    if raw is None
+                    else StoreCommand("cas", key, value, exptime, token)
+                )
+                writes.append((customer, command))
+        if not writes:
+            return
+        stored = await self._client.store_many([command for _, command in writes])
+        for (customer, command), done in zip(writes, stored, strict=True):
+            if not done:
+                await self._cas_update(
+                    command.key, partial(_merged_inbox, customer, by_customer[customer], expire)
+                )
 
     async def pending(self, customer: CustomerRef) -> list[InboundMessage]:
         key = await self._key("inbox", customer.open_kfid, customer.external_userid)
-        return _decode_inbox(await self._client.get(key), customer)
+        raw, token = await self._client.gets(key)
+        box = _decode_inbox(raw, customer)
+        if raw is not None and box and len(raw) <= INBOX_READ_MAX_BYTES:
+            self._keep_inbox_read(key, (raw, token, box))
+        return list(box)
 
-    async def remove(self, customer: CustomerRef, msgid: str) -> None:
+    def _keep_inbox_read(self, key: str, read: InboxRead) -> None:
+        reads = self._inbox_reads
+        reads.pop(key, None)
+        if len(reads) >= INBOX_READS_KEPT:
+            del reads[next(iter(reads))]  # the oldest
+        reads[key] = read
+
+    async def remove(self, customer: CustomerRef, msgid: str) -> list[InboundMessage]:
         key = await self._key("inbox", customer.open_kfid, customer.external_userid)
-        expire = expire_for(self._done_ttl, now=time.time())
+        return await self._remove(key, customer, msgid, self._inbox_reads.pop(key, None))
 
-        def without(raw: bytes | None) -> tuple[bytes, int] | None:
-            box = _decode_inbox(raw, customer)
-            kept = [m for m in box if m.msgid != msgid]
-            if raw is None or len(kept) == len(box):
-                return None
-            # An empty list rather than a delete: a record() racing with us updates it with CAS.
-            return codec.encode_messages(kept), expire if kept else EMPTY_INBOX_TTL_S
-
+    async def _remove(
+        self, key: str, customer: CustomerRef, msgid: str, kept_read: InboxRead | None
+    ) -> list[InboundMessage]:
+        """remove(); `kept_read`: what pending() read, which saves reading the inbox again if it is still
+        current (the CAS says so)."""
         # The index is a hint for recovery passes, which prune customers whose inbox turned out empty
         # (customers_with_pending). Not unindexing here keeps the one index key per kf account out of the
         # hot path: under load every drain rewriting it made CAS retries run out.
-        await self._cas_update(key, without)
+        expire = expire_for(self._done_ttl, now=time.time())
+        fresh = False
+        for attempt in range(CAS_ATTEMPTS):
+            if kept_read is not None:
+                _, token, box = kept_read
+            else:
+                if attempt and fresh:
+                    # Someone else wrote it in between: step aside for a moment so the writers spread out.
+                    await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 10)))
+                raw, token = await self._client.gets(key)
+                if raw is None:
+                    return []
+                box, fresh = _decode_inbox(raw, customer), True
+            kept_read = None
+            kept = [m for m in box if m.msgid != msgid]
+            if len(kept) == len(box):
+                if fresh:
+                    return kept
+                continue  # not in what pending() read: only a fresh read may tell it is not there
+            # An empty list rather than a delete: a record() racing with us updates it with CAS.
+            value = codec.encode_messages(kept)
+            if await self._client.cas(key, value, token, expire if kept else EMPTY_INBOX_TTL_S):
+                return kept
+        raise StoreUnavailable("memcached key too contended to update")
+
+    async def complete(self, message: InboundMessage) -> list[InboundMessage]:
+        customer, msgid = message.customer, message.msgid
+        mark_key = await self._key("msg", message.open_kfid, msgid)
+        key = await self._key("inbox", customer.open_kfid, customer.external_userid)
+        done_expire = expire_for(self._done_ttl, now=time.time())
+        kept_read = self._inbox_reads.pop(key, None)
+        if kept_read is not None and self._client.node_for(mark_key) == self._client.node_for(key):
+            _, token, box = kept_read
+            kept = [m for m in box if m.msgid != msgid]
+            if len(kept) < len(box):
+                # One round trip: the server runs the two in order, so the message is DONE before it leaves
+                # the inbox, as with finish() then remove().
+                marked, removed = await self._client.store_many(
+                    [
+                        StoreCommand("set", mark_key, self._done_mark, done_expire),
+                        StoreCommand(
+                            "cas",
+                            key,
+                            codec.encode_messages(kept),
+                            done_expire if kept else EMPTY_INBOX_TTL_S,
+                            token,
+                        ),
+                    ]
+                )
+                if not marked:
+                    raise StoreUnavailable("memcached did not store a done mark")
+                if removed:
+                    return kept
+                # The inbox changed since pending() read it: read it again.
+                return await self._remove(key, customer, msgid, None)
+        await self._client.set(mark_key, self._done_mark, done_expire)
+        return await self._remove(key, customer, msgid, kept_read)
 
     async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]:
         users = _id_list(await self._client.get(await self._key("inboxidx", open_kfid)))
@@ -346,14 +466,14 @@ class MemcachedStateStore:
             await self._index_discard(open_kfid, stale)
         return [CustomerRef(open_kfid, user) for user in users if user in pending]
 
-    async def _index_add(self, customer: CustomerRef, read: Read | None = None) -> None:
+    async def _index_add(self, open_kfid: str, users: Sequence[str], read: Read | None = None) -> None:
         def added(raw: bytes | None) -> tuple[bytes, int] | None:
-            users = _id_list(raw)
-            if customer.external_userid in users:
-                return None
-            return codec.encode_str_list([*users, customer.external_userid]), 0
+            indexed = _id_list(raw)
+            known = set(indexed)
+            missing = [u for u in dict.fromkeys(users) if u not in known]
+            return (codec.encode_str_list([*indexed, *missing]), 0) if missing else None
 
-        await self._cas_update(await self._key("inboxidx", customer.open_kfid), added, read)
+        await self._cas_update(await self._key("inboxidx", open_kfid), added, read)
 
     async def _index_discard(self, open_kfid: str, users: set[str]) -> None:
         """Unindex customers whose inbox looked empty, then re-index any a concurrent record() refilled."""
@@ -369,7 +489,7 @@ class MemcachedStateStore:
         for key, user in keys.items():
             customer = CustomerRef(open_kfid, user)
             if _decode_inbox(boxes.get(key), customer):
-                await self._index_add(customer)
+                await self._index_add(open_kfid, [user])
 
     # --- CursorStore ----------------------------------------------------------------------------------
 
@@ -463,6 +583,22 @@ class MemcachedStateStore:
         else:
             raise StoreUnavailable("memcached keeps losing the namespace generation")
         self._generation, self._generation_read_at = self._parse_generation(generation), time.monotonic()
+        self._inbox_reads.clear()
+
+
+def _message_state(raw: bytes | None) -> MessageState:
+    if raw is None:
+        return MessageState.NEW
+    status = codec.decode_mark(raw).status
+    if status == codec.DONE:
+        return MessageState.DONE
+    return MessageState.NEW if status == codec.FREE else MessageState.BUSY
+
+
+def _retrieve(task: asyncio.Task[int]) -> None:
+    """Mark a shared read's failure as seen, even when every caller waiting for it was cancelled."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _id_list(raw: bytes | None) -> list[str]:

@@ -121,6 +121,9 @@ class MemoryStateStore:
             return MessageState.NEW
         return MessageState.DONE if value[0] == "done" else MessageState.BUSY  # type: ignore[index]
 
+    async def states(self, keys: Sequence[DedupeKey]) -> list[MessageState]:
+        return [await self.state(key) for key in keys]
+
     # --- Inbox ----------------------------------------------------------------------------------------
 
     async def record(self, messages: Sequence[InboundMessage]) -> None:
@@ -133,13 +136,18 @@ class MemoryStateStore:
         # Stable sort: equal send_times keep the order WeCom returned them in.
         return sorted(box.values(), key=lambda m: m.send_time)
 
-    async def remove(self, customer: CustomerRef, msgid: str) -> None:
+    async def remove(self, customer: CustomerRef, msgid: str) -> list[InboundMessage]:
         box = self._inbox.get(customer)
         if box is None:
-            return
+            return []
         box.pop(msgid, None)
         if not box:
             del self._inbox[customer]
+        return await self.pending(customer)
+
+    async def complete(self, message: InboundMessage) -> list[InboundMessage]:
+        await self.finish(DedupeKey.for_message(message))
+        return await self.remove(message.customer, message.msgid)
 
     async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]:
         return [c for c, box in self._inbox.items() if c.open_kfid == open_kfid and box]

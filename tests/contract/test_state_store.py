@@ -101,6 +101,23 @@ async def neighbour(
 
 
 @pytest.fixture
+async def twin(
+    request: pytest.FixtureRequest, store: StateStore, key_prefix: str, clock: FakeClock
+) -> AsyncIterator[StateStore]:
+    """Another instance of the same service (same namespace): the store itself for the in-process backend,
+    which is never shared."""
+    if isinstance(store, MemoryStateStore):
+        yield store
+        return
+    opened = _open(request, request.node.callspec.params["store"], key_prefix, clock)
+    try:
+        yield opened
+    finally:
+        if isinstance(opened, MemcachedStateStore):
+            await opened.aclose()  # not clear(): the store fixture clears the shared namespace
+
+
+@pytest.fixture
 def elapse(store: StateStore, clock: FakeClock) -> Elapse:
     """Let `seconds` pass for the store's expiry: the memory store's clock is ours; memcached needs real time
     (whole seconds, and a lease lasts up to one clock tick longer than asked)."""
@@ -212,6 +229,18 @@ class TestMessageLedger:
         assert await store.state(DedupeKey("wkOTHER", self.KEY.msgid)) is MessageState.NEW
         assert await store.begin(DedupeKey("wkOTHER", self.KEY.msgid), owner="a", lease_s=30) is True
 
+    async def test_states_reads_every_key_in_order(self, store: StateStore) -> None:
+        busy, done, freed, new = (DedupeKey(KF, f"msg-{name}") for name in ("busy", "done", "freed", "new"))
+        await store.begin(busy, owner="a", lease_s=30)
+        await store.finish(done)
+        await store.begin(freed, owner="a", lease_s=30)
+        await store.release(freed, owner="a")
+        keys = [new, busy, done, freed, done, DedupeKey("wkOTHER", done.msgid)]
+        expected = [MessageState.NEW, MessageState.BUSY, MessageState.DONE, MessageState.NEW]
+        assert await store.states(keys) == [*expected, MessageState.DONE, MessageState.NEW]
+        assert [await store.state(key) for key in keys] == await store.states(keys)
+        assert await store.states([]) == []
+
     async def test_only_the_owner_renews(self, store: StateStore) -> None:
         await store.begin(self.KEY, owner="a", lease_s=30)
         assert await store.renew(self.KEY, owner="b", lease_s=30) is False
@@ -322,6 +351,85 @@ class TestInbox:
         await store.remove(ALICE, "nope")
         await store.remove(CustomerRef(KF, "nobody"), "m1")
         assert [m.msgid for m in await store.pending(ALICE)] == ["m1"]
+
+    async def test_remove_returns_what_is_still_pending(self, store: StateStore) -> None:
+        await store.record(
+            [message("m1", send_time=1), message("m2", send_time=2), message("m3", send_time=3)]
+        )
+        assert [m.msgid for m in await store.pending(ALICE)] == ["m1", "m2", "m3"]
+        assert [m.msgid for m in await store.remove(ALICE, "m2")] == ["m1", "m3"]
+        assert [m.msgid for m in await store.remove(ALICE, "nope")] == ["m1", "m3"]
+        assert [m.msgid for m in await store.remove(ALICE, "m1")] == ["m3"]
+        assert await store.remove(ALICE, "m3") == []
+        assert await store.remove(ALICE, "m3") == []
+        assert await store.remove(CustomerRef(KF, "nobody"), "m1") == []
+        assert await store.pending(ALICE) == []
+
+    async def test_complete_marks_the_message_done_and_takes_it_out(self, store: StateStore) -> None:
+        first, second = message("m1", send_time=1), message("m2", send_time=2)
+        await store.record([first, second, message("b1", customer=BOB)])
+        assert [m.msgid for m in await store.pending(ALICE)] == ["m1", "m2"]
+        assert await store.begin(DedupeKey.for_message(first), owner="a", lease_s=30)
+        assert await store.complete(first) == [second]
+        assert await store.state(DedupeKey.for_message(first)) is MessageState.DONE
+        assert await store.pending(ALICE) == [second]
+        assert await store.complete(second) == []  # without a lease too
+        assert await store.state(DedupeKey.for_message(second)) is MessageState.DONE
+        assert await store.pending(ALICE) == []
+        assert [m.msgid for m in await store.pending(BOB)] == ["b1"]
+
+    async def test_complete_of_a_message_not_in_the_inbox_still_marks_it_done(
+        self, store: StateStore
+    ) -> None:
+        await store.record([message("m1")])
+        assert [m.msgid for m in await store.complete(message("gone"))] == ["m1"]
+        assert await store.state(DedupeKey(KF, "gone")) is MessageState.DONE
+        assert await store.complete(message("b1", customer=BOB)) == []
+        assert await store.state(DedupeKey(KF, "b1")) is MessageState.DONE
+
+    @pytest.mark.parametrize("how", ["remove", "complete"])
+    async def test_a_removal_after_another_instance_changed_the_inbox_keeps_that_change(
+        self, store: StateStore, twin: StateStore, how: str
+    ) -> None:
+        first, second, third = (message(f"m{i}", send_time=i) for i in (1, 2, 3))
+        await store.record([first, second])
+
+        async def take_out(m: InboundMessage) -> list[str]:
+            left = await (store.remove(ALICE, m.msgid) if how == "remove" else store.complete(m))
+            return [m.msgid for m in left]
+
+        assert await store.pending(ALICE) == [first, second]
+        await twin.record([third])  # since this instance read the inbox
+        assert await take_out(first) == ["m2", "m3"]
+        assert await store.pending(ALICE) == [second, third]
+        await twin.remove(ALICE, "m2")
+        assert await take_out(second) == ["m3"]
+        assert await store.pending(ALICE) == [third]
+        await twin.remove(ALICE, "m3")  # the message is gone before this instance takes it out
+        assert await take_out(third) == []
+        assert await store.pending(ALICE) == []
+        await twin.record([message("m4", send_time=4)])
+        assert [m.msgid for m in await store.pending(ALICE)] == ["m4"]
+
+    async def test_concurrent_records_and_completes_lose_nothing(self, store: StateStore) -> None:
+        customers = [CustomerRef(KF, f"wm{i}") for i in range(4)]
+        await store.record([message("seed", customer=c) for c in customers])
+
+        async def churn(customer: CustomerRef) -> None:
+            previous = message("seed", customer=customer)
+            for i in range(5):
+                latest = message(f"{customer.external_userid}-n{i}", customer=customer, send_time=i)
+                await store.record([latest])
+                await store.pending(customer)
+                assert latest in await store.complete(previous)
+                previous = latest
+
+        async with anyio.create_task_group() as tasks:
+            for customer in customers:
+                tasks.start_soon(churn, customer)
+        for customer in customers:
+            assert [m.msgid for m in await store.pending(customer)] == [f"{customer.external_userid}-n4"]
+            assert await store.state(DedupeKey(KF, f"{customer.external_userid}-n3")) is MessageState.DONE
 
     async def test_a_removed_message_can_be_recorded_again(self, store: StateStore) -> None:
         await store.record([message("m1")])

@@ -374,6 +374,76 @@ class TestStoredValues:
         assert requests == [b"gets", b"cas"]  # index and inbox read at once; the index needs no write
         assert [m.msgid for m in await store.pending(ALICE)] == ["m1", "m2"]
 
+    @staticmethod
+    def count_round_trips(store: MemcachedStateStore, monkeypatch: pytest.MonkeyPatch) -> list[list[bytes]]:
+        """The commands of each round trip (the verbs, in the order sent), leaving out generation reads."""
+        trips: list[list[bytes]] = []
+        call = store._client._call
+
+        async def counted(node: str, request: bytes, parse: Any) -> Any:
+            if b":gen\r\n" not in request:
+                lines = request.split(b"\r\n")
+                trips.append(
+                    [
+                        line.split(b" ", 1)[0]
+                        for line in lines
+                        if line[:4] in (b"get ", b"gets", b"set ", b"add ", b"cas ")
+                    ]
+                )
+            return await call(node, request, parse)
+
+        monkeypatch.setattr(store._client, "_call", counted)
+        return trips
+
+    async def test_a_page_of_marks_and_a_page_of_customers_are_one_round_trip_each(
+        self, store: MemcachedStateStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        customers = [CustomerRef(KF, f"wm{i}") for i in range(20)]
+        batch = [
+            InboundMessage(f"m{i}", KF, c.external_userid, 1_700_000_000, Origin.CUSTOMER, "text", text="hi")
+            for i, c in enumerate(customers)
+        ]
+        await store.record(batch[:1])
+        trips = self.count_round_trips(store, monkeypatch)
+        assert await store.states([DedupeKey.for_message(m) for m in batch]) == [MessageState.NEW] * 20
+        await store.record(batch)
+        # The marks; every index and inbox; the index; every new inbox at once.
+        assert trips == [[b"get"], [b"gets"], [b"cas"], [b"add"] * 19]
+        for c in customers:
+            assert len(await store.pending(c)) == 1
+
+    async def test_a_drained_message_is_three_round_trips(
+        self, store: MemcachedStateStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        first, second = message("m1"), message("m2", send_time=1_700_000_001)
+        await store.record([first, second])
+        trips = self.count_round_trips(store, monkeypatch)
+        assert await store.pending(ALICE) == [first, second]
+        assert await store.begin(DedupeKey.for_message(first), owner="me", lease_s=30)
+        assert await store.complete(first) == [second]
+        # Read the inbox; claim; mark done and take out of the inbox in one go (in that order), with the
+        # CAS token of the first read.
+        assert trips == [[b"gets"], [b"add"], [b"set", b"cas"]]
+        assert await store.state(DedupeKey.for_message(first)) is MessageState.DONE
+        assert await store.pending(ALICE) == [second]
+
+    async def test_a_completion_after_the_inbox_changed_reads_it_again(
+        self, server: MemcachedProcess, store: MemcachedStateStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        first, second = message("m1"), message("m2", send_time=1_700_000_001)
+        await store.record([first])
+        assert await store.pending(ALICE) == [first]
+        other = MemcachedStateStore(servers=[server.server], prefix=store._prefix, **FAST)
+        try:
+            await other.record([second])
+        finally:
+            await other.aclose()
+        trips = self.count_round_trips(store, monkeypatch)
+        assert await store.complete(first) == [second]
+        assert trips == [[b"set", b"cas"], [b"gets"], [b"cas"]]
+        assert await store.state(DedupeKey.for_message(first)) is MessageState.DONE
+        assert await store.pending(ALICE) == [second]
+
 
 @pytest.mark.anyio
 @pytest.mark.memcached

@@ -334,6 +334,54 @@ class TestRecovery:
         assert await store.pending(ALICE) == []
         assert await store.customers_with_pending(KF) == [BOB]
 
+    async def test_removals_and_completions_return_the_merged_inbox(
+        self, store: FailoverStateStore, primary: SwitchableStore, clock: Clock
+    ) -> None:
+        first, second, third = (message(f"m{i}", send_time=i) for i in (1, 2, 3))
+        await store.record([first, third])
+        await self.go_down(store, primary, clock)
+        await store.record([second, third])
+        await self.recover(store, primary, clock)
+        assert await store.remove(ALICE, "m1") == [second, third]
+        assert await store.complete(second) == [third]
+        assert await store.complete(third) == []
+        assert await store.pending(ALICE) == []
+        for done in (second, third):
+            assert await primary.inner.state(DedupeKey.for_message(done)) is MessageState.DONE
+
+    async def test_a_message_completed_during_the_outage_is_done_everywhere_afterwards(
+        self, store: FailoverStateStore, primary: SwitchableStore, clock: Clock
+    ) -> None:
+        m1, m2 = message("m1", send_time=1), message("m2", send_time=2)
+        await store.record([m1, m2])
+        await self.go_down(store, primary, clock)
+        assert await store.begin(DedupeKey.for_message(m1), owner="me", lease_s=30)
+        assert await store.complete(m1) == []  # the fallback's inbox: what the primary holds is out of reach
+        await self.recover(store, primary, clock)
+        assert await primary.inner.state(DedupeKey.for_message(m1)) is MessageState.DONE  # written through
+        assert await store.states([DedupeKey.for_message(m) for m in (m1, m2)]) == [
+            MessageState.DONE,
+            MessageState.NEW,
+        ]
+
+    async def test_states_sees_what_the_outage_did_like_state(
+        self, store: FailoverStateStore, primary: SwitchableStore, clock: Clock
+    ) -> None:
+        done, busy, new = DedupeKey(KF, "done"), DedupeKey(KF, "busy"), DedupeKey(KF, "new")
+        await self.go_down(store, primary, clock)
+        assert await store.begin(busy, owner="me", lease_s=30)
+        await store.finish(done)
+        assert await store.states([done, busy, new]) == [
+            MessageState.DONE,
+            MessageState.BUSY,
+            MessageState.NEW,
+        ]
+        await self.recover(store, primary, clock)
+        await primary.inner.begin(new, owner="other", lease_s=30)
+        expected = [MessageState.DONE, MessageState.BUSY, MessageState.BUSY]
+        assert await store.states([done, busy, new]) == expected
+        assert [await store.state(key) for key in (done, busy, new)] == expected
+
     async def test_kfs_learnt_during_the_outage_are_kept(
         self, store: FailoverStateStore, primary: SwitchableStore, clock: Clock
     ) -> None:
