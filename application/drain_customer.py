@@ -70,9 +70,9 @@ class DrainCustomer:
         while pending:
             message = pending[0]
             key = DedupeKey.for_message(message)
-            # Claim first: begin() is True only for a NEW message nobody holds, so the state is only read when
-            # the claim fails (done already, or another instance holds it).
-            if await self._store.begin(key, owner=self._owner, lease_s=self._options.message_lease_s):
+            # Claim first: True only for a NEW message nobody holds, so the state is only read when the claim
+            # fails (done already, or another instance holds it).
+            if await self._store.claim(message, owner=self._owner, lease_s=self._options.message_lease_s):
                 pending = await self._handle(message, key)
                 continue
             if await self._store.state(key) is not MessageState.DONE:
@@ -163,7 +163,7 @@ class DrainCustomer:
         key = DedupeKey.for_message(follower)
         if await self._store.state(key) is not MessageState.NEW:
             return None
-        if not await self._store.begin(key, owner=self._owner, lease_s=self._options.message_lease_s):
+        if not await self._store.claim(follower, owner=self._owner, lease_s=self._options.message_lease_s):
             return None
         return follower
 

@@ -26,7 +26,7 @@ Recovery
     interval (no new warning). While the probe runs, other operations keep using the fallback.
 
 After recovery the fallback is still consulted, so nothing done during the outage is forgotten:
-    - `state()`/`states()`/`begin()`: a msgid DONE or BUSY in the fallback is not NEW;
+    - `state()`/`states()`/`begin()`/`claim()`: a msgid DONE or BUSY in the fallback is not NEW;
     - `renew()`/`renew_pull()`: a lease taken in the fallback is moved to the primary (False if the primary
       has meanwhile given it to someone else); `release*()` releases in both;
     - `acquire_pull()` also takes the fallback's lease, so a pull started during the outage and one started
@@ -231,6 +231,18 @@ class FailoverStateStore:
             return await self._primary.begin(key, owner=owner, lease_s=lease_s)
 
         return await self._route(on_primary, lambda: self._fallback.begin(key, owner=owner, lease_s=lease_s))
+
+    async def claim(self, message: InboundMessage, *, owner: str, lease_s: float) -> bool:
+        key = DedupeKey.for_message(message)
+
+        async def on_primary() -> bool:
+            if await self._fallback.state(key) is not MessageState.NEW:
+                return False
+            return await self._primary.claim(message, owner=owner, lease_s=lease_s)
+
+        return await self._route(
+            on_primary, lambda: self._fallback.claim(message, owner=owner, lease_s=lease_s)
+        )
 
     async def renew(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
         async def on_primary() -> bool:

@@ -136,7 +136,17 @@ class StoreAdmin(Protocol):
         ...
 
 
-class Completion(Protocol):
+class MessageHandling(Protocol):
+    """The drain's steps around one message, which a store may take in fewer round trips than the separate
+    calls."""
+
+    async def claim(self, message: InboundMessage, *, owner: str, lease_s: float) -> bool:
+        """`begin()` for the message. A store may read the customer's conversation along with it: a
+        `get_conversation()` for that customer within a second may answer with that read, taken after every
+        earlier message of the customer was completed (so after their conversation updates), unless this
+        store wrote or deleted the conversation since."""
+        ...
+
     async def complete(self, message: InboundMessage) -> list[InboundMessage]:
         """`finish()` the message, then `remove()` it from its customer's inbox, in that order (a crash in
         between leaves a DONE message in the inbox, which the next drain drops). Returns what is still pending
@@ -148,7 +158,7 @@ class StateStore(
     ConversationStore,
     MessageLedger,
     Inbox,
-    Completion,
+    MessageHandling,
     CursorStore,
     PullCoordination,
     KfRegistry,

@@ -214,25 +214,39 @@ class MemcacheClient:
 
     async def store_many(self, commands: Sequence[StoreCommand]) -> list[bool | None]:
         """Pipelined set/add/cas (see the module docstring); each result as `set`, `add` or `cas` answers."""
-        batches: dict[str, list[int]] = {}
+        return (await self.store_then_get(commands, ()))[0]
+
+    async def store_then_get(
+        self, commands: Sequence[StoreCommand], keys: Iterable[str]
+    ) -> tuple[list[bool | None], dict[str, bytes]]:
+        """`store_many(commands)`, then `get_many(keys)`, pipelined: each server gets its share of the
+        commands and then of the keys in one write, and answers in one read."""
+        batches: dict[str, tuple[list[int], list[bytes]]] = {}
         for index, command in enumerate(commands):
-            batches.setdefault(self.node_for(command.key), []).append(index)
+            batches.setdefault(self.node_for(command.key), ([], []))[0].append(index)
+        for key in keys:
+            batches.setdefault(self.node_for(key), ([], []))[1].append(_key(key))
         requests = [_store_request(command) for command in commands]
         results: list[bool | None] = [None] * len(commands)
+        found: dict[str, bytes] = {}
 
-        async def run(node: str, indexes: list[int]) -> None:
+        async def run(node: str, indexes: list[int], wanted: list[bytes]) -> None:
             replies = [_CAS_REPLIES if commands[i].verb == "cas" else _STORE_REPLIES for i in indexes]
             request = b"".join(requests[i] for i in indexes)
-            answers = await self._call(node, request, partial(_parse_statuses, replies))
+            if wanted:
+                request += b"get %b\r\n" % b" ".join(wanted)
+            parse = partial(_parse_statuses_then_values, replies, set(wanted) if wanted else None)
+            answers, values = await self._call(node, request, parse)
             for index, answer in zip(indexes, answers, strict=True):
                 results[index] = answer
+            found.update((key.decode(), value) for key, (value, _) in values.items())
 
-        runs = [run(node, indexes) for node, indexes in batches.items()]
+        runs = [run(node, indexes, wanted) for node, (indexes, wanted) in batches.items()]
         if len(runs) == 1:
             await runs[0]
         elif runs:
             await asyncio.gather(*runs)
-        return results
+        return results, found
 
     async def delete(self, key: str) -> bool:
         return await self._call(self.node_for(key), b"delete %b\r\n" % _key(key), _DELETE)
@@ -492,6 +506,23 @@ def _parse_statuses(
             raise _unexpected(line)
         results.append(table[line])
     return results, position
+
+
+def _parse_statuses_then_values(
+    replies: Sequence[dict[bytes, bool | None]], wanted: Collection[bytes] | None, buffer: bytearray
+) -> tuple[tuple[list[bool | None], Found], int] | None:
+    """The status lines of pipelined store commands, then (when keys were asked for) one `get`'s values."""
+    statuses = _parse_statuses(replies, buffer)
+    if statuses is None:
+        return None
+    results, used = statuses
+    if wanted is None:
+        return (results, {}), used
+    values = _parse_values(False, wanted, buffer[used:])
+    if values is None:
+        return None
+    found, more = values
+    return (results, found), used + more
 
 
 def _parse_values(with_cas: bool, wanted: Collection[bytes], buffer: bytearray) -> tuple[Found, int] | None:

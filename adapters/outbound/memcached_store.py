@@ -42,11 +42,13 @@ delete-if-unchanged), which `begin` takes over with CAS. Inbox, its index and th
 read-modify-write loops with bounded retries. A customer's inbox holds at most 500 messages (and 512 KiB,
 within memcached's 1 MiB item limit); beyond that the oldest are dropped and an error is logged.
 
-Round trips: a drained message costs `pending()` (`gets`), `begin()` (`add`) and `complete()`: the DONE mark
-and the inbox CAS in one pipelined write (`MemcacheClient.store_many`) when both keys live on the same server
--- memcached runs one connection's commands in order, so the mark still comes first -- or one after the other.
-The CAS uses the token `pending()` read, kept per inbox (at most `INBOX_READS_KEPT` inboxes of up to
-`INBOX_READ_MAX_BYTES`); if the inbox changed meanwhile the CAS refuses and the inbox is read again, so a
+Round trips: a drained message costs `pending()` (`gets`), `claim()` (`add`, with a `get` of the customer's
+conversation in the same write, kept at most `CONVERSATION_READ_MAX_AGE_S` for the `get_conversation()` that
+follows unless this instance writes the conversation first), `put_conversation()` and `complete()`: the DONE
+mark and the inbox CAS in one pipelined write (`MemcacheClient.store_many`) when both keys live on the same
+server -- memcached runs one connection's commands in order, so the mark still comes first -- or one after
+the other. The CAS uses the token `pending()` read, kept per inbox (at most `INBOX_READS_KEPT` inboxes of up
+to `INBOX_READ_MAX_BYTES`); if the inbox changed meanwhile the CAS refuses and the inbox is read again, so a
 kept read never decides anything on its own. `record()` reads every index and inbox of a page in one `gets`
 and writes the inboxes in one pipelined write; `states()` is one multi-get. Concurrent commands that find
 the cached generation too old share one read of it.
@@ -105,6 +107,9 @@ CAS_ATTEMPTS = 40
 # instead of reading again; a stale entry costs only that read (the CAS refuses it). Bounded in number, size.
 INBOX_READS_KEPT = 1024
 INBOX_READ_MAX_BYTES = 8 * 1024
+# claim() reads the customer's conversation along with the claim, for the get_conversation() that follows.
+CONVERSATION_READS_KEPT = 1024
+CONVERSATION_READ_MAX_AGE_S = 1.0
 
 _SAFE_PART = re.compile(r"[A-Za-z0-9_.-]*")
 _SAFE_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -171,6 +176,7 @@ class MemcachedStateStore:
         # One read of the generation at a time: when the cached one ages out, concurrent commands share it.
         self._generation_read: asyncio.Task[int] | None = None
         self._inbox_reads: dict[str, InboxRead] = {}
+        self._conversation_reads: dict[str, tuple[float, bytes | None]] = {}  # key → (monotonic time, value)
         self._done_mark = codec.encode_mark(codec.Mark(codec.DONE))
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -244,7 +250,12 @@ class MemcachedStateStore:
     # --- ConversationStore ----------------------------------------------------------------------------
 
     async def get_conversation(self, customer: CustomerRef) -> Conversation | None:
-        raw = await self._client.get(await self._key("conv", customer.open_kfid, customer.external_userid))
+        key = await self._key("conv", customer.open_kfid, customer.external_userid)
+        kept = self._conversation_reads.pop(key, None)
+        if kept is not None and time.monotonic() - kept[0] <= CONVERSATION_READ_MAX_AGE_S:
+            raw = kept[1]  # what claim() read
+        else:
+            raw = await self._client.get(key)
         if raw is None:
             return None
         try:
@@ -256,10 +267,12 @@ class MemcachedStateStore:
     async def put_conversation(self, customer: CustomerRef, conversation: Conversation) -> None:
         key = await self._key("conv", customer.open_kfid, customer.external_userid)
         expire = expire_for(self._conversation_ttl, now=time.time())
+        self._conversation_reads.pop(key, None)
         await self._client.set(key, codec.encode_conversation(conversation), expire)
 
     async def delete_conversation(self, customer: CustomerRef) -> bool:
         key = await self._key("conv", customer.open_kfid, customer.external_userid)
+        self._conversation_reads.pop(key, None)
         return bool(await self._client.delete(key))
 
     # --- MessageLedger --------------------------------------------------------------------------------
@@ -267,6 +280,28 @@ class MemcachedStateStore:
     async def begin(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
         mk = await self._key("msg", key.open_kfid, key.msgid)
         return await self._take_lease(mk, owner, lease_expire_for(lease_s, now=time.time()))
+
+    async def claim(self, message: InboundMessage, *, owner: str, lease_s: float) -> bool:
+        customer = message.customer
+        mk = await self._key("msg", message.open_kfid, message.msgid)
+        conversation_key = await self._key("conv", customer.open_kfid, customer.external_userid)
+        expire = lease_expire_for(lease_s, now=time.time())
+        held = codec.encode_mark(codec.Mark(codec.BUSY, owner))
+        # The claim and a read of the conversation in one round trip (on one server: in that order). Any
+        # earlier message of the customer left the inbox only after its conversation update, so the read
+        # sees those updates whichever runs first.
+        (added,), found = await self._client.store_then_get(
+            [StoreCommand("add", mk, held, expire)], [conversation_key]
+        )
+        if not added:
+            # Done, held by another, or a freed lease to take over.
+            return await self._take_lease(mk, owner, expire, add_failed=True)
+        reads = self._conversation_reads
+        reads.pop(conversation_key, None)
+        if len(reads) >= CONVERSATION_READS_KEPT:
+            del reads[next(iter(reads))]  # the oldest
+        reads[conversation_key] = (time.monotonic(), found.get(conversation_key))
+        return True
 
     async def renew(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
         mk = await self._key("msg", key.open_kfid, key.msgid)
@@ -290,11 +325,13 @@ class MemcachedStateStore:
         found = await self._client.get_many(names)
         return [_message_state(found.get(name)) for name in names]
 
-    async def _take_lease(self, key: str, owner: str, expire: int) -> bool:
+    async def _take_lease(self, key: str, owner: str, expire: int, *, add_failed: bool = False) -> bool:
+        """`add_failed`: the caller's own `add` just found the key taken (saves trying it again)."""
         held = codec.encode_mark(codec.Mark(codec.BUSY, owner))
         for _ in range(CAS_ATTEMPTS):
-            if await self._client.add(key, held, expire):
+            if not add_failed and await self._client.add(key, held, expire):
                 return True
+            add_failed = False
             raw, token = await self._client.gets(key)
             if raw is None:
                 continue  # expired in between: try add again
@@ -584,6 +621,7 @@ class MemcachedStateStore:
             raise StoreUnavailable("memcached keeps losing the namespace generation")
         self._generation, self._generation_read_at = self._parse_generation(generation), time.monotonic()
         self._inbox_reads.clear()
+        self._conversation_reads.clear()
 
 
 def _message_state(raw: bytes | None) -> MessageState:

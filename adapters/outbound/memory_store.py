@@ -145,6 +145,9 @@ class MemoryStateStore:
             del self._inbox[customer]
         return await self.pending(customer)
 
+    async def claim(self, message: InboundMessage, *, owner: str, lease_s: float) -> bool:
+        return await self.begin(DedupeKey.for_message(message), owner=owner, lease_s=lease_s)
+
     async def complete(self, message: InboundMessage) -> list[InboundMessage]:
         await self.finish(DedupeKey.for_message(message))
         return await self.remove(message.customer, message.msgid)

@@ -229,6 +229,38 @@ class TestMessageLedger:
         assert await store.state(DedupeKey("wkOTHER", self.KEY.msgid)) is MessageState.NEW
         assert await store.begin(DedupeKey("wkOTHER", self.KEY.msgid), owner="a", lease_s=30) is True
 
+    async def test_claim_is_begin_for_a_message(self, store: StateStore) -> None:
+        first, second = message("msg-1"), message("msg-2")
+        assert await store.claim(first, owner="a", lease_s=30) is True
+        assert await store.claim(first, owner="b", lease_s=30) is False
+        assert await store.begin(self.KEY, owner="b", lease_s=30) is False
+        assert await store.state(self.KEY) is MessageState.BUSY
+        assert await store.renew(self.KEY, owner="a", lease_s=30) is True
+        await store.release(self.KEY, owner="a")
+        assert await store.claim(first, owner="b", lease_s=30) is True
+        await store.finish(self.KEY)
+        assert await store.claim(first, owner="b", lease_s=30) is False
+        await store.begin(DedupeKey.for_message(second), owner="a", lease_s=30)
+        assert await store.claim(second, owner="b", lease_s=30) is False
+
+    async def test_the_conversation_after_a_claim_is_the_latest_one_this_store_wrote(
+        self, store: StateStore
+    ) -> None:
+        first, second, third = (message(f"msg-{i}") for i in (1, 2, 3))
+        conversation = Conversation("c1", 1.0, 2.0, 1)
+        await store.put_conversation(ALICE, conversation)
+        assert await store.claim(first, owner="a", lease_s=30)
+        assert await store.get_conversation(ALICE) == conversation
+        assert await store.claim(second, owner="a", lease_s=30)
+        continued = Conversation("c1", 1.0, 3.0, 2)
+        await store.put_conversation(ALICE, continued)
+        assert await store.get_conversation(ALICE) == continued
+        assert await store.claim(third, owner="a", lease_s=30)
+        assert await store.delete_conversation(ALICE) is True
+        assert await store.get_conversation(ALICE) is None
+        assert await store.claim(message("b1", customer=BOB), owner="a", lease_s=30)
+        assert await store.get_conversation(BOB) is None
+
     async def test_states_reads_every_key_in_order(self, store: StateStore) -> None:
         busy, done, freed, new = (DedupeKey(KF, f"msg-{name}") for name in ("busy", "done", "freed", "new"))
         await store.begin(busy, owner="a", lease_s=30)

@@ -164,6 +164,16 @@ class TestCommands:
         assert await client.get_many([fresh, taken, swapped]) == {fresh: b"a2", taken: b"new", swapped: b"v2"}
         assert await client.store_many([]) == []
 
+    async def test_store_then_get_reads_after_the_writes(self, client: MemcacheClient) -> None:
+        written, absent, kept = unique(), unique(), unique()
+        await client.set(kept, b"k")
+        assert await client.store_then_get([StoreCommand("set", written, b"w")], [written, absent, kept]) == (
+            [True],
+            {written: b"w", kept: b"k"},
+        )
+        assert await client.store_then_get([], [kept]) == ([], {kept: b"k"})
+        assert await client.store_then_get([StoreCommand("add", kept, b"x")], []) == ([False], {})
+
     async def test_store_many_refuses_bad_commands_before_sending(self, client: MemcacheClient) -> None:
         with pytest.raises(StoreUnavailable, match="invalid cas token"):
             await client.store_many([StoreCommand("cas", unique(), b"x", 0, None)])
@@ -258,6 +268,10 @@ class TestPlacement:
                 True
             ] * len(keys)
             assert theirs.get_many(keys) == {key: (b"p" + key.encode(), 0) for key in keys}
+            stored, found = await ours.store_then_get([StoreCommand("set", keys[0], b"q")], keys)
+            assert stored == [True] and found == {
+                key: b"q" if key == keys[0] else b"p" + key.encode() for key in keys
+            }
         finally:
             theirs.close()
             await ours.aclose()

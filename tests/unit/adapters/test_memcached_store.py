@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pymemcache.client.base import Client, check_key_helper
 
+from adapters.outbound import memcached_store
 from adapters.outbound import state_codec as codec
 from adapters.outbound.memcached_store import (
     INBOX_MAX_MESSAGES,
@@ -426,6 +427,35 @@ class TestStoredValues:
         assert trips == [[b"gets"], [b"add"], [b"set", b"cas"]]
         assert await store.state(DedupeKey.for_message(first)) is MessageState.DONE
         assert await store.pending(ALICE) == [second]
+
+    async def test_a_claim_reads_the_conversation_in_the_same_round_trip(
+        self, store: MemcachedStateStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        conversation = Conversation("c1", 1.0, 2.0, 1)
+        await store.put_conversation(ALICE, conversation)
+        trips = self.count_round_trips(store, monkeypatch)
+        assert await store.claim(message("m1"), owner="me", lease_s=30)
+        assert await store.get_conversation(ALICE) == conversation
+        assert trips == [[b"add", b"get"]]
+        assert await store.get_conversation(ALICE) == conversation  # used once: read again
+        assert len(trips) == 2
+        assert not await store.claim(message("m1"), owner="other", lease_s=30)  # no claim, nothing kept
+        assert await store.get_conversation(ALICE) == conversation
+        assert trips[2:] == [[b"add", b"get"], [b"gets"], [b"get"]]
+
+    async def test_a_conversation_read_with_a_claim_is_used_only_while_fresh(
+        self, server: MemcachedProcess, store: MemcachedStateStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        await store.put_conversation(ALICE, Conversation("old", 1.0, 2.0, 1))
+        assert await store.claim(message("m1"), owner="me", lease_s=30)
+        other = MemcachedStateStore(servers=[server.server], prefix=store._prefix, **FAST)
+        try:
+            await other.put_conversation(ALICE, Conversation("new", 1.0, 3.0, 2))
+        finally:
+            await other.aclose()
+        monkeypatch.setattr(memcached_store, "CONVERSATION_READ_MAX_AGE_S", 0.0)
+        await asyncio.sleep(0.01)
+        assert await store.get_conversation(ALICE) == Conversation("new", 1.0, 3.0, 2)
 
     async def test_a_completion_after_the_inbox_changed_reads_it_again(
         self, server: MemcachedProcess, store: MemcachedStateStore, monkeypatch: pytest.MonkeyPatch

@@ -364,6 +364,20 @@ class TestRecovery:
             MessageState.NEW,
         ]
 
+    async def test_a_claim_sees_what_the_outage_did_like_begin(
+        self, store: FailoverStateStore, primary: SwitchableStore, clock: Clock
+    ) -> None:
+        done, held, free = message("done"), message("held"), message("free")
+        await self.go_down(store, primary, clock)
+        assert await store.claim(done, owner="me", lease_s=30)
+        await store.finish(DedupeKey.for_message(done))
+        assert await store.claim(held, owner="me", lease_s=30)
+        await self.recover(store, primary, clock)
+        assert await store.claim(done, owner="other", lease_s=30) is False
+        assert await store.claim(held, owner="other", lease_s=30) is False
+        assert await store.claim(free, owner="other", lease_s=30) is True
+        assert await primary.inner.state(DedupeKey.for_message(free)) is MessageState.BUSY
+
     async def test_states_sees_what_the_outage_did_like_state(
         self, store: FailoverStateStore, primary: SwitchableStore, clock: Clock
     ) -> None:
