@@ -61,6 +61,12 @@ class DifyChatEngine:
         self._total_timeout = total_timeout
         self._owns_client = client is None
         self._urls: dict[str, httpx.URL] = {}
+        # Per request, by "is it a stream": a stream's read timer is the idle timeout (pings arrive every
+        # 10 s, so it fires only when the server is silent); everything else waits read_timeout.
+        self._timeouts = {
+            streaming: httpx.Timeout(connect=connect_timeout, read=read, write=read, pool=connect_timeout)
+            for streaming, read in ((True, idle_timeout), (False, read_timeout))
+        }
         # httpx defaults to 5 s for everything (spec §0 #9); every request below passes explicit timeouts.
         self._client = client or async_client(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
@@ -82,10 +88,7 @@ class DifyChatEngine:
         streaming = self._response_mode == "streaming"
         # Streaming: pings arrive every 10 s, so httpx's read timer only fires when the server is silent;
         # the idle guard in _read_stream is what catches ping-only hangs.
-        read = self._idle_timeout if streaming else self._read_timeout
-        timeout = httpx.Timeout(
-            connect=self._connect_timeout, read=read, write=read, pool=self._connect_timeout
-        )
+        timeout = self._timeouts[streaming]
         try:
             with anyio.fail_after(self._total_timeout):
                 async with self._client.stream(
@@ -172,12 +175,7 @@ class DifyChatEngine:
     async def fetch_file(self, url: str, *, max_bytes: int) -> MediaBlob:
         if not url.lower().startswith(("http://", "https://")):
             raise ChatEngineError("bad_response", "file URL is not http(s)")
-        timeout = httpx.Timeout(
-            connect=self._connect_timeout,
-            read=self._read_timeout,
-            write=self._read_timeout,
-            pool=self._connect_timeout,
-        )
+        timeout = self._timeouts[False]
         try:
             with anyio.fail_after(self._total_timeout):
                 # No Authorization header: answer files are signed URLs, and may live on another host (a CDN)
@@ -253,12 +251,7 @@ class DifyChatEngine:
 
     async def _request_json(self, method: str, path: str, *, what: str, **send: Any) -> Mapping[str, Any]:
         """One non-streaming call answered by a JSON object; Dify's failures become ChatEngineError."""
-        timeout = httpx.Timeout(
-            connect=self._connect_timeout,
-            read=self._read_timeout,
-            write=self._read_timeout,
-            pool=self._connect_timeout,
-        )
+        timeout = self._timeouts[False]
         try:
             with anyio.fail_after(self._total_timeout):
                 response = await self._client.request(
