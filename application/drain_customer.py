@@ -160,9 +160,7 @@ class DrainCustomer:
             return None
         if self._commands.parse(follower.text) is not None:
             return None  # a reset or handoff is a command, not a question about the image
-        key = DedupeKey.for_message(follower)
-        if await self._store.state(key) is not MessageState.NEW:
-            return None
+        # claim() fails for anything but a NEW message nobody holds: no separate state() read.
         if not await self._store.claim(follower, owner=self._owner, lease_s=self._options.message_lease_s):
             return None
         return follower
