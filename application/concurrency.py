@@ -4,11 +4,13 @@ A fixed number is wrong both ways: too low for a Dify deployment that could take
 our queue while Dify idles), too high for one that cannot (Dify answers 429 and customers get the fallback
 text). `AdaptiveLimiter` learns each app's capacity from what the app answers:
 
-- It grows while answers come back and the limit is actually used: slow start first (+1 per accepted
-  request, so the limit doubles every round trip, like TCP), then +1 per round trip once an overload
-  was seen. A Dify answer takes seconds, but Dify accepts or refuses a request at once (its per-app
-  concurrency check runs before the stream starts, docs/dify.md), so callers that report
-  `Slot.accepted()` when the answer starts let a burst reach hundreds of calls within about a second.
+- It grows while answers come back and the limit is actually used: slow start first (an accepted request
+  that was sent with k calls in flight lets the limit reach 2k, so it doubles every round trip, like
+  TCP's slow start), then +1 per round trip (+1/limit per answer) once an overload was seen. A Dify
+  answer takes seconds, but Dify accepts or refuses a request at once (its per-app concurrency check
+  runs before the stream starts, docs/dify.md), so callers that report `Slot.accepted()` when the
+  answer starts let a burst reach a thousand calls within about a second; without it the limit
+  doubles once per answer time.
 - It shrinks on explicit overload signals (429, 502/503, connection refused, timeouts): ×0.7, once per
   overload episode. Only a request granted after the last decrease can cause the next one, so the 50
   rejections of one overshoot count as one decrease.
@@ -241,7 +243,7 @@ class _App:
             return False
         return statistics.median(self.short) > s.latency_tolerance * statistics.median(self.long)
 
-    def grow(self, now: float) -> None:
+    def grow(self, now: float, in_flight_at_grant: int) -> None:
         s = self.settings
         if not self.limit_used() or self.latency_inflated():
             return
@@ -251,8 +253,12 @@ class _App:
             and now - self.last_overload_at >= s.slow_start_restart_s
         ):
             self.slow_start = True
-        step = 1.0 if self.slow_start else 1.0 / max(self.limit, 1.0)
-        self.limit = min(float(s.max_limit), self.limit + step)
+        if self.slow_start:
+            # The app took k calls at once: let it try 2k. The limit never outruns what the app proved.
+            grown = max(self.limit, 2.0 * in_flight_at_grant)
+        else:
+            grown = self.limit + 1.0 / max(self.limit, 1.0)
+        self.limit = min(float(s.max_limit), grown)
 
     def shrink(self, slot_seq: int, in_flight_at_grant: int, kind: Overload, now: float) -> None:
         self.overloads[kind.value] += 1
@@ -321,7 +327,7 @@ class Slot:
         if self._released or self._grew or self.reported:
             return
         self._grew = True
-        self._app.grow(self._limiter.now())
+        self._app.grow(self._limiter.now(), self.in_flight_at_grant)
         self._limiter.dispatch(self._app)
 
     def success(self, latency_s: float | None = None) -> None:
@@ -336,7 +342,7 @@ class Slot:
         app.long.append(latency)
         if not self._grew:
             self._grew = True
-            app.grow(now)
+            app.grow(now, self.in_flight_at_grant)
             self._limiter.dispatch(app)
 
     def overload(self, kind: Overload) -> None:
@@ -450,6 +456,7 @@ class AdaptiveLimiter:
             return Slot(self, app, self._grant(app), self._clock.now())
         waiter: asyncio.Future[_Turn] = asyncio.get_running_loop().create_future()
         app.queue.push(customer, waiter)
+        self.dispatch(app)  # normally a no-op: whoever made room has handed it out already
         try:
             turn = await waiter
         except asyncio.CancelledError:
@@ -459,6 +466,7 @@ class AdaptiveLimiter:
                 self.dispatch(app)
             else:
                 app.queue.remove(customer, waiter)
+                self.dispatch(app)
             raise
         return Slot(self, app, turn, self._clock.now())
 
