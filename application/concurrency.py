@@ -57,10 +57,20 @@ class Overload(StrEnum):
 
 # Error codes that mean a quota is used up: retrying soon cannot help (docs/dify.md, error codes).
 QUOTA_CODES = frozenset({"provider_quota_exceeded", "quota_exceeded", "app_quota_exceeded"})
-_QUOTA_WORDS = ("quota", "daily", "per day", "exhausted", "billing", "plan limit", "额度", "配额")
+# Words of quota messages ("Your quota ... has been exhausted", "You exceeded your current quota, please check
+# your plan and billing details", daily limits). Not "exhausted" alone: providers say "resource exhausted"
+# for momentary rate limits too.
+_QUOTA_WORDS = ("quota", "daily", "per day", "billing", "plan limit", "额度", "配额")
 # A `rate_limit_error` is Dify Cloud's plan quota unless its text names a short-term provider rate.
 _SHORT_TERM_WORDS = ("per min", "per second", "rpm", "tpm", "requests per", "tokens per", "try again in")
-_RATE_LIMIT_WORDS = ("rate limit", "ratelimit", "too many requests", "overloaded")
+_RATE_LIMIT_WORDS = (
+    "rate limit",
+    "ratelimit",
+    "too many requests",
+    "overloaded",
+    "resource has been exhausted",
+    "resource_exhausted",
+)
 
 
 def is_quota_exhausted(error: ChatEngineError) -> bool:
@@ -120,6 +130,14 @@ class LimiterSettings:
     min_long_samples: int = 32
     # After this long (clock seconds) without any overload, slow start may run again; 0 = never.
     slow_start_restart_s: float = 300.0
+
+    @classmethod
+    def from_config(cls, *, concurrency: int, min_concurrency: int, initial: int = 16) -> LimiterSettings:
+        """From `[BOT] DIFY_CONCURRENCY` (ceiling) and `DIFY_MIN_CONCURRENCY` (floor): a ceiling set below
+        the floor wins (an operator who writes DIFY_CONCURRENCY = 2 means at most 2)."""
+        ceiling = max(1, concurrency)
+        floor = min(max(1, min_concurrency), ceiling)
+        return cls(max_limit=ceiling, min_limit=floor, initial_limit=min(max(initial, floor), ceiling))
 
     def __post_init__(self) -> None:
         if self.min_limit < 1 or self.max_limit < self.min_limit:
@@ -444,6 +462,10 @@ class AdaptiveLimiter:
 
     def snapshot(self) -> dict[str, AppSnapshot]:
         return {key: app.snapshot() for key, app in self._apps.items()}
+
+    def status(self) -> dict[str, dict[str, object]]:
+        """`snapshot()` as plain data, for /status and /metrics."""
+        return {key: state.as_dict() for key, state in self.snapshot().items()}
 
     async def acquire(self, app_key: str, customer: Hashable) -> Slot:
         """A granted slot; give it back with `release()` (prefer `slot()`, which does that itself).

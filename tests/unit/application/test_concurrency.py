@@ -287,6 +287,14 @@ def test_settings_refuse_impossible_bounds() -> None:
     with pytest.raises(ValueError):
         LimiterSettings(backoff_ratio=1.0)
     assert LimiterSettings(min_limit=2, max_limit=3, initial_limit=50).initial_limit == 50
+    assert LimiterSettings.from_config(concurrency=1000, min_concurrency=4) == LimiterSettings(
+        max_limit=1000, min_limit=4, initial_limit=16
+    )
+    # An old-style small DIFY_CONCURRENCY still means "at most that many".
+    small = LimiterSettings.from_config(concurrency=2, min_concurrency=4)
+    assert (small.max_limit, small.min_limit, small.initial_limit) == (2, 2, 2)
+    odd = LimiterSettings.from_config(concurrency=0, min_concurrency=0)
+    assert (odd.max_limit, odd.min_limit, odd.initial_limit) == (1, 1, 1)
     assert (
         AdaptiveLimiter(clock=VirtualClock(), settings=LimiterSettings(min_limit=2, max_limit=3)).limit(APP)
         == 3
@@ -346,6 +354,18 @@ async def test_apps_are_limited_separately() -> None:
         (ChatEngineError("rate_limit_error", "Rate Limit Error", status=429), None, True),
         (
             ChatEngineError("rate_limit_error", "Rate limit reached on tokens per min (TPM)", status=429),
+            Overload.RATE_LIMITED,
+            False,
+        ),
+        (
+            ChatEngineError("too_many_requests", "The daily quota of this app is used up", status=429),
+            None,
+            True,
+        ),
+        (
+            ChatEngineError(
+                "completion_request_error", "429 Resource has been exhausted, try again", status=400
+            ),
             Overload.RATE_LIMITED,
             False,
         ),
@@ -515,8 +535,8 @@ async def test_snapshot_reports_limit_in_flight_queue_and_totals() -> None:
     assert (state.granted, state.succeeded, state.failed, state.quota_exhausted) == (6, 1, 2, 1)
     assert state.overloads["timeout"] == 1 and state.decreases == 1 and not state.slow_start
     assert state.latency_p50_s == 2.0 and state.latency_baseline_s == 2.0
-    as_dict = state.as_dict()
-    assert as_dict["limit"] == 4 and as_dict["overloads"] == dict(state.overloads)
+    as_dict = limiter.status()[APP]
+    assert as_dict["limit"] == 4 and as_dict["queued"] == 3 and as_dict["overloads"] == dict(state.overloads)
     await holders.finish()
     state = snap(limiter)
     assert (state.in_flight, state.queued, state.granted, state.succeeded) == (0, 0, 9, 7)
