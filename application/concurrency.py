@@ -208,13 +208,17 @@ class _FairQueue:
         """The next live waiter (its customer goes to the back of the round), or None."""
         while self._by_customer:
             customer = next(iter(self._by_customer))
-            waiters = self._by_customer.pop(customer)
+            waiters = self._by_customer[customer]
             waiter = waiters.popleft()
             self.size -= 1
+            if waiter.done():  # cancelled, its task not yet run: the customer keeps their place
+                if not waiters:
+                    del self._by_customer[customer]
+                continue
+            del self._by_customer[customer]
             if waiters:
                 self._by_customer[customer] = waiters  # re-inserted: last in turn order
-            if not waiter.done():
-                return waiter
+            return waiter
         return None
 
     def remove(self, customer: Hashable, waiter: asyncio.Future[_Turn]) -> bool:
@@ -247,6 +251,8 @@ class _App:
         self.overloads: dict[str, int] = {kind.value: 0 for kind in Overload}
         self.short: deque[float] = deque(maxlen=s.short_window)
         self.long: deque[float] = deque(maxlen=s.long_window)
+        self._baseline: float | None = None  # median of `long`, refreshed every few samples
+        self._samples_since_baseline = 0
 
     @property
     def capacity(self) -> int:
@@ -255,11 +261,23 @@ class _App:
     def limit_used(self) -> bool:
         return len(self.queue) > 0 or self.in_flight >= self.settings.used_ratio * self.limit
 
+    def observe(self, latency: float) -> None:
+        self.short.append(latency)
+        self.long.append(latency)
+        self._samples_since_baseline += 1
+        if self._baseline is None or self._samples_since_baseline >= max(1, self.settings.short_window // 2):
+            self._baseline = statistics.median(self.long)
+            self._samples_since_baseline = 0
+
     def latency_inflated(self) -> bool:
         s = self.settings
-        if len(self.long) < s.min_long_samples or len(self.short) < s.short_window // 2:
+        if (
+            self._baseline is None
+            or len(self.long) < s.min_long_samples
+            or len(self.short) < s.short_window // 2
+        ):
             return False
-        return statistics.median(self.short) > s.latency_tolerance * statistics.median(self.long)
+        return statistics.median(self.short) > s.latency_tolerance * self._baseline
 
     def grow(self, now: float, in_flight_at_grant: int) -> None:
         s = self.settings
@@ -356,8 +374,7 @@ class Slot:
         latency = max(0.0, latency_s if latency_s is not None else now - self.started_at)
         app = self._app
         app.succeeded += 1
-        app.short.append(latency)
-        app.long.append(latency)
+        app.observe(latency)
         if not self._grew:
             self._grew = True
             app.grow(now, self.in_flight_at_grant)

@@ -489,6 +489,38 @@ async def test_a_waiter_cancelled_right_after_its_turn_came_gives_the_turn_on() 
     assert snap(limiter).in_flight == 0
 
 
+async def test_a_customer_whose_first_waiter_was_just_cancelled_keeps_their_turn() -> None:
+    limiter = limiter_with(initial_limit=1, max_limit=1)
+    gate = await limiter.acquire(APP, "gate")
+    served: list[str] = []
+
+    async def ask(customer: str, label: str) -> None:
+        async with limiter.slot(APP, customer):
+            served.append(label)
+
+    a1 = asyncio.create_task(ask("a", "a1"))
+    rest = [asyncio.create_task(ask("a", "a2")), asyncio.create_task(ask("b", "b1"))]
+    await until(lambda: snap(limiter).queued == 3)
+    a1.cancel()  # still in the queue when the turn is handed out in the same instant
+    limiter.release(gate)
+    await asyncio.gather(*rest)
+    assert a1.cancelled() and served == ["a2", "b1"]
+    assert (snap(limiter).queued, snap(limiter).in_flight) == (0, 0)
+
+
+async def test_an_accepted_call_that_then_times_out_still_shrinks_the_limit() -> None:
+    limiter = limiter_with(initial_limit=10)
+    holders = Holders(limiter)
+    holders.start(10)
+    await holders.granted(10)
+    slot = holders.slots[-1]
+    slot.accepted()  # the stream started (with the limit used: slow start lets the app try 20)...
+    assert snap(limiter).limit == 20
+    slot.overload(Overload.TIMEOUT)  # ...and then stalled
+    assert (snap(limiter).limit, snap(limiter).decreases) == (14, 1)
+    await holders.finish()
+
+
 async def test_a_deadline_while_waiting_drops_the_waiter() -> None:
     limiter = limiter_with(initial_limit=1, max_limit=1)
     holders = Holders(limiter)
