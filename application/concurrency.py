@@ -364,7 +364,7 @@ class Slot:
             return
         self._grew = True
         self._app.grow(self._limiter.now(), self.in_flight_at_grant)
-        self._limiter.dispatch(self._app)
+        self._limiter._dispatch(self._app)
 
     def success(self, latency_s: float | None = None) -> None:
         """Answered. `latency_s` defaults to the clock time since the slot was granted."""
@@ -378,7 +378,7 @@ class Slot:
         if not self._grew:
             self._grew = True
             app.grow(now, self.in_flight_at_grant)
-            self._limiter.dispatch(app)
+            self._limiter._dispatch(app)
 
     def overload(self, kind: Overload) -> None:
         """The app refused or could not cope: the limit shrinks (once per overload episode)."""
@@ -421,7 +421,7 @@ class Slot:
             return
         self._released = True
         self._app.in_flight -= 1
-        self._limiter.dispatch(self._app)
+        self._limiter._dispatch(self._app)
 
 
 class _SlotContext:
@@ -495,17 +495,17 @@ class AdaptiveLimiter:
             return Slot(self, app, self._grant(app), self._clock.now())
         waiter: asyncio.Future[_Turn] = asyncio.get_running_loop().create_future()
         app.queue.push(customer, waiter)
-        self.dispatch(app)  # normally a no-op: whoever made room has handed it out already
+        self._dispatch(app)  # normally a no-op: whoever made room has handed it out already
         try:
             turn = await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 # Granted, then cancelled before it could run: the turn goes to the next waiter.
                 app.in_flight -= 1
-                self.dispatch(app)
+                self._dispatch(app)
             else:
                 app.queue.remove(customer, waiter)
-                self.dispatch(app)
+                self._dispatch(app)
             raise
         return Slot(self, app, turn, self._clock.now())
 
@@ -514,7 +514,7 @@ class AdaptiveLimiter:
             slot.failure()
         slot._release()
 
-    def dispatch(self, app: _App) -> None:
+    def _dispatch(self, app: _App) -> None:
         """Hand turns to waiters while the app has room."""
         while app.in_flight < app.capacity:
             waiter = app.queue.pop()
