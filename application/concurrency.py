@@ -1,4 +1,4 @@
-"""How many Dify calls run at once toward each Dify app, and when to ask again after a rejection.
+"""How many Dify calls run at once toward each Dify app.
 
 A fixed number is wrong both ways: too low for a Dify deployment that could take more (customers wait in
 our queue while Dify idles), too high for one that cannot (Dify answers 429 and customers get the fallback
@@ -8,21 +8,17 @@ text). `AdaptiveLimiter` learns each app's capacity from what the app answers:
   that was sent with k calls in flight lets the limit reach 2k, so it doubles every round trip, like
   TCP's slow start), then +1 per round trip (+1/limit per answer) once an overload was seen. A Dify
   answer takes seconds, but Dify accepts or refuses a request at once (its per-app concurrency check
-  runs before the stream starts, docs/dify.md), so callers that report `Slot.accepted()` when the
+  runs before the stream starts, docs/dify.md §8.1), so callers that report `Slot.accepted()` when the
   answer starts let a burst reach a thousand calls within about a second; without it the limit
   doubles once per answer time.
-- It shrinks on explicit overload signals (429, 502/503, connection refused, timeouts): ×0.7, once per
-  overload episode. Only a request granted after the last decrease can cause the next one, so the 50
-  rejections of one overshoot count as one decrease.
+- It shrinks on explicit overload signals (429, 502/503, connection refused, timeouts; see
+  application/dify_retry.py): ×0.7, once per overload episode. Only a request granted after the last
+  decrease can cause the next one, so the 50 rejections of one overshoot count as one decrease.
 - Latency only stops growth: when the recent median answer time exceeds twice the long-run median. LLM
   latency mostly depends on the question, not on load, so it is a weak overload signal.
 
 Waiting callers are served fairly: round robin across customers, in the order each customer's turn came
 up, each customer's own requests in their order. A customer with fifty waiting messages delays nobody.
-
-`RetryPolicy` decides, after a rejection, how long to wait before asking again (exponential backoff with
-jitter, honouring Retry-After, within the answer's deadline) or to give up; an exhausted quota is told
-apart from momentary overload and is not asked again for a while.
 """
 
 from __future__ import annotations
@@ -30,77 +26,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import random
 import statistics
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from types import TracebackType
 from urllib.parse import urlsplit
 
+from application.dify_retry import Overload, is_quota_exhausted, overload_of
 from application.errors import ChatEngineError
+from application.fair_queue import FairQueue
 from application.ports import Clock
-
-# --- Outcome classification -------------------------------------------------------------------------
-
-
-class Overload(StrEnum):
-    """An explicit sign that the app took more than it can: the limit shrinks."""
-
-    RATE_LIMITED = "rate_limited"  # 429 too_many_requests (the app's concurrency cap), provider rate limit
-    UNAVAILABLE = "unavailable"  # 502/503: Dify or its gateway cannot take the request now
-    REFUSED = "refused"  # connection refused / unreachable (transient)
-    TIMEOUT = "timeout"  # the request timed out, or the gateway did (504)
-
-
-# Error codes that mean a quota is used up: retrying soon cannot help (docs/dify.md, error codes).
-QUOTA_CODES = frozenset({"provider_quota_exceeded", "quota_exceeded", "app_quota_exceeded"})
-# Words of quota messages ("Your quota ... has been exhausted", "You exceeded your current quota, please check
-# your plan and billing details", daily limits). Not "exhausted" alone: providers say "resource exhausted"
-# for momentary rate limits too.
-_QUOTA_WORDS = ("quota", "daily", "per day", "billing", "plan limit", "额度", "配额")
-# A `rate_limit_error` is Dify Cloud's plan quota unless its text names a short-term provider rate.
-_SHORT_TERM_WORDS = ("per min", "per second", "rpm", "tpm", "requests per", "tokens per", "try again in")
-_RATE_LIMIT_WORDS = (
-    "rate limit",
-    "ratelimit",
-    "too many requests",
-    "overloaded",
-    "resource has been exhausted",
-    "resource_exhausted",
-)
-
-
-def is_quota_exhausted(error: ChatEngineError) -> bool:
-    """True when the app (or its model provider) used up a quota: an operator must act or wait for a reset."""
-    code = error.code.lower()
-    text = error.message.lower()
-    if code in QUOTA_CODES:
-        return True
-    if code == "rate_limit_error":
-        return not any(word in text for word in _SHORT_TERM_WORDS)
-    return any(word in text for word in _QUOTA_WORDS)
-
-
-def overload_of(error: ChatEngineError) -> Overload | None:
-    """The overload signal `error` carries, or None when it says nothing about the app's load."""
-    if is_quota_exhausted(error):
-        return None
-    code = error.code.lower()
-    status = error.status
-    if status == 429 or code in ("too_many_requests", "rate_limit_error", "http_429"):
-        return Overload.RATE_LIMITED
-    if code == "completion_request_error" and any(w in error.message.lower() for w in _RATE_LIMIT_WORDS):
-        return Overload.RATE_LIMITED  # the model provider's rate limit, reported by Dify as a model error
-    if status in (502, 503) or code in ("http_502", "http_503"):
-        return Overload.UNAVAILABLE
-    if status == 504 or code in ("timeout", "http_504"):
-        return Overload.TIMEOUT
-    if code == "unreachable" and error.retryable:
-        return Overload.REFUSED
-    return None
 
 
 def dify_app_key(base_url: str, api_key: str) -> str:
@@ -186,59 +123,13 @@ class _Turn:
     in_flight: int  # calls in flight toward the app right after this grant
 
 
-class _FairQueue:
-    """Waiters per customer; customers take turns in the order their turn came up."""
-
-    def __init__(self) -> None:
-        self._by_customer: dict[Hashable, deque[asyncio.Future[_Turn]]] = {}  # insertion order = turn order
-        self.size = 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    @property
-    def customers(self) -> int:
-        return len(self._by_customer)
-
-    def push(self, customer: Hashable, waiter: asyncio.Future[_Turn]) -> None:
-        self._by_customer.setdefault(customer, deque()).append(waiter)
-        self.size += 1
-
-    def pop(self) -> asyncio.Future[_Turn] | None:
-        """The next live waiter (its customer goes to the back of the round), or None."""
-        while self._by_customer:
-            customer = next(iter(self._by_customer))
-            waiters = self._by_customer[customer]
-            waiter = waiters.popleft()
-            self.size -= 1
-            if waiter.done():  # cancelled, its task not yet run: the customer keeps their place
-                if not waiters:
-                    del self._by_customer[customer]
-                continue
-            del self._by_customer[customer]
-            if waiters:
-                self._by_customer[customer] = waiters  # re-inserted: last in turn order
-            return waiter
-        return None
-
-    def remove(self, customer: Hashable, waiter: asyncio.Future[_Turn]) -> bool:
-        waiters = self._by_customer.get(customer)
-        if waiters is None or waiter not in waiters:
-            return False
-        waiters.remove(waiter)
-        self.size -= 1
-        if not waiters:
-            del self._by_customer[customer]
-        return True
-
-
 class _App:
     def __init__(self, settings: LimiterSettings, now: float) -> None:
         s = settings
         self.settings = s
         self.limit = float(min(max(s.initial_limit, s.min_limit), s.max_limit))
         self.in_flight = 0
-        self.queue = _FairQueue()
+        self.queue: FairQueue[_Turn] = FairQueue()
         self.slow_start = True
         self.seq = 0  # grants so far; a slot's number is its grant order
         self.decrease_seq = 0  # only slots granted from here on may cause the next decrease
@@ -534,141 +425,3 @@ class AdaptiveLimiter:
         if app is None:
             app = self._apps[key] = _App(self._settings, self._clock.now())
         return app
-
-
-# --- Retry policy -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RetryDecision:
-    retry: bool
-    delay_s: float = 0.0
-    reason: str = ""
-    # The app's quota is used up: the caller sends the fallback text and does not ask again for a while.
-    quota_exhausted: bool = False
-    # True for the first quota report of an episode only: the caller logs (alerts) exactly then.
-    report_quota: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class RetrySettings:
-    max_attempts: int = 3  # asks in total, the first included
-    base_delay_s: float = 1.0
-    max_delay_s: float = 20.0
-    # An attempt needs at least this long; a retry that cannot finish before the deadline is not made.
-    min_attempt_s: float = 2.0
-    # How long an app with an exhausted quota is not asked again (unless Retry-After says otherwise).
-    quota_cooldown_s: float = 300.0
-    # Retry-After beyond this is not waited for within one answer.
-    max_retry_after_s: float = 60.0
-
-
-def parse_retry_after(value: str | float | None, *, now: float) -> float | None:
-    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date. None when absent or bad."""
-    if value is None:
-        return None
-    if isinstance(value, int | float):
-        return max(0.0, float(value)) if math.isfinite(value) else None
-    text = value.strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            return None  # RFC 9110 dates are GMT; a date without a zone is not one
-        return max(0.0, when.timestamp() - now)
-    return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
-class RetryPolicy:
-    """Whether and when to ask Dify again after a failed attempt (pure decisions, no waiting)."""
-
-    def __init__(
-        self,
-        *,
-        clock: Clock,
-        settings: RetrySettings | None = None,
-        rng: Callable[[], float] = random.random,
-    ) -> None:
-        self._clock = clock
-        self._settings = settings or RetrySettings()
-        self._rng = rng
-        self._quota_until: dict[str, float] = {}
-
-    @property
-    def settings(self) -> RetrySettings:
-        return self._settings
-
-    def quota_blocked(self, app_key: str) -> bool:
-        """True while `app_key`'s quota is known to be used up: answer with the fallback, do not ask."""
-        until = self._quota_until.get(app_key)
-        if until is None:
-            return False
-        if self._clock.now() >= until:
-            del self._quota_until[app_key]
-            return False
-        return True
-
-    def decide(
-        self,
-        error: ChatEngineError,
-        *,
-        attempt: int,
-        deadline: float,
-        retry_after: str | float | None = None,
-        app_key: str = "",
-    ) -> RetryDecision:
-        """After failed attempt number `attempt` (1 = the first ask), with the answer due at `deadline`
-        (clock seconds): wait `delay_s` and ask again, or give up."""
-        s = self._settings
-        now = self._clock.now()
-        wait = parse_retry_after(retry_after, now=now)
-        if is_quota_exhausted(error):
-            first = not self.quota_blocked(app_key)
-            if first:
-                cooldown = max(s.quota_cooldown_s, wait or 0.0)
-                self._quota_until[app_key] = now + cooldown
-            return RetryDecision(False, reason="quota exhausted", quota_exhausted=True, report_quota=first)
-        kind = overload_of(error)
-        if kind is Overload.TIMEOUT or error.code == "idle_timeout":
-            # A timed-out answer already cost the customer the whole wait: do not make them wait twice.
-            return RetryDecision(False, reason="timed out")
-        if not error.retryable and kind is None:
-            return RetryDecision(False, reason="not retryable")
-        if attempt >= s.max_attempts:
-            return RetryDecision(False, reason="attempts used up")
-        room = deadline - now - s.min_attempt_s
-        if wait is not None:
-            if wait > s.max_retry_after_s or wait > room:
-                return RetryDecision(False, reason=f"Retry-After {wait:g} s does not fit")
-            # Honour the server's wait, plus a little jitter so a burst does not come back at once.
-            delay = min(wait + wait * 0.1 * self._rng(), room)
-            return RetryDecision(True, delay, reason="Retry-After")
-        ceiling = min(s.max_delay_s, s.base_delay_s * 2 ** max(attempt - 1, 0))
-        delay = ceiling / 2 + ceiling / 2 * self._rng()  # "equal jitter": spread out, never immediate
-        delay = min(delay, room)
-        if delay < 0:
-            return RetryDecision(False, reason="no time left before the deadline")
-        return RetryDecision(True, delay, reason=kind.value if kind is not None else error.code)
-
-
-__all__ = [
-    "QUOTA_CODES",
-    "AdaptiveLimiter",
-    "AppSnapshot",
-    "LimiterSettings",
-    "Overload",
-    "RetryDecision",
-    "RetryPolicy",
-    "RetrySettings",
-    "Slot",
-    "dify_app_key",
-    "is_quota_exhausted",
-    "overload_of",
-    "parse_retry_after",
-]

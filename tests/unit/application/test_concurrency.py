@@ -19,15 +19,11 @@ from typing import Any
 
 import pytest
 
-from application.concurrency import (
-    AdaptiveLimiter,
-    AppSnapshot,
-    LimiterSettings,
+from application.concurrency import AdaptiveLimiter, AppSnapshot, LimiterSettings, Slot, dify_app_key
+from application.dify_retry import (
     Overload,
     RetryPolicy,
     RetrySettings,
-    Slot,
-    dify_app_key,
     is_quota_exhausted,
     overload_of,
     parse_retry_after,
