@@ -71,7 +71,7 @@ class _Declined(Exception):
 
 
 class MediaSupport:
-    """Implements `MediaPreparer` (media_port.py) and `ImagePairing` (drain_customer.py).
+    """Implements `MediaPreparer` and `ImagePairing` (both in media_port.py).
 
     `voice_concurrency`: voice messages converted and transcribed at once; the others wait their turn, so a
     flood of voice messages cannot start unbounded ffmpeg processes and paid transcriptions."""

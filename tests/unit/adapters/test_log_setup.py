@@ -49,6 +49,7 @@ def capture(request: pytest.FixtureRequest) -> Iterator[Capture]:
     logger.propagate = False
     yield handler
     logger.removeHandler(handler)
+    logger.propagate = True
 
 
 def log() -> logging.Logger:
