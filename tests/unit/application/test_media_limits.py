@@ -13,6 +13,7 @@ from adapters.outbound.audio import FakeAudioConverter
 from adapters.outbound.fake_dify import DEFAULT_TRANSCRIPT, FakeChatEngine
 from adapters.outbound.fake_wecom import FakeKfChannel, KfWorld
 from application.media import MediaSupport
+from application.media_port import MediaPreparer
 from application.options import ReplyTexts
 from domain.chat import AppParameters
 from domain.media import MediaBlob
@@ -137,7 +138,7 @@ async def test_voice_within_the_limit_counts_once() -> None:
 async def test_voice_conversions_run_behind_one_limit_for_the_instance() -> None:
     converter = GatedConverter(expect=2)
     app, engine, _ = media_app(converter=converter)
-    limited = MediaSupport(
+    limited: MediaPreparer = MediaSupport(  # (mypy checks that MediaSupport implements the port)
         channel=app.adapters.channel(),
         routing=app.routing(),
         converter=converter,
