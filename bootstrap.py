@@ -38,6 +38,7 @@ from adapters.outbound.wecom_api import WeComKfChannel
 from application.admin import ConversationAdmin, StatusReport
 from application.answer_message import AnswerCustomerMessage
 from application.app_parameters import AppParametersCache
+from application.ask_dify import AskDify
 from application.dispatcher import Dispatcher
 from application.drain_customer import DrainCustomer
 from application.handoff import HandOffToHuman
@@ -263,12 +264,14 @@ class Application(containers.DeclarativeContainer):
         options=options,
         telemetry=telemetry,
     )
+    ask = providers.Singleton(
+        AskDify, conversations=adapters.store, clock=adapters.clock, options=options, telemetry=telemetry
+    )
     answer = providers.Singleton(
         AnswerCustomerMessage,
-        conversations=adapters.store,
+        ask=ask,
         channel=adapters.channel,
         routing=routing,
-        clock=adapters.clock,
         options=options,
         telemetry=telemetry,
         render=adapters.renderer,

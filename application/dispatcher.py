@@ -15,17 +15,21 @@ import asyncio
 import logging
 import random
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from application.drain_customer import DrainCustomer, DrainOutcome
 from application.errors import WeComError
 from application.options import BotOptions
-from application.ports import StateStore
+from application.ports import Inbox, KfRegistry, PullCoordination
 from application.pull_messages import PullMessages
 from application.telemetry import Telemetry, correlation_id
 from domain.messages import CallbackNotice, CustomerRef
 
 log = logging.getLogger("kfdify.dispatch")
+
+
+class DispatchStore(KfRegistry, PullCoordination, Inbox, Protocol):
+    """What the dispatcher needs of the state store: the kf accounts, the pull lease, who has messages."""
 
 
 def _running(task: asyncio.Task[None] | None) -> bool:
@@ -38,7 +42,7 @@ class Dispatcher:
     def __init__(
         self,
         *,
-        store: StateStore,
+        store: DispatchStore,
         pull: PullMessages,
         drain: DrainCustomer,
         options: BotOptions,

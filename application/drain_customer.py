@@ -15,8 +15,10 @@ from enum import StrEnum
 from typing import Protocol
 
 from application.answer_message import AnswerCustomerMessage
+from application.log_context import handling
+from application.media_port import ImagePairing
 from application.options import BotOptions
-from application.ports import Clock, MessageState, StateStore
+from application.ports import Clock, Inbox, MessageHandling, MessageLedger, MessageState
 from application.telemetry import Telemetry
 from domain.commands import CommandSet
 from domain.dedupe import DedupeKey
@@ -35,25 +37,21 @@ class DrainOutcome(StrEnum):
     WAITING = "waiting"  # another instance holds the customer's oldest pending message: keep order, wait
 
 
-class ImagePairing(Protocol):
-    """Decides whether an image should wait for a text to ask about it (application/media.py)."""
-
-    async def awaits_text(self, message: InboundMessage) -> bool:
-        """True when `message` is an image the AI app can take."""
-        ...
+class DrainStore(Inbox, MessageLedger, MessageHandling, Protocol):
+    """What the drain needs of the state store: the customer's inbox and who handles which message."""
 
 
 class DrainCustomer:
     def __init__(
         self,
         *,
-        store: StateStore,
+        store: DrainStore,
         answer: AnswerCustomerMessage,
         options: BotOptions,
         telemetry: Telemetry,
         owner: str,
-        clock: Clock | None = None,
-        pairing: ImagePairing | None = None,
+        clock: Clock,
+        pairing: ImagePairing,
     ) -> None:
         self._store = store
         self._answer = answer
@@ -83,6 +81,10 @@ class DrainCustomer:
 
     async def _handle(self, message: InboundMessage, key: DedupeKey) -> list[InboundMessage]:
         """Answer the claimed message; returns the customer's messages still pending afterwards."""
+        with handling(message):  # every log line from here on names the message
+            return await self._answer_claimed(message, key)
+
+    async def _answer_claimed(self, message: InboundMessage, key: DedupeKey) -> list[InboundMessage]:
         claimed: list[tuple[InboundMessage, DedupeKey]] = [(message, key)]
         renewer = asyncio.create_task(self._keep_leases(claimed))
         self._telemetry.in_flight += 1
@@ -92,14 +94,9 @@ class DrainCustomer:
                 if text is not None:
                     claimed.append((text, DedupeKey.for_message(text)))
                     self._telemetry.count("image_text_pairs")
-                    log.info(
-                        "image msgid=%s and text msgid=%s asked together kf=%s customer=%s",
-                        message.msgid,
-                        text.msgid,
-                        message.open_kfid,
-                        message.external_userid,
-                    )
-                    outcome = await self._answer(text, attached=(message,))
+                    log.info("image and text msgid=%s asked together", text.msgid)
+                    with handling(text):  # the question (and its replies) is the text's
+                        outcome = await self._answer(text, attached=(message,))
                 else:
                     outcome = await self._answer(message)
                 self._telemetry.count_labelled("outcomes", outcome.value)
@@ -110,9 +107,7 @@ class DrainCustomer:
                 raise
             except Exception:
                 # A bug must neither kill the worker nor make the message come back forever.
-                log.exception(
-                    "answering msgid=%s kf=%s failed unexpectedly", message.msgid, message.open_kfid
-                )
+                log.exception("answering failed unexpectedly")
                 self._telemetry.count("internal_errors")
             remaining: list[InboundMessage] = []
             for done, _ in claimed:
@@ -126,15 +121,15 @@ class DrainCustomer:
         """The customer's text that follows `image` within the window, claimed for this owner; None when
         there is none (or the image should not wait for one)."""
         window = self._options.image_text_window_s
-        if window <= 0 or image.kind is not Kind.IMAGE or self._pairing is None:
+        if window <= 0 or image.kind is not Kind.IMAGE:
             return None
         try:
             if not await self._pairing.awaits_text(image):
                 return None
         except Exception:
-            log.exception("deciding whether image msgid=%s waits for a text failed", image.msgid)
+            log.exception("deciding whether the image waits for a text failed")
             return None
-        age = max(self._clock.now() - image.send_time, 0.0) if self._clock is not None else 0.0
+        age = max(self._clock.now() - image.send_time, 0.0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(window + min(PAIRING_GRACE_S, window) - age, 0.0)
         while True:

@@ -1,17 +1,17 @@
 """Hand a customer to a human: `kf/service_state/trans` to the queue or a named servicer, then a notice.
 
 After a successful transfer the session is no longer the bot's, so `send_msg` would answer 95018: the
-notice goes with `send_msg_on_event` and the msg_code the transfer returned (spec §7.1, §7.2). Without a
+notice goes with `send_msg_on_event` and the msg_code the transfer returned (docs/wecom-kf.md). Without a
 code it is tried with `send_msg`, and a 95018 then is expected, not an error.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from application.errors import WeComError
 from application.ports import KfChannel
+from application.reply_session import ReplySession
 from application.routing import KfRoute
 from application.session_state import SessionStates
 from application.telemetry import Telemetry
@@ -19,9 +19,6 @@ from domain.dedupe import DedupeKey, outbound_msgid
 from domain.messages import InboundMessage
 from domain.replies import TEXT_LIMIT_BYTES, split_reply
 from domain.session import handoff_target
-
-if TYPE_CHECKING:
-    from application.answer_message import ReplySession
 
 log = logging.getLogger("kfdify.handoff")
 
@@ -48,10 +45,7 @@ class HandOffToHuman:
         except WeComError as exc:
             self._telemetry.count_labelled("handoff_failures", str(exc.errcode))
             log.warning(
-                "handoff refused kf=%s customer=%s msgid=%s target_state=%d servicer=%s errcode=%s errmsg=%s",
-                message.open_kfid,
-                message.external_userid,
-                message.msgid,
+                "handoff refused target_state=%d servicer=%s errcode=%s errmsg=%s",
                 target,
                 route.servicer_userid or "-",
                 exc.errcode,
@@ -63,10 +57,7 @@ class HandOffToHuman:
         self._sessions.learn(customer, target, servicer_userid=route.servicer_userid)
         self._telemetry.count_labelled("handoffs", trigger)
         log.info(
-            "handed off kf=%s customer=%s msgid=%s trigger=%s target_state=%d servicer=%s msg_code=%s",
-            message.open_kfid,
-            message.external_userid,
-            message.msgid,
+            "handed off trigger=%s target_state=%d servicer=%s msg_code=%s",
             trigger,
             target,
             route.servicer_userid or "-",
@@ -88,13 +79,7 @@ class HandOffToHuman:
             await self._channel.send_on_event(code, notice, msgid=msgid)
         except WeComError as exc:
             self._telemetry.count_labelled("wecom_errors", str(exc.errcode))
-            log.warning(
-                "handoff notice not sent kf=%s customer=%s errcode=%s %s",
-                message.open_kfid,
-                message.external_userid,
-                exc.errcode,
-                exc.errmsg,
-            )
+            log.warning("handoff notice not sent errcode=%s %s", exc.errcode, exc.errmsg)
             return
         self._telemetry.count("handoff_notices")
 

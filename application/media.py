@@ -1,6 +1,6 @@
 """Customers' images, files and voice become Dify questions; images in Dify's answers go back as images.
 
-Inbound (specs/dify-api.md §10 #4–5, field-notes §1.12):
+Inbound (docs/dify.md, docs/wecom-kf.md):
 - image → `media/get` → Dify `/files/upload` → a question with the image and `texts.image_query`;
 - file → the same as a `document` (or image/custom) when the app's File Upload settings accept its type;
 - voice (AMR) → ffmpeg → Dify `/audio-to-text` → the transcript, answered as if the customer had typed it.
@@ -13,16 +13,19 @@ messages within the reply quota; other files (and images that cannot be sent) be
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 
-from application.answer_message import PreparedQuestion, ReplySession
 from application.app_parameters import AppParametersCache
 from application.errors import AudioConversionError, ChatEngineError, MediaTooLarge, WeComError
+from application.log_context import handling
+from application.media_port import PreparedQuestion
 from application.options import BotOptions, ReplyTexts
 from application.ports import AudioConverter, Clock, KfChannel
+from application.reply_session import ReplySession
 from application.routing import KfRoute, Routing
 from application.telemetry import Telemetry
 from domain.chat import Answer, AnswerFile, AppParameters, Attachment
@@ -48,12 +51,14 @@ from domain.messages import InboundMessage, Kind
 log = logging.getLogger("kfdify.media")
 
 MEDIA = "media"  # latency series: preparing one image, file or voice message
-# media/get errcode for an unknown or expired media_id (3 days, spec wecom-kf §7.3).
+# media/get errcode for an unknown or expired media_id (3 days, docs/wecom-kf.md).
 MEDIA_EXPIRED = 40007
 # After /parameters failed, ask again this soon rather than after the full TTL.
 PARAMETERS_RETRY_S = 30.0
 # An answer rarely needs more image messages than this; the rest become links.
 MAX_ANSWER_IMAGES = 4
+# Voice conversions (ffmpeg) and transcriptions running at once in this instance, whatever the traffic.
+VOICE_CONCURRENCY = 4
 
 
 class _Declined(Exception):
@@ -66,21 +71,26 @@ class _Declined(Exception):
 
 
 class MediaSupport:
-    """Implements `MediaPreparer` (answer_message.py) and `ImagePairing` (drain_customer.py)."""
+    """Implements `MediaPreparer` and `ImagePairing` (both in media_port.py).
+
+    `voice_concurrency`: voice messages converted and transcribed at once; the others wait their turn, so a
+    flood of voice messages cannot start unbounded ffmpeg processes and paid transcriptions."""
 
     def __init__(
         self,
         *,
         channel: KfChannel,
         routing: Routing,
-        converter: AudioConverter | None,
+        converter: AudioConverter,
         clock: Clock,
         options: BotOptions,
         telemetry: Telemetry,
+        voice_concurrency: int = VOICE_CONCURRENCY,
     ) -> None:
         self._channel = channel
         self._routing = routing
         self._converter = converter
+        self._voice_slots = asyncio.Semaphore(max(voice_concurrency, 1))
         self._clock = clock
         self._options = options
         self._telemetry = telemetry
@@ -109,7 +119,7 @@ class MediaSupport:
             return PreparedQuestion(reply=declined.reply)
         except Exception:
             # A bug must not leave the customer without an answer: say it failed, and log it loudly.
-            log.exception("preparing %s msgid=%s failed unexpectedly", kind.value, message.msgid)
+            log.exception("preparing %s failed unexpectedly", kind.value)
             self._telemetry.count_labelled("media_declined", "internal_error")
             failed = route.texts.voice_failed if kind is Kind.VOICE else route.texts.media_failed
             return PreparedQuestion(reply=failed)
@@ -131,17 +141,19 @@ class MediaSupport:
                 continue
             self._telemetry.count_labelled("media_received", message.kind.value)
             started = time.monotonic()
-            try:
-                files.append(await self._attachment(message, route))
-            except _Declined as declined:
-                self._telemetry.count_labelled("media_declined", declined.reason)
-                await replies.send(declined.reply)
-            except Exception:
-                log.exception("attaching %s msgid=%s failed unexpectedly", message.kind.value, message.msgid)
-                self._telemetry.count_labelled("media_declined", "internal_error")
-                await replies.send(route.texts.media_failed)
-            finally:
-                self._telemetry.observe(MEDIA, time.monotonic() - started)
+            # The attached medium's own msgid on its log lines (the question is the text's).
+            with handling(message):
+                try:
+                    files.append(await self._attachment(message, route))
+                except _Declined as declined:
+                    self._telemetry.count_labelled("media_declined", declined.reason)
+                    await replies.send(declined.reply)
+                except Exception:
+                    log.exception("attaching %s failed unexpectedly", message.kind.value)
+                    self._telemetry.count_labelled("media_declined", "internal_error")
+                    await replies.send(route.texts.media_failed)
+                finally:
+                    self._telemetry.observe(MEDIA, time.monotonic() - started)
         return dataclasses.replace(prepared, files=tuple(files))
 
     # --- ImagePairing: whether an image should wait for the text that may follow it ------------------------
@@ -228,13 +240,7 @@ class MediaSupport:
         policy = UploadPolicy.of(parameters.file_upload)
         image = message.kind is Kind.IMAGE
         if (image and not policy.images) or (not image and not policy.accepts_files):
-            log.info(
-                "%s not taken: the Dify app's file upload does not accept it kf=%s customer=%s msgid=%s",
-                message.kind.value,
-                message.open_kfid,
-                message.external_userid,
-                message.msgid,
-            )
+            log.info("%s not taken: the Dify app's file upload does not accept it", message.kind.value)
             raise _Declined(texts.unsupported, "not_enabled")
         # The cap the download may not pass: what WeCom delivers at most, and what Dify takes for any type
         # the app accepts. The type-specific Dify limit is checked once the type is known.
@@ -260,13 +266,7 @@ class MediaSupport:
             content_type = content_type or "application/octet-stream"
         kind = policy.kind_for(extension)
         if kind is None:
-            log.info(
-                "file %r not accepted by the Dify app kf=%s customer=%s msgid=%s",
-                name,
-                message.open_kfid,
-                message.external_userid,
-                message.msgid,
-            )
+            log.info("file %r not accepted by the Dify app", name)
             accepted = join_names(policy.accepted_names()) or "文字"
             raise _Declined(texts.file_type_not_accepted.replace("{accepted}", accepted), "type_not_accepted")
         limit = min(cap, _dify_limit(kind, parameters))
@@ -288,11 +288,8 @@ class MediaSupport:
                 raise _Declined(reply, "type_not_accepted") from None
             raise _Declined(texts.media_failed, "upload_failed") from None
         log.info(
-            "%s uploaded to dify kf=%s customer=%s msgid=%s name=%r bytes=%d as=%s",
+            "%s uploaded to dify name=%r bytes=%d as=%s",
             message.kind.value,
-            message.open_kfid,
-            message.external_userid,
-            message.msgid,
             name,
             blob.size,
             kind,
@@ -303,19 +300,27 @@ class MediaSupport:
         texts = route.texts
         parameters = await self._parameters(route, texts.voice_failed)
         converter = self._converter
-        if not parameters.speech_to_text or converter is None or not converter.available:
+        if not parameters.speech_to_text or not converter.available:
             log.info(
-                "voice not taken (speech to text %s, converter %s) kf=%s customer=%s msgid=%s",
+                "voice not taken (speech to text %s, converter %s)",
                 "on" if parameters.speech_to_text else "off",
-                "ready" if converter is not None and converter.available else "missing",
-                message.open_kfid,
-                message.external_userid,
-                message.msgid,
+                "ready" if converter.available else "missing",
             )
             raise _Declined(texts.unsupported, "not_enabled")
         blob = await self._download(message, texts, WECOM_INCOMING_CAPS["voice"])
+        async with self._voice_slots:
+            transcript = await self._speech_to_text(message, route, blob)
+        if not transcript:
+            self._warn(message, "speech to text heard nothing", "")
+            raise _Declined(texts.voice_failed, "empty_transcript")
+        log.info("voice transcribed chars=%d", len(transcript))
+        return transcript
+
+    async def _speech_to_text(self, message: InboundMessage, route: KfRoute, blob: MediaBlob) -> str:
+        """Convert and transcribe (holding one of the voice slots)."""
+        texts = route.texts
         try:
-            speech = await converter.to_speech(blob)
+            speech = await self._converter.to_speech(blob)
         except AudioConversionError as exc:
             self._warn(message, "voice conversion failed", str(exc))
             raise _Declined(texts.voice_failed, "conversion_failed") from None
@@ -329,18 +334,7 @@ class MediaSupport:
                 self._app_parameters.invalidate(route)  # the app changed: read it again
                 raise _Declined(texts.unsupported, "not_enabled") from None
             raise _Declined(texts.voice_failed, "transcription_failed") from None
-        transcript = transcript.strip()
-        if not transcript:
-            self._warn(message, "speech to text heard nothing", "")
-            raise _Declined(texts.voice_failed, "empty_transcript")
-        log.info(
-            "voice transcribed kf=%s customer=%s msgid=%s chars=%d",
-            message.open_kfid,
-            message.external_userid,
-            message.msgid,
-            len(transcript),
-        )
-        return transcript
+        return transcript.strip()
 
     async def _download(self, message: InboundMessage, texts: ReplyTexts, cap: int) -> MediaBlob:
         if not message.media_id:
@@ -377,15 +371,7 @@ class MediaSupport:
 
     @staticmethod
     def _warn(message: InboundMessage, what: str, detail: str) -> None:
-        log.warning(
-            "%s: %s kf=%s customer=%s msgid=%s %s",
-            message.kind.value,
-            what,
-            message.open_kfid,
-            message.external_userid,
-            message.msgid,
-            detail,
-        )
+        log.warning("%s: %s %s", message.kind.value, what, detail)
 
 
 def _dify_limit(kind: str, parameters: AppParameters) -> int:

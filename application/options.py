@@ -60,7 +60,7 @@ class BotOptions:
     rate_limit_window_s: float = 60.0
     # A customer who refused our messages (msg_send_fail fail_type 10) gets no proactive texts this long.
     rejection_memory_s: float = 24 * 3600.0
-    # The welcome_code lives 20 s (spec §7.1): older enter_session events get no welcome, and composing
+    # The welcome_code lives 20 s (docs/wecom-kf.md): older enter_session events get no welcome, and composing
     # one (Dify /parameters) may take at most `welcome_deadline_s`.
     welcome_max_age_s: float = 20.0
     welcome_deadline_s: float = 15.0

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 
+from application.log_context import handling
 from application.rejections import RejectedCustomers
 from application.session_state import SessionStates
 from application.telemetry import Telemetry
@@ -41,6 +42,10 @@ class SessionEvents:
         self._tasks: set[asyncio.Task[bool]] = set()
 
     async def on_item(self, message: InboundMessage) -> None:
+        with handling(message):  # log lines (and the welcome task) name the item
+            self._on_item(message)
+
+    def _on_item(self, message: InboundMessage) -> None:
         state = state_after_item(message)
         if state is not None:
             servicer = message.extra.get("servicer_userid", "")
@@ -54,9 +59,7 @@ class SessionEvents:
             self._telemetry.count("servicer_messages" if message.is_from_servicer else "other_items")
             if message.is_from_servicer:
                 log.info(
-                    "servicer message kf=%s customer=%s servicer=%s: the session is a human's",
-                    message.open_kfid,
-                    message.external_userid,
+                    "servicer message servicer=%s: the session is a human's",
                     message.extra.get("servicer_userid", "-"),
                 )
             return
@@ -67,24 +70,18 @@ class SessionEvents:
             self._on_send_fail(message, event)
         elif event.event_type == "session_status_change":
             log.info(
-                "session status change kf=%s customer=%s change_type=%s old=%s new=%s → state %s",
-                message.open_kfid,
-                message.external_userid,
+                "session status change change_type=%s old=%s new=%s → state %s",
                 event.change_type,
                 event.old_servicer_userid or "-",
                 event.new_servicer_userid or "-",
                 int(state) if state is not None else "unchanged",
             )
         else:
-            log.info(
-                "event %s kf=%s customer=%s", event.event_type, message.open_kfid, message.external_userid
-            )
+            log.info("event %s", event.event_type)
 
     def _on_enter_session(self, message: InboundMessage, event: KfEvent) -> None:
         log.info(
-            "customer entered kf=%s customer=%s scene=%s welcome_code=%s",
-            message.open_kfid,
-            message.external_userid,
+            "customer entered scene=%s welcome_code=%s",
             event.scene or "-",
             "yes" if event.welcome_code else "no",
         )
@@ -102,10 +99,8 @@ class SessionEvents:
         self._telemetry.count_labelled("send_failures", str(event.fail_type))
         rejects = means_customer_rejects(event.fail_type)
         log.warning(
-            "WeCom could not deliver msgid=%s kf=%s customer=%s fail_type=%s (%s)%s",
+            "WeCom could not deliver our msgid=%s fail_type=%s (%s)%s",
             event.fail_msgid or "-",
-            message.open_kfid,
-            message.external_userid,
             event.fail_type,
             describe_fail_type(event.fail_type),
             "; no proactive texts to this customer until they write again" if rejects else "",

@@ -67,7 +67,8 @@ class SessionStates:
         return entry
 
     async def state_for(self, message: InboundMessage) -> SessionState | None:
-        """The state the customer's `message` meets; None when it is unknown (the lookup failed)."""
+        """The state the customer's `message` meets; None when it is unknown (the lookup failed). Called while
+        the message is handled: the log context names the customer (application/log_context.py)."""
         customer = message.customer
         known = self.known(customer) or await self._lookup(customer)
         if known is None:
@@ -87,9 +88,7 @@ class SessionStates:
         except WeComError as exc:
             self._telemetry.count_labelled("wecom_errors", str(exc.errcode))
             log.warning(
-                "service_state/get failed kf=%s customer=%s errcode=%s %s; answering as usual",
-                customer.open_kfid,
-                customer.external_userid,
+                "service_state/get failed errcode=%s %s; answering as usual",
                 exc.errcode,
                 exc.errmsg,
             )
@@ -100,18 +99,11 @@ class SessionStates:
         self._telemetry.count("service_state_lookups")
         state = SessionState.from_code(answer.state)
         if state is None:
-            log.warning(
-                "service_state/get answered an unknown state %s kf=%s customer=%s",
-                answer.state,
-                customer.open_kfid,
-                customer.external_userid,
-            )
+            log.warning("service_state/get answered an unknown state %s", answer.state)
             self._lookup_failed[customer] = now
             return None
         log.info(
-            "session state kf=%s customer=%s state=%d%s",
-            customer.open_kfid,
-            customer.external_userid,
+            "session state %d%s",
             state,
             f" servicer={answer.servicer_userid}" if answer.servicer_userid else "",
         )

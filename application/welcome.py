@@ -1,6 +1,6 @@
 """Welcome a customer who enters a session: `kf/send_msg_on_event` with the event's welcome_code.
 
-The code is single use and lives 20 seconds (spec §7.1): stale events get nothing, and composing the
+The code is single use and lives 20 seconds (docs/wecom-kf.md): stale events get nothing, and composing the
 welcome (the AI app's /parameters, cached per route) is bounded by a deadline inside that window.
 """
 
@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from application.app_parameters import AppParametersCache
 from application.errors import ChatEngineError, WeComError
+from application.log_context import handling
 from application.options import BotOptions
 from application.ports import Clock, KfChannel
 from application.rejections import RejectedCustomers
@@ -35,7 +36,7 @@ class WelcomeCustomer:
         telemetry: Telemetry,
         rejections: RejectedCustomers,
         parameters: AppParametersCache,
-        render: Callable[[str], str] = lambda text: text,
+        render: Callable[[str], str],
     ) -> None:
         self._channel = channel
         self._routing = routing
@@ -48,6 +49,10 @@ class WelcomeCustomer:
 
     async def __call__(self, message: InboundMessage) -> bool:
         """Welcome the customer of an enter_session `message`; True when a welcome went out."""
+        with handling(message):
+            return await self._welcome(message)
+
+    async def _welcome(self, message: InboundMessage) -> bool:
         event = message.event
         code = event.welcome_code if event is not None else ""
         if not code:
@@ -74,12 +79,7 @@ class WelcomeCustomer:
             self._telemetry.count_labelled("wecom_errors", str(exc.errcode))
             return self._skip(message, "wecom_error", f"errcode {exc.errcode} {exc.errmsg}", warn=True)
         self._telemetry.count("welcomes_sent")
-        log.info(
-            "welcome sent kf=%s customer=%s menu_items=%d",
-            message.open_kfid,
-            message.external_userid,
-            len(welcome.menu),
-        )
+        log.info("welcome sent menu_items=%d", len(welcome.menu))
         return True
 
     async def _compose(self, route: KfRoute) -> Welcome | None:
@@ -98,9 +98,7 @@ class WelcomeCustomer:
         self._telemetry.count_labelled("welcomes_skipped", reason)
         log.log(
             logging.WARNING if warn else logging.INFO,
-            "no welcome kf=%s customer=%s: %s",
-            message.open_kfid,
-            message.external_userid,
+            "no welcome: %s",
             detail,
         )
         return False

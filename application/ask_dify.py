@@ -1,0 +1,120 @@
+"""Ask the route's Dify app one question within the customer's conversation.
+
+Bounded concurrency (`dify_concurrency`), a new conversation when Dify lost the old one (once), and a few
+retries for transient failures, never after a timeout (the customer already waited the whole time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from application import telemetry as t
+from application.errors import ChatEngineError, ConversationGone
+from application.media_port import PreparedQuestion
+from application.options import BotOptions
+from application.ports import Clock, ConversationStore
+from application.routing import KfRoute
+from application.telemetry import Telemetry
+from domain.chat import Answer, Question
+from domain.conversation import after_answer, current_conversation_id
+from domain.messages import CustomerRef, InboundMessage
+
+log = logging.getLogger("kfdify.answer")
+
+# Failures where asking again would make the customer wait a second time as long.
+_NOT_RETRIED = frozenset({"timeout", "idle_timeout"})
+
+
+@dataclass(frozen=True, slots=True)
+class Asked:
+    answer: Answer
+    elapsed: float
+
+
+class AskDify:
+    """The question in, Dify's answer out; raises ChatEngineError when no answer could be had."""
+
+    def __init__(
+        self, *, conversations: ConversationStore, clock: Clock, options: BotOptions, telemetry: Telemetry
+    ) -> None:
+        self._conversations = conversations
+        self._clock = clock
+        self._options = options
+        self._telemetry = telemetry
+        self._slots = asyncio.Semaphore(max(options.dify_concurrency, 1))
+
+    async def __call__(self, message: InboundMessage, route: KfRoute, prepared: PreparedQuestion) -> Asked:
+        customer = message.customer
+        idle = self._options.conversation_idle_ttl_s
+        conversation = await self._conversations.get_conversation(customer)
+        conversation_id = current_conversation_id(conversation, now=self._clock.now(), idle_ttl_s=idle)
+        retries_left = max(self._options.dify_retries, 0)
+        restarted = False
+        asked: Asked | None = None
+        while asked is None:
+            result = await self._attempt(self._question(message, prepared, conversation_id), route)
+            if isinstance(result, Asked):
+                asked = result
+            elif isinstance(result, ConversationGone):
+                if conversation_id is None or restarted:
+                    raise ChatEngineError("conversation_gone", "Dify refused a new conversation") from None
+                log.info("dify conversation gone, starting a new one")
+                self._telemetry.count("conversations_restarted")
+                await self._conversations.delete_conversation(customer)
+                conversation, conversation_id, restarted = None, None, True
+            elif result.retryable and retries_left > 0 and result.code not in _NOT_RETRIED:
+                retries_left -= 1
+                await asyncio.sleep(self._options.dify_retry_delay_s * (1 + random.random()))
+            else:
+                raise result
+        updated = after_answer(
+            conversation, conversation_id=asked.answer.conversation_id, now=self._clock.now(), idle_ttl_s=idle
+        )
+        if asked.answer.conversation_id:
+            await self._conversations.put_conversation(customer, updated)
+        return asked
+
+    async def forget(self, customer: CustomerRef) -> bool:
+        """Start the customer's next question in a new conversation (a reset); True when there was one."""
+        return await self._conversations.delete_conversation(customer)
+
+    async def _attempt(self, question: Question, route: KfRoute) -> Asked | ChatEngineError:
+        """One call to Dify: its answer, or the failure (counted) for the loop to decide about."""
+        started = time.monotonic()
+        try:
+            async with self._slots:
+                log.info("asking dify conversation=%s", question.conversation_id or "new")
+                answer = await route.engine.ask(question)
+        except ConversationGone as gone:
+            return gone
+        except ChatEngineError as exc:
+            self._telemetry.observe(t.DIFY, time.monotonic() - started)
+            self._telemetry.count_labelled("dify_errors", exc.code)
+            self._telemetry.reachability("dify", exc.code not in ("unreachable",), exc.code)
+            return exc
+        elapsed = time.monotonic() - started
+        self._telemetry.observe(t.DIFY, elapsed)
+        self._telemetry.reachability("dify", True)
+        log.info("dify answered chars=%d in %.0f ms", len(answer.text), elapsed * 1000)
+        return Asked(answer, elapsed)
+
+    def _question(
+        self, message: InboundMessage, prepared: PreparedQuestion, conversation_id: str | None
+    ) -> Question:
+        return Question(
+            user=message.customer.dify_user(),
+            query=prepared.query,
+            conversation_id=conversation_id,
+            inputs=dict(self._options.inputs),
+            files=prepared.files,
+            trace_id=trace_id(message),
+        )
+
+
+def trace_id(message: InboundMessage) -> str:
+    """Dify's X-Trace-Id allows [A-Za-z0-9_-]{1,128}; the WeCom msgid ties the two logs together."""
+    return "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "-_" else "_" for ch in message.msgid)[:128]
