@@ -308,9 +308,11 @@ class FakeDifyServer:
         if (refused := self._nonconforming("POST /chat-messages", body)) is not None:
             return refused
         streaming = response_mode == "streaming"
-        if not streaming and self.mode == "agent-chat":
-            return _error(400, "invalid_param", "Agent Chat App does not support blocking mode")
-        if not streaming and self.mode == "agent":
+        if not streaming and self.mode in ("agent-chat", "agent"):
+            if fault is not None:  # the app never ran: the scripted run is the next one's
+                self.faults.appendleft(fault)
+            if self.mode == "agent-chat":
+                return _error(400, "invalid_param", "Agent Chat App does not support blocking mode")
             return _error(400, "bad_request", "Agent App only supports streaming response mode.")
 
         if conversation_id:
