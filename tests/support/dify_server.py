@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -595,7 +596,9 @@ class FakeDifyServer:
             form=form,
         )
         self.requests.append(recorded)
-        SESSION_REQUESTS.append(recorded)
+        # The session keeps requests without file contents (uploads run to megabytes).
+        light = tuple(dataclasses.replace(p, data=b"") if p.filename is not None else p for p in form)
+        SESSION_REQUESTS.append(dataclasses.replace(recorded, form=light))
         return body
 
     def _auth(self, request: Request) -> Response | None:
