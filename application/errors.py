@@ -13,14 +13,25 @@ class ChatEngineError(Exception):
     `code` is Dify's error code (`completion_request_error`, `too_many_requests`, ...) or one of ours:
     `timeout`, `unreachable`, `bad_response`, `http_<status>`, `stream_incomplete`, `idle_timeout`.
     `retryable` says whether asking again could help (429, 5xx, transient model errors, timeouts).
+    `status` is the HTTP status Dify answered with (None for transport failures); `retry_after_s` the delay
+    Dify (or its gateway) asked for in a Retry-After header, in seconds, None when it named none.
     """
 
-    def __init__(self, code: str, message: str = "", *, status: int | None = None, retryable: bool = False):
+    def __init__(
+        self,
+        code: str,
+        message: str = "",
+        *,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after_s: float | None = None,
+    ):
         super().__init__(f"{code}: {message}" if message else code)
         self.code = code
         self.message = message
         self.status = status
         self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
 
 class ConversationGone(ChatEngineError):

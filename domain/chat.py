@@ -38,6 +38,9 @@ class Answer:
     conversation_id: str
     message_id: str = ""
     files: tuple[AnswerFile, ...] = ()
+    # Non-empty when the app's run paused for a person (a chatflow Human Input node): names the node (its
+    # title, else its id). The turn ends here; `text` is whatever the app said before pausing (maybe "").
+    needs_human_input: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urljoin
 
@@ -30,8 +33,44 @@ _MAX_MESSAGE_CHARS = 500
 _FAILED_WORKFLOW_GRACE_S = 2.0
 # After message_end, how long to read the rest of a stream so its connection can be reused.
 _TAIL_READ_S = 0.1
-# Transient by nature (spec §4.2, §8.1); status-based rules (5xx, 429) are applied on top.
-_RETRYABLE_CODES = frozenset({"too_many_requests", "completion_request_error", "internal_server_error"})
+# Transient by nature (docs/dify.md, errors); status-based rules (5xx, 429) are applied on top. Both 429
+# codes are retryable: `too_many_requests` is the app's concurrency ceiling, `rate_limit_error` a plan or
+# provider quota; how soon to ask again is the caller's business (`retry_after_s` when Dify names it).
+_RETRYABLE_CODES = frozenset(
+    {"too_many_requests", "rate_limit_error", "completion_request_error", "internal_server_error"}
+)
+# A Retry-After beyond this is capped: it comes from outside, and nothing waits for an hour anyway.
+_MAX_RETRY_AFTER_S = 3600.0
+# The config key an operator changes when a blocking-mode request is refused (Agent apps only stream).
+_RESPONSE_MODE_SETTING = "[CONFIG] DIFY_RESPONSE_MODE"
+# Events that carry nothing for the customer, read on purpose and ignored (docs/dify.md, streaming):
+# reasoning (`reasoning_chunk`, agent thoughts and logs), speech, workflow progress, workflow-app text and
+# form bookkeeping. Any other unknown event (a newer Dify) is ignored as well, and logged at DEBUG.
+_INFORMATIONAL_EVENTS = frozenset(
+    {
+        "reasoning_chunk",
+        "agent_thought",
+        "agent_log",
+        "tts_message",
+        "tts_message_end",
+        "workflow_started",
+        "node_started",
+        "node_finished",
+        "node_retry",
+        "iteration_started",
+        "iteration_next",
+        "iteration_completed",
+        "loop_started",
+        "loop_next",
+        "loop_completed",
+        "text_chunk",
+        "human_input_form_filled",
+        "human_input_form_timeout",
+    }
+)
+# A Human Input node paused the chatflow: the stream ends, the run waits for a form nobody here can fill.
+_PAUSE_EVENTS = frozenset({"human_input_required", "workflow_paused"})
+_MAX_NODE_NAME = 100
 
 
 class DifyChatEngine:
@@ -86,6 +125,23 @@ class DifyChatEngine:
 
     async def ask(self, question: Question) -> Answer:
         streaming = self._response_mode == "streaming"
+        try:
+            return await self._ask(question, streaming=streaming)
+        except _BlockingRefused as refused:
+            # The app only streams (Agent, New Agent): ask again at once in streaming mode, and keep doing so
+            # for this app. The customer notices nothing; the operator is told once which setting is wrong.
+            if self._response_mode == "blocking":
+                self._response_mode = "streaming"
+                log.warning(
+                    "Dify refused blocking mode (%s: %s): this app only streams. Streaming from now on; "
+                    "set %s = streaming",
+                    refused.code,
+                    refused.message,
+                    _RESPONSE_MODE_SETTING,
+                )
+            return await self._ask(question, streaming=True)
+
+    async def _ask(self, question: Question, *, streaming: bool) -> Answer:
         # Streaming: pings arrive every 10 s, so httpx's read timer only fires when the server is silent;
         # the idle guard in _read_stream is what catches ping-only hangs.
         timeout = self._timeouts[streaming]
@@ -94,18 +150,22 @@ class DifyChatEngine:
                 async with self._client.stream(
                     "POST",
                     self._url("/chat-messages"),
-                    json=self._chat_payload(question),
+                    json=self._chat_payload(question, streaming=streaming),
                     headers=self._headers(question.trace_id),
                     timeout=timeout,
                 ) as response:
                     if not response.is_success:
                         body = await _read_capped(response)
-                        raise self._http_error(
+                        error = self._http_error(
                             response.status_code,
                             body,
                             response.reason_phrase,
                             had_conversation=bool(question.conversation_id),
+                            retry_after=response.headers.get("retry-after"),
                         )
+                        if not streaming and _refuses_blocking(error):
+                            raise _BlockingRefused(error.code, error.message, status=error.status)
+                        raise error
                     # Dify 1.13.0 answers some blocking requests with SSE (spec §8.3 #32351): trust the
                     # Content-Type, not the mode that was asked for.
                     if _is_event_stream(response):
@@ -225,12 +285,12 @@ class DifyChatEngine:
             headers["X-Trace-Id"] = safe
         return headers
 
-    def _chat_payload(self, question: Question) -> dict[str, Any]:
+    def _chat_payload(self, question: Question, *, streaming: bool) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "query": question.query,
             "inputs": dict(question.inputs),  # required by Dify, even when empty (spec §2.1)
             "user": question.user,
-            "response_mode": self._response_mode,
+            "response_mode": "streaming" if streaming else "blocking",
         }
         if question.conversation_id:  # omitted and "" both start a new conversation (spec §2.1)
             payload["conversation_id"] = question.conversation_id
@@ -265,7 +325,11 @@ class DifyChatEngine:
             raise self._transport_error(exc, what) from exc
         if not response.is_success:
             raise self._http_error(
-                response.status_code, response.content, response.reason_phrase, had_conversation=False
+                response.status_code,
+                response.content,
+                response.reason_phrase,
+                had_conversation=False,
+                retry_after=response.headers.get("retry-after"),
             )
         body = _json_object(response.content)
         if body is None:
@@ -334,23 +398,28 @@ class DifyChatEngine:
                             idle.reschedule(due + slack)
                         if kind == "error":
                             raise self._stream_error(event, had_conversation)
-                        if kind == "workflow_paused":
-                            raise ChatEngineError(
-                                "workflow_paused", "chatflow paused for human input", retryable=False
-                            )
                         assembly.feed(event)
-                        if kind == "message_end":
-                            # Chatflow then sends workflow_finished, and some versions never close (spec
-                            # §8.3 #21568): the answer is complete here. Read what little follows for a
-                            # moment, so that a response that does end returns its connection to the pool
-                            # (else every answer opens a new connection: a TLS handshake in production);
-                            # then let the context close it.
+                        if kind == "message_end" or kind in _PAUSE_EVENTS:
+                            # message_end: chatflow then sends workflow_finished, and some versions never
+                            # close (Dify #21568): the answer is complete here. A pause (Human Input node:
+                            # human_input_required, then workflow_paused, then the stream ends) ends the turn
+                            # too: nobody here can fill the form. Read what little follows for a moment, so
+                            # that a response that does end returns its connection to the pool (else every
+                            # answer opens a new connection: a TLS handshake in production); then let the
+                            # context close it.
                             idle.reschedule(None)
                             with contextlib.suppress(TimeoutError, httpx.TransportError):
                                 async with asyncio.timeout(_TAIL_READ_S):
                                     async for _ in batches:
                                         pass
-                            return assembly.answer(question)
+                            answer = assembly.answer(question)
+                            if answer.needs_human_input:
+                                log.warning(
+                                    "Dify paused the chatflow for human input at node %r: the turn ends "
+                                    "without an answer from the app",
+                                    answer.needs_human_input,
+                                )
+                            return answer
                         if kind == "workflow_finished":
                             data = event.get("data")
                             status = data.get("status") if isinstance(data, Mapping) else None
@@ -388,17 +457,18 @@ class DifyChatEngine:
     # --- errors -----------------------------------------------------------------------------------------
 
     def _http_error(
-        self, status: int, body: bytes, reason: str, *, had_conversation: bool
+        self, status: int, body: bytes, reason: str, *, had_conversation: bool, retry_after: str | None = None
     ) -> ChatEngineError:
         envelope = _json_object(body)
         code = _text(envelope.get("code")) if envelope is not None else ""
         message = _text(envelope.get("message")) if envelope is not None else ""
+        delay = _retry_after_seconds(retry_after)
         if not code:
             # Gateway pages (502/504 HTML, Cloudflare 524, nginx 413) carry no envelope (spec §4.1).
             return self._classify(
-                f"http_{status}", message or f"HTTP {status} {reason}".strip(), status, False
+                f"http_{status}", message or f"HTTP {status} {reason}".strip(), status, False, delay
             )
-        return self._classify(code, message, status, had_conversation)
+        return self._classify(code, message, status, had_conversation, delay)
 
     def _stream_error(self, event: Mapping[str, Any], had_conversation: bool) -> ChatEngineError:
         status = event.get("status")
@@ -410,7 +480,12 @@ class DifyChatEngine:
         )
 
     def _classify(
-        self, code: str, message: str, status: int | None, had_conversation: bool
+        self,
+        code: str,
+        message: str,
+        status: int | None,
+        had_conversation: bool,
+        retry_after_s: float | None = None,
     ) -> ChatEngineError:
         message = self._scrub(message)
         # Spec §4.2: these three mean "drop the stored id and ask again without it". The Conversation Not
@@ -421,10 +496,8 @@ class DifyChatEngine:
             return ConversationGone(message, status=status)
         if code == "invalid_param" and had_conversation and _blames_conversation_id(message):
             return ConversationGone(message, status=status)
-        retryable = code in _RETRYABLE_CODES or (
-            status is not None and (status >= 500 or (status == 429 and code != "rate_limit_error"))
-        )
-        return ChatEngineError(code, message, status=status, retryable=retryable)
+        retryable = code in _RETRYABLE_CODES or (status is not None and (status >= 500 or status == 429))
+        return ChatEngineError(code, message, status=status, retryable=retryable, retry_after_s=retry_after_s)
 
     def _transport_error(self, exc: httpx.HTTPError, what: str) -> ChatEngineError:
         detail = self._scrub(f"{what}: {type(exc).__name__}: {exc}")[:_MAX_MESSAGE_CHARS]
@@ -448,12 +521,13 @@ class _AnswerAssembly:
 
     def __init__(self, base_url: str) -> None:
         self._base_url = base_url + "/"
-        self._text = ""  # every delta in arrival order, since the last message_replace
-        self._message_text = ""  # `message` deltas only
-        self._agent_text = ""  # `agent_message` deltas only
+        self._text = ""  # the answer so far: message/agent_message deltas in arrival order
+        self._saw_agent = False  # an `agent_message` arrived: a later `message` may repeat the answer
+        self._replaced = False  # output moderation replaced the answer: nothing streamed after counts
         self._files: list[AnswerFile] = []
         self._conversation_id = ""
         self._message_id = ""
+        self._paused_at = ""
 
     def feed(self, event: Mapping[str, Any]) -> None:
         kind = event.get("event")
@@ -463,16 +537,17 @@ class _AnswerAssembly:
             message_id = _text(event.get("id"))  # `id` of other events is a thought, file or run id
         self._message_id = message_id or self._message_id
         if kind == "message":
-            delta = _text(event.get("answer"))
-            self._message_text += delta
-            self._text += delta
+            self._add_message(_text(event.get("answer")))
         elif kind == "agent_message":
-            delta = _text(event.get("answer"))
-            self._agent_text += delta
-            self._text += delta
-        elif kind == "message_replace":  # output moderation replaces everything so far
-            self._text = self._message_text = _text(event.get("answer"))
-            self._agent_text = ""
+            if not self._replaced:
+                self._saw_agent = True
+                self._text += _text(event.get("answer"))
+        elif kind == "message_replace":
+            # Output moderation: its text is the answer, whatever was streamed before or after.
+            self._text = _text(event.get("answer"))
+            self._replaced = True
+        elif kind in _PAUSE_EVENTS:
+            self._paused_at = self._paused_at or _paused_node(event)
         elif kind == "message_file" and event.get("belongs_to", "assistant") == "assistant":
             self._add_file(event)
         elif kind == "message_end" and isinstance(event.get("files"), list):
@@ -480,6 +555,22 @@ class _AnswerAssembly:
             for item in event["files"]:
                 if isinstance(item, Mapping) and item.get("belongs_to", "assistant") == "assistant":
                     self._add_file(item)
+        elif kind not in _INFORMATIONAL_EVENTS and kind not in _KNOWN_EVENTS:
+            log.debug("ignoring unknown Dify stream event %r", _text(kind)[:40])
+
+    def _add_message(self, delta: str) -> None:
+        if self._replaced:
+            return
+        if self._saw_agent and delta.strip():
+            # New Agent closes with one `message` carrying the complete answer it already streamed as
+            # `agent_message` deltas (docs/dify.md): a repeat of the text so far is the answer, not more of
+            # it. Anything else (an annotation reply sent as `message`) is appended as usual.
+            if delta.strip() == self._text.strip():
+                return
+            if delta.startswith(self._text) or delta.lstrip().startswith(self._text.strip()):
+                self._text = delta
+                return
+        self._text += delta
 
     def _add_file(self, item: Mapping[str, Any]) -> None:
         url = _text(item.get("url")) or _text(item.get("remote_url"))
@@ -492,12 +583,6 @@ class _AnswerAssembly:
 
     @property
     def text(self) -> str:
-        # New Agent (`agent` mode) closes with one `message` repeating the whole answer it already streamed as
-        # `agent_message` deltas (spec §3.3): when the `message` text repeats the agent text, it is the
-        # answer. Otherwise (Agent annotation replies as `message`, spec §3.5) the deltas are concatenated in
-        # arrival order.
-        if self._agent_text and self._message_text.startswith(self._agent_text):
-            return self._message_text
         return self._text
 
     def answer(self, question: Question) -> Answer:
@@ -509,7 +594,64 @@ class _AnswerAssembly:
             conversation_id=conversation_id,
             message_id=self._message_id,
             files=tuple(self._files),
+            needs_human_input=self._paused_at,
         )
+
+
+_KNOWN_EVENTS = frozenset(
+    {"message", "agent_message", "message_replace", "message_file", "message_end", "workflow_finished"}
+    | {"error", "ping"}
+    | _PAUSE_EVENTS
+)
+
+
+class _BlockingRefused(ChatEngineError):
+    """Dify refused a blocking-mode request because the app only streams (ask() retries it streaming)."""
+
+
+def _refuses_blocking(error: ChatEngineError) -> bool:
+    # Agent: 400 invalid_param "Agent Chat App does not support blocking mode"; New Agent: 400 bad_request
+    # "Agent App only supports streaming response mode." (docs/dify.md, errors).
+    text = error.message.lower()
+    return (
+        error.status == 400
+        and error.code in ("invalid_param", "bad_request")
+        and ("blocking mode" in text or "only supports streaming" in text)
+    )
+
+
+def _paused_node(event: Mapping[str, Any]) -> str:
+    """What names the node a paused chatflow waits at: human_input_required's node title or id, else the
+    first of workflow_paused's paused nodes; never empty, so the pause is always marked."""
+    data = event.get("data")
+    name = ""
+    if isinstance(data, Mapping):
+        name = _text(data.get("node_title")).strip() or _text(data.get("node_id")).strip()
+        nodes = data.get("paused_nodes")
+        if not name and isinstance(nodes, list) and nodes:
+            name = _text(nodes[0]).strip()
+    return name[:_MAX_NODE_NAME] or "human_input"
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header (delta-seconds or an HTTP date) as seconds from now, in [0, 3600]; None when
+    absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)
 
 
 async def _sse_lines(response: httpx.Response) -> AsyncIterator[list[bytes]]:

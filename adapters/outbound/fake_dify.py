@@ -34,6 +34,8 @@ class FakeReply:
 
     text: str
     files: tuple[AnswerFile, ...] = ()
+    # The run paused at this Human Input node (chatflow): the turn ends with `text` said so far.
+    needs_human_input: str = ""
 
 
 Responder = Callable[[Question, Sequence[Turn]], str | FakeReply | Awaitable[str | FakeReply]]
@@ -56,6 +58,7 @@ class FakeConversation:
     id: str
     user: str
     turns: list[Turn] = field(default_factory=list)
+    ended: bool = False  # Dify: the conversation's status is no longer "normal"
 
 
 class FakeChatEngine:
@@ -83,6 +86,8 @@ class FakeChatEngine:
         # Files the last questions carried that the app dropped because File Upload is off (spec §5.4 #2).
         self.ignored_files = 0
         self._failures: deque[ChatEngineError] = deque()
+        self._replacements: deque[str] = deque()
+        self._pauses: deque[str] = deque()
         self._media_failures: dict[str, deque[ChatEngineError]] = {}
 
     # --- knobs ------------------------------------------------------------------------------------------
@@ -102,6 +107,18 @@ class FakeChatEngine:
 
     def uploaded_bytes(self, upload_file_id: str) -> bytes:
         return self.uploads[upload_file_id][2]
+
+    def replace_next(self, text: str) -> None:
+        """Output moderation flags the next answer: `text` replaces it (what `message_replace` does)."""
+        self._replacements.append(text)
+
+    def pause_next(self, node_title: str) -> None:
+        """The next run stops at a Human Input node with this title: the answer is empty and marked."""
+        self._pauses.append(node_title)
+
+    def end_conversation(self, conversation_id: str) -> None:
+        """The conversation is closed: asking with it fails as Dify's `conversation_completed` does."""
+        self.conversations[conversation_id].ended = True
 
     def forget_conversation(self, conversation_id: str) -> None:
         """Simulate Dify losing a conversation (deleted, upgrade, ...): asking with it is ConversationGone."""
@@ -128,12 +145,30 @@ class FakeChatEngine:
             raise ChatEngineError("invalid_param", "query is required", status=400)
         self._check_files(question.user, question.files)
         conversation = self._conversation_for(question)
+        message_id = str(uuid.uuid4())
+        if self._pauses:  # the run stops before the app answers; Dify keeps no turn for it
+            return Answer(
+                text="",
+                conversation_id=conversation.id,
+                message_id=message_id,
+                needs_human_input=self._pauses.popleft(),
+            )
         reply = self.responder(question, tuple(conversation.turns))
         if inspect.isawaitable(reply):
             reply = await reply
-        text, files = (reply.text, reply.files) if isinstance(reply, FakeReply) else (reply, ())
+        if not isinstance(reply, FakeReply):
+            reply = FakeReply(reply)
+        text = self._replacements.popleft() if self._replacements else reply.text
+        if reply.needs_human_input:
+            return Answer(
+                text=text,
+                conversation_id=conversation.id,
+                message_id=message_id,
+                files=reply.files,
+                needs_human_input=reply.needs_human_input,
+            )
         conversation.turns.append((question.query, text))
-        return Answer(text=text, conversation_id=conversation.id, message_id=str(uuid.uuid4()), files=files)
+        return Answer(text=text, conversation_id=conversation.id, message_id=message_id, files=reply.files)
 
     async def info(self) -> AppInfo:
         return self.app_info
@@ -237,4 +272,6 @@ class FakeChatEngine:
         found = self.conversations.get(question.conversation_id)
         if found is None or found.user != question.user:
             raise ConversationGone("Conversation Not Exists.", status=404)
+        if found.ended:  # Dify's 400 conversation_completed: the caller starts a new conversation
+            raise ConversationGone("The conversation has ended. Please start a new conversation.", status=400)
         return found

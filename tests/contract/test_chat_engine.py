@@ -54,6 +54,14 @@ class Harness:
     host: Callable[[bytes, str, str], str]  # (bytes, content type, extension) → URL an answer could name
     last_files: Callable[[], list[tuple[str, str]]]  # (type, upload_file_id) of the last question's files
     stored: Callable[[str], tuple[str, bytes]]  # upload_file_id → (user, bytes) as Dify keeps them
+    set_mode: Callable[[str], None]  # the app's type: chat, agent-chat, advanced-chat, agent
+    moderate_next: Callable[[str], None]  # output moderation replaces the next answer with this text
+    pause_next: Callable[[str], None]  # the next run stops at a Human Input node with this title
+    end: Callable[[str], None]  # the conversation is closed (Dify: status no longer "normal")
+    # The next answer comes with what carries nothing for the customer: reasoning, speech, workflow progress,
+    # pings, an event of a newer Dify (a stream's business: the fake has no stream, so nothing to add there).
+    decorate_next: Callable[[], None]
+    streams: bool = True  # False: Dify answers with one JSON body (blocking mode)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +106,9 @@ def _fake_harness() -> Harness:
         _, user, data = fake.uploads[upload_file_id]
         return user, data
 
+    def set_mode(mode: str) -> None:
+        fake.app_info = dataclasses.replace(fake.app_info, mode=mode)
+
     return Harness(
         engine=fake,
         set_answer=set_answer,
@@ -108,16 +119,36 @@ def _fake_harness() -> Harness:
         host=host,
         last_files=last_files,
         stored=stored,
+        set_mode=set_mode,
+        moderate_next=fake.replace_next,
+        pause_next=fake.pause_next,
+        end=fake.end_conversation,
+        decorate_next=lambda: None,
     )
 
 
-def _emulated_harness(server: FakeDifyServer, engine: DifyChatEngine, url: str) -> Harness:
+def _emulated_harness(server: FakeDifyServer, engine: DifyChatEngine, url: str, *, streams: bool) -> Harness:
     def set_answer(answer: AnswerFunction) -> None:
         server.answer = answer
 
     def fail_next(error: ChatEngineError) -> None:
         body = {"code": error.code, "message": error.message, "status": error.status}
-        server.inject(Fault(status=error.status or 500, body=body))
+        headers = {"Retry-After": f"{error.retry_after_s:g}"} if error.retry_after_s is not None else None
+        server.inject(Fault(status=error.status or 500, body=body, headers=headers))
+
+    def set_mode(mode: str) -> None:
+        server.mode = mode
+
+    def pause_next(title: str) -> None:
+        server.mode = "advanced-chat"  # Human Input nodes exist in chatflows only
+        server.inject(Fault(workflow_paused=True, human_input_title=title))
+
+    def decorate_next() -> None:
+        server.inject(
+            Fault(
+                reasoning="先想一想。", tts=True, progress_events=True, unknown_event=True, pings_between=True
+            )
+        )
 
     def set_file_upload(settings: Mapping[str, Any]) -> None:
         server.file_upload = dict(settings)
@@ -146,6 +177,12 @@ def _emulated_harness(server: FakeDifyServer, engine: DifyChatEngine, url: str) 
         host=host,
         last_files=last_files,
         stored=stored,
+        set_mode=set_mode,
+        moderate_next=lambda text: server.inject(Fault(replace_with=text)),
+        pause_next=pause_next,
+        end=server.end_conversation,
+        decorate_next=decorate_next,
+        streams=streams,
     )
 
 
@@ -175,7 +212,7 @@ async def harness(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIt
         total_timeout=10,
     )
     try:
-        yield _emulated_harness(server, engine, url)
+        yield _emulated_harness(server, engine, url, streams=request.param == "emulated-streaming")
     finally:
         await engine.aclose()
 
@@ -274,7 +311,7 @@ class TestChatEngineContract:
         ("status", "code", "retryable"),
         [
             (429, "too_many_requests", True),
-            (429, "rate_limit_error", False),
+            (429, "rate_limit_error", True),
             (400, "completion_request_error", True),
             (400, "provider_quota_exceeded", False),
             (400, "app_unavailable", False),
@@ -291,6 +328,39 @@ class TestChatEngineContract:
 
         assert not isinstance(caught.value, ConversationGone)
         assert (caught.value.code, caught.value.status, caught.value.retryable) == (code, status, retryable)
+
+    @pytest.mark.parametrize(
+        ("status", "code", "retry_after_s"),
+        [(429, "too_many_requests", 2.0), (429, "rate_limit_error", 30.0), (503, "http_503", None)],
+    )
+    async def test_rate_limits_and_unavailability_are_retryable_with_their_retry_after(
+        self, harness: Harness, status: int, code: str, retry_after_s: float | None
+    ) -> None:
+        harness.fail_next(
+            ChatEngineError(code, "稍后再试", status=status, retryable=True, retry_after_s=retry_after_s)
+        )
+
+        with pytest.raises(ChatEngineError) as caught:
+            await harness.engine.ask(Question(user="wm-alice", query="你好"))
+
+        error = caught.value
+        assert (error.code, error.status, error.retryable, error.retry_after_s) == (
+            code,
+            status,
+            True,
+            retry_after_s,
+        )
+
+    async def test_a_completed_conversation_is_gone(self, harness: Harness) -> None:
+        first = await harness.engine.ask(Question(user="wm-alice", query="你好"))
+        harness.end(first.conversation_id)
+
+        with pytest.raises(ConversationGone):
+            await harness.engine.ask(
+                Question(user="wm-alice", query="还在吗", conversation_id=first.conversation_id)
+            )
+        fresh = await harness.engine.ask(Question(user="wm-alice", query="新的"))
+        assert (fresh.text, fresh.conversation_id != first.conversation_id) == ("答：新的", True)
 
     async def test_a_failed_ask_leaves_the_conversation_usable(self, harness: Harness) -> None:
         harness.set_answer(remember_everything)
@@ -354,6 +424,54 @@ class TestChatEngineContract:
             f"wm-{n}": f"答：我是wm-{n}" for n in range(5)
         }
         assert len({a.conversation_id for a in answers.values()}) == 5
+
+    @pytest.mark.parametrize("mode", ["chat", "agent-chat", "advanced-chat", "agent"])
+    async def test_every_app_type_gives_the_whole_answer_once(self, harness: Harness, mode: str) -> None:
+        # Agent apps refuse blocking mode: the blocking engine must ask again streaming, unnoticed.
+        harness.set_mode(mode)
+        harness.set_answer(lambda query, history: "您好！保修期为一年，详情见说明书。")
+
+        answer = await harness.engine.ask(Question(user="wm-alice", query="保修期多久？"))
+        again = await harness.engine.ask(
+            Question(user="wm-alice", query="谢谢", conversation_id=answer.conversation_id)
+        )
+
+        assert (answer.text, again.text) == ("您好！保修期为一年，详情见说明书。",) * 2
+        assert (answer.needs_human_input, again.conversation_id) == ("", answer.conversation_id)
+
+    @pytest.mark.parametrize("mode", ["chat", "agent-chat", "advanced-chat", "agent"])
+    async def test_moderations_replacement_is_the_answer(self, harness: Harness, mode: str) -> None:
+        harness.set_mode(mode)
+        harness.moderate_next("抱歉，这个问题我无法回答。")
+
+        answer = await harness.engine.ask(Question(user="wm-alice", query="违规的问题"))
+
+        assert answer.text == "抱歉，这个问题我无法回答。"
+
+    @pytest.mark.parametrize("mode", ["chat", "agent-chat", "advanced-chat", "agent"])
+    async def test_reasoning_speech_progress_and_unknown_events_leave_the_answer_alone(
+        self, harness: Harness, mode: str
+    ) -> None:
+        harness.set_mode(mode)
+        harness.decorate_next()
+
+        answer = await harness.engine.ask(Question(user="wm-alice", query="你好"))
+
+        assert (answer.text, answer.needs_human_input) == ("答：你好", "")
+
+    async def test_a_pause_for_human_input_ends_the_turn_naming_the_node(self, harness: Harness) -> None:
+        if not harness.streams and not isinstance(harness.engine, FakeChatEngine):
+            pytest.skip("Dify documents the Human Input pause for streams only")
+        harness.pause_next("退款审核")
+
+        answer = await harness.engine.ask(Question(user="wm-alice", query="我要退款"))
+
+        assert (answer.text, answer.needs_human_input) == ("", "退款审核")
+        assert answer.conversation_id
+        after = await harness.engine.ask(
+            Question(user="wm-alice", query="还在吗", conversation_id=answer.conversation_id)
+        )
+        assert (after.text, after.needs_human_input) == ("答：还在吗", "")
 
     async def test_info_names_the_app_and_its_mode(self, harness: Harness) -> None:
         info = await harness.engine.info()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -19,6 +20,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tests.support.multipart import MultipartError, Part, parse_form
+from tests.support.schema_check import dify_schemas, problems
 
 Turn = tuple[str, str]  # (query, answer), oldest first
 AnswerFunction = Callable[[str, Sequence[Turn]], str]
@@ -58,6 +60,8 @@ class Fault:
     status: int | None = None
     body: Any = None
     content_type: str | None = None
+    # Extra response headers with that status (e.g. Retry-After on a 429 or 503).
+    headers: Mapping[str, str] | None = None
     # Slow first byte: wait this long before sending the response headers.
     delay: float = 0.0
     # In-stream `error` event after N answer chunks (blocking: an HTTP error with the same envelope).
@@ -80,8 +84,21 @@ class Fault:
     # Chatflow only: the run fails (workflow_finished failed, then an `error` event unless told otherwise).
     workflow_failed: bool = False
     error_after_workflow_failed: bool = True
-    # Chatflow only: a Human Input node pauses the run (the stream ends at workflow_paused).
+    # Chatflow only: a Human Input node pauses the run: human_input_required, then workflow_paused, then the
+    # stream ends (docs/dify.md). `paused_after` answer chunks are streamed first (an Answer node before it).
     workflow_paused: bool = False
+    paused_after: int = 0
+    human_input_title: str = "人工审核"
+    # Chatflow LLM node with reasoning_format "separated": reasoning_chunk deltas (then is_final) first.
+    reasoning: str | None = None
+    # Text-to-speech auto-play: a tts_message per answer chunk, tts_message_end after message_end.
+    tts: bool = False
+    # Chatflow: node_retry, iteration_*, loop_* and agent_log events before the answer.
+    progress_events: bool = False
+    # An event no Dify of today sends (a newer Dify's), mid-stream.
+    unknown_event: bool = False
+    # A ping (`event: ping`, no data) before every event.
+    pings_between: bool = False
     # Dify 1.13.0 (spec §8.3 #32351): a blocking request is answered with text/event-stream.
     sse_for_blocking: bool = False
     # Dify #21568: the stream stays open (pinging) after the terminal event.
@@ -96,6 +113,10 @@ class RecordedRequest:
     json: Any
     query: Mapping[str, str]
     form: tuple[Part, ...] = ()  # multipart requests (uploads): every part with its own headers
+
+
+# Every request any FakeDifyServer received in this test session, for the conformance test.
+SESSION_REQUESTS: list[RecordedRequest] = []
 
 
 @dataclass
@@ -136,7 +157,12 @@ class _Call:
     action: Callable[[], None]
 
 
-_Step = Mapping[str, Any] | _Sleep | _Call
+@dataclass
+class _Ping:
+    pass
+
+
+_Step = Mapping[str, Any] | _Sleep | _Call | _Ping
 
 
 class FakeDifyServer:
@@ -195,6 +221,8 @@ class FakeDifyServer:
         # Files chat requests carried that Dify ignored because the app's File Upload feature is off.
         self.ignored_files = 0
         self.requests: list[RecordedRequest] = []
+        # Requests that broke docs/dify-schemas.json (answered 400 invalid_param, as Dify's validation does).
+        self.schema_violations: list[tuple[str, list[str]]] = []
         self.faults: deque[Fault] = deque()
         self.conversations: dict[str, _Conversation] = {}
         self.pings_sent = 0
@@ -254,7 +282,7 @@ class FakeDifyServer:
         if fault is not None and fault.delay:
             await anyio.sleep(fault.delay)
         if fault is not None and fault.status is not None:
-            return _raw(fault.status, fault.body, fault.content_type)
+            return _raw(fault.status, fault.body, fault.content_type, fault.headers)
         if not isinstance(body, dict):
             return _error(400, "invalid_param", "Invalid JSON body")
         user = body.get("user")
@@ -278,10 +306,14 @@ class FakeDifyServer:
             self.ignored_files += len(files)  # Chatbot/Agent silently drop files (spec §5.4 #2)
         elif files and (refused := self._check_files(files, user)) is not None:
             return refused
+        if (refused := self._nonconforming("POST /chat-messages", body)) is not None:
+            return refused
         streaming = response_mode == "streaming"
-        if not streaming and self.mode == "agent-chat":
-            return _error(400, "invalid_param", "Agent Chat App does not support blocking mode")
-        if not streaming and self.mode == "agent":
+        if not streaming and self.mode in ("agent-chat", "agent"):
+            if fault is not None:  # the app never ran: the scripted run is the next one's
+                self.faults.appendleft(fault)
+            if self.mode == "agent-chat":
+                return _error(400, "invalid_param", "Agent Chat App does not support blocking mode")
             return _error(400, "bad_request", "Agent App only supports streaming response mode.")
 
         if conversation_id:
@@ -341,7 +373,9 @@ class FakeDifyServer:
         if (fault := self._take_fault(request.url.path)) is not None:
             await anyio.sleep(fault.delay)
             if fault.status is not None:
-                return _raw(fault.status, fault.body, fault.content_type)
+                return _raw(fault.status, fault.body, fault.content_type, fault.headers)
+        if (refused := self._nonconforming("GET /info", None)) is not None:
+            return refused
         return JSONResponse(
             {"name": self.app_name, "description": "", "tags": [], "mode": self.mode, "author_name": "test"}
         )
@@ -353,7 +387,9 @@ class FakeDifyServer:
         if (fault := self._take_fault(request.url.path)) is not None:
             await anyio.sleep(fault.delay)
             if fault.status is not None:
-                return _raw(fault.status, fault.body, fault.content_type)
+                return _raw(fault.status, fault.body, fault.content_type, fault.headers)
+        if (refused := self._nonconforming("GET /parameters", None)) is not None:
+            return refused
         return JSONResponse(
             {
                 "opening_statement": self.opening_statement,
@@ -383,6 +419,8 @@ class FakeDifyServer:
         upload = next((p for p in files if p.name == "file"), None)
         if upload is None:
             return _error(400, "no_file_uploaded", "Please upload your file.")
+        if (refused := self._nonconforming("POST /files/upload", _form_fields(parts))) is not None:
+            return refused
         if len(files) > 1:
             return _error(400, "too_many_files", "Only one file is allowed.")
         name = upload.filename or ""
@@ -396,7 +434,7 @@ class FakeDifyServer:
         extension = name.rpartition(".")[2].lower() if "." in name else ""
         limit_mb = self._limit_mb(extension)
         if len(upload.data) > limit_mb * MB:
-            return _error(413, "file_too_large", f"File size exceeded. {name} > {limit_mb} MB")
+            return _error(413, "file_too_large", "")  # Dify's message is empty here (docs/dify.md)
         user = next((p.text for p in parts if p.name == "user" and p.filename is None), "") or "DEFAULT-USER"
         stored = StoredUpload(
             id=str(uuid.uuid4()),
@@ -437,6 +475,8 @@ class FakeDifyServer:
         audio = next((p for p in parts if p.name == "file" and p.filename is not None), None)
         if audio is None:
             return _error(400, "no_audio_uploaded", "Please upload your audio.")
+        if (refused := self._nonconforming("POST /audio-to-text", _form_fields(parts))) is not None:
+            return refused
         declared = (audio.content_type or "").split(";", 1)[0].strip()
         if declared not in _SPEECH_TYPES:
             return _error(415, "unsupported_audio_type", "Audio type not allowed.")
@@ -459,7 +499,24 @@ class FakeDifyServer:
         if fault is None:
             return None
         await anyio.sleep(fault.delay)
-        return _raw(fault.status, fault.body, fault.content_type) if fault.status is not None else None
+        if fault.status is None:
+            return None
+        return _raw(fault.status, fault.body, fault.content_type, fault.headers)
+
+    def _nonconforming(self, operation: str, body: Any) -> Response | None:
+        """400 invalid_param for a request that breaks Dify's published request schema (what Dify's own
+        validation answers); every such request is also kept in `schema_violations`."""
+        schema = dify_schemas()["requests"][operation]
+        request = self.requests[-1]
+        found = problems(schema["body"], body) if "body" in schema else []
+        if "body" not in schema and request.json is not None:
+            found.append("$: this endpoint takes no body")
+        if "query" in schema:
+            found += problems(schema["query"], dict(request.query), "query")
+        if not found:
+            return None
+        self.schema_violations.append((operation, found))
+        return _error(400, "invalid_param", "; ".join(found)[:500])
 
     def _limit_mb(self, extension: str) -> int:
         limits = self.system_parameters
@@ -530,16 +587,18 @@ class FakeDifyServer:
                 body = json.loads(raw) if raw else None
             except ValueError:
                 body = None
-        self.requests.append(
-            RecordedRequest(
-                method=request.method,
-                path=request.url.path,
-                headers={k.lower(): v for k, v in request.headers.items()},
-                json=body,
-                query=dict(request.query_params),
-                form=form,
-            )
+        recorded = RecordedRequest(
+            method=request.method,
+            path=request.url.path,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            json=body,
+            query=dict(request.query_params),
+            form=form,
         )
+        self.requests.append(recorded)
+        # The session keeps requests without file contents (uploads run to megabytes).
+        light = tuple(dataclasses.replace(p, data=b"") if p.filename is not None else p for p in form)
+        SESSION_REQUESTS.append(dataclasses.replace(recorded, form=light))
         return body
 
     def _auth(self, request: Request) -> Response | None:
@@ -603,10 +662,20 @@ class FakeDifyServer:
                 ),
                 node("node_started", "start", "start", index=1),
                 node("node_finished", "start", "start", index=1, status="succeeded"),
-                node("node_started", "llm", "llm", index=2),
             ]
+            if fault.progress_events:
+                steps += _progress_events(node, event, run_id)
+            steps.append(node("node_started", "llm", "llm", index=2))
             if fault.workflow_paused:
-                return [*steps, workflow("workflow_paused", reason="human_input_required")]
+                for chunk in chunks[: fault.paused_after]:
+                    steps.append(event("message", id=message_id, answer=chunk))
+                return [*steps, *_pause_events(event, run_id, fault.human_input_title)]
+            if fault.reasoning is not None:
+                size = self.chunk_size
+                pieces = [fault.reasoning[i : i + size] for i in range(0, len(fault.reasoning), size)]
+                for piece in [*pieces, ""]:
+                    data = {"message_id": message_id, "reasoning": piece, "node_id": "llm"}
+                    steps.append(event("reasoning_chunk", data={**data, "is_final": not piece}))
             if fault.workflow_failed:
                 steps += [
                     node("node_finished", "llm", "llm", index=2, status="failed", error=fault.error_message),
@@ -633,6 +702,10 @@ class FakeDifyServer:
                 steps.append(_Sleep(self.chunk_delay))
             extra = {"from_variable_selector": ["llm", "text"]} if chatflow else {}
             steps.append(event(delta_event, id=message_id, answer=chunk, **extra))
+            if fault.tts:
+                steps.append(event("tts_message", audio=_TTS_CHUNK))
+            if fault.unknown_event and index == 0:
+                steps.append(event("quantum_entanglement", data={"answer": "不应出现的文字"}))
         if fault.error_after is not None:
             error = {k: v for k, v in common.items() if k != "task_id"}  # error events carry no task_id
             steps.append(
@@ -676,8 +749,14 @@ class FakeDifyServer:
             steps.append(
                 workflow("workflow_finished", status="succeeded", outputs={"answer": text}, error=None)
             )
+        if fault.tts:
+            steps.append(event("tts_message_end", audio=""))
         if fault.keep_open_after_end:
             steps.append(_Sleep(self.hang_limit))
+        if fault.pings_between:
+            steps = [
+                item for step in steps for item in ((_Ping(), step) if isinstance(step, Mapping) else (step,))
+            ]
         return steps
 
     def _stream(self, steps: list[_Step]) -> StreamingResponse:
@@ -692,6 +771,9 @@ class FakeDifyServer:
             for step in steps:
                 if isinstance(step, _Call):
                     step.action()
+                elif isinstance(step, _Ping):
+                    self.pings_sent += 1
+                    yield PING
                 elif isinstance(step, _Sleep):
                     # Dify pings every 10 s while the app runs (spec §3.1): pings fill every wait.
                     end = anyio.current_time() + step.seconds
@@ -749,14 +831,93 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"code": code, "message": message, "status": status}, status_code=status)
 
 
-def _raw(status: int, body: Any, content_type: str | None) -> Response:
+def _raw(
+    status: int, body: Any, content_type: str | None, headers: Mapping[str, str] | None = None
+) -> Response:
+    extra = dict(headers or {})
     if isinstance(body, str | bytes):
-        return Response(body, status_code=status, media_type=content_type or "text/html")
+        return Response(body, status_code=status, media_type=content_type or "text/html", headers=extra)
     return Response(
         json.dumps(body, ensure_ascii=False),
         status_code=status,
         media_type=content_type or "application/json",
+        headers=extra,
     )
+
+
+def _form_fields(parts: Sequence[Part]) -> dict[str, Any]:
+    """A multipart body as the schema sees it: file parts as (binary) strings, text fields as text."""
+    return {p.name: (p.text if p.filename is None else "<binary>") for p in parts}
+
+
+# "ID3" and a few zero bytes, base64: an MP3 chunk as tts_message carries it.
+_TTS_CHUNK = "SUQzBAAAAAAAAA=="
+
+
+def _pause_events(event: Callable[..., dict[str, Any]], run_id: str, title: str) -> list[_Step]:
+    """A Human Input node reached: human_input_required, then workflow_paused (the stream ends)."""
+    return [
+        event(
+            "human_input_required",
+            workflow_run_id=run_id,
+            data={
+                "form_id": str(uuid.uuid4()),
+                "node_id": "human_input",
+                "node_title": title,
+                "form_content": "请确认退款金额：{{#amount#}}",
+                "inputs": [{"type": "paragraph", "output_variable_name": "note", "default": None}],
+                "actions": [{"id": "approve", "title": "同意", "button_style": "primary"}],
+                "display_in_ui": True,
+                "form_token": "tok-1",
+                "resolved_default_values": {},
+                "expiration_time": int(time.time()) + 86400,
+            },
+        ),
+        event(
+            "workflow_paused",
+            workflow_run_id=run_id,
+            data={
+                "workflow_run_id": run_id,
+                "paused_nodes": ["human_input"],
+                "outputs": {},
+                "reasons": [{"type": "human_input_required", "node_id": "human_input"}],
+                "status": "paused",
+                "created_at": int(time.time()),
+                "elapsed_time": 0.5,
+                "total_tokens": 0,
+                "total_steps": 3,
+            },
+        ),
+    ]
+
+
+def _progress_events(
+    node: Callable[..., dict[str, Any]], event: Callable[..., dict[str, Any]], run_id: str
+) -> list[_Step]:
+    """What an iteration, a loop, a retried node and an Agent node report on their way (informational)."""
+    return [
+        node("node_retry", "http", "http-request", index=2, status="retry", error="timeout", retry_index=1),
+        node("iteration_started", "iter", "iteration", metadata={"iterator_length": 2}, inputs={}),
+        node("iteration_next", "iter", "iteration", index=1),
+        node("iteration_completed", "iter", "iteration", outputs={}, status="succeeded", steps=2),
+        node("loop_started", "loop", "loop", metadata={"loop_length": 1}, inputs={}),
+        node("loop_next", "loop", "loop", index=1),
+        node("loop_completed", "loop", "loop", outputs={}, status="succeeded", steps=1),
+        event(
+            "agent_log",
+            data={
+                "node_execution_id": str(uuid.uuid4()),
+                "id": str(uuid.uuid4()),
+                "label": "ROUND 1",
+                "parent_id": None,
+                "error": None,
+                "status": "success",
+                "data": {},
+                "metadata": {},
+                "node_id": "agent",
+            },
+        ),
+    ]
 
 
 def _is_uuid(value: object) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import time
 import uuid
@@ -196,6 +197,39 @@ class TestStreaming:
 
         assert answer.text == "抱歉，这个问题我不能回答。"
 
+    async def test_reasoning_never_reaches_the_answer(
+        self, dify: FakeDifyServer, make_engine: MakeEngine
+    ) -> None:
+        dify.mode = "advanced-chat"
+        dify.inject(Fault(reasoning="用户问保修，我应该查一下说明书。"))
+
+        answer = await make_engine().ask(QUESTION)
+
+        assert answer.text == "答：保修期多久？"
+
+    @pytest.mark.parametrize("mode", ["chat", "advanced-chat", "agent-chat", "agent"])
+    async def test_tts_progress_pings_and_unknown_events_do_not_change_the_answer(
+        self, dify: FakeDifyServer, make_engine: MakeEngine, mode: str
+    ) -> None:
+        dify.mode = mode
+        dify.inject(Fault(tts=True, progress_events=True, unknown_event=True, pings_between=True))
+
+        answer = await make_engine().ask(QUESTION)
+
+        assert answer.text == "答：保修期多久？"
+        assert answer.needs_human_input == ""
+
+    @pytest.mark.parametrize("mode", ["agent", "agent-chat", "advanced-chat"])
+    async def test_moderation_wins_in_every_app_type(
+        self, dify: FakeDifyServer, make_engine: MakeEngine, mode: str
+    ) -> None:
+        dify.mode = mode
+        dify.inject(Fault(replace_with="抱歉，这个问题我不能回答。"))
+
+        answer = await make_engine().ask(QUESTION)
+
+        assert answer.text == "抱歉，这个问题我不能回答。"
+
     @pytest.mark.parametrize("mode", ["chat", "agent-chat"])
     async def test_message_files_become_answer_files(
         self, dify_host: tuple[FakeDifyHost, str], dify: FakeDifyServer, make_engine: MakeEngine, mode: str
@@ -285,15 +319,42 @@ class TestStreamFailures:
 
         assert (error.code, error.message, error.retryable) == ("workflow_failed", "节点失败", False)
 
-    async def test_a_paused_chatflow_is_a_failure(
+    async def test_a_paused_chatflow_ends_the_turn_naming_the_node(
+        self, dify: FakeDifyServer, make_engine: MakeEngine, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        dify.mode = "advanced-chat"
+        dify.inject(Fault(workflow_paused=True, paused_after=1, human_input_title="退款审核"))
+
+        answer = await make_engine().ask(QUESTION)
+
+        assert answer.needs_human_input == "退款审核"
+        assert answer.text == "答：保修"  # what the app said before the Human Input node
+        assert answer.conversation_id == next(iter(dify.conversations))
+        assert [r.levelname for r in caplog.records if "human input" in r.getMessage()] == ["WARNING"]
+        assert "退款审核" in caplog.text
+
+    async def test_a_workflow_paused_event_alone_also_ends_the_turn(self) -> None:
+        paused = {
+            "workflow_run_id": "r-1",
+            "paused_nodes": ["approve_node"],
+            "reasons": [],
+            "status": "paused",
+        }
+        body = sse({"event": "workflow_paused", **COMMON, "workflow_run_id": "r-1", "data": paused})
+        engine, client = mock_engine(stream_of(body))
+        async with client:
+            answer = await engine.ask(QUESTION)
+
+        assert (answer.text, answer.needs_human_input) == ("", "approve_node")
+
+    async def test_an_answer_that_did_not_pause_needs_no_human(
         self, dify: FakeDifyServer, make_engine: MakeEngine
     ) -> None:
         dify.mode = "advanced-chat"
-        dify.inject(Fault(workflow_paused=True))
 
-        error = await ask_failing(make_engine())
+        answer = await make_engine().ask(QUESTION)
 
-        assert error.code == "workflow_paused"
+        assert answer.needs_human_input == ""
 
     async def test_eof_before_message_end_is_stream_incomplete(
         self, dify: FakeDifyServer, make_engine: MakeEngine
@@ -424,7 +485,7 @@ class TestHttpErrors:
         ("status", "body", "code", "retryable"),
         [
             (429, envelope("too_many_requests", "Too many requests.", 429), "too_many_requests", True),
-            (429, envelope("rate_limit_error", "Rate Limit Error", 429), "rate_limit_error", False),
+            (429, envelope("rate_limit_error", "Rate Limit Error", 429), "rate_limit_error", True),
             (400, envelope("completion_request_error", "Read timed out."), "completion_request_error", True),
             (400, envelope("app_unavailable", "App unavailable"), "app_unavailable", False),
             (500, {"message": "Internal Server Error", "code": "unknown"}, "unknown", True),
@@ -453,6 +514,95 @@ class TestHttpErrors:
 
         assert (error.code, error.status, error.retryable) == (code, status, retryable)
         assert not isinstance(error, ConversationGone)
+
+    @pytest.mark.parametrize(
+        ("status", "code", "header", "seconds"),
+        [
+            (429, "too_many_requests", "7", 7.0),
+            (429, "rate_limit_error", "1.5", 1.5),
+            (503, "internal_server_error", "120", 120.0),
+            (429, "too_many_requests", None, None),
+            (429, "too_many_requests", "soon", None),
+            (429, "too_many_requests", "-5", 0.0),
+            (429, "too_many_requests", "99999999", 3600.0),
+            (429, "too_many_requests", "Thu, 01 Jan 1970 00:00:00 GMT", 0.0),
+        ],
+    )
+    async def test_rate_limits_and_unavailability_are_retryable_with_their_retry_after(
+        self,
+        dify: FakeDifyServer,
+        make_engine: MakeEngine,
+        status: int,
+        code: str,
+        header: str | None,
+        seconds: float | None,
+    ) -> None:
+        headers = {"Retry-After": header} if header is not None else None
+        dify.inject(Fault(status=status, body=envelope(code, "Too many requests.", status), headers=headers))
+
+        error = await ask_failing(make_engine())
+
+        assert (error.code, error.status, error.retryable, error.retry_after_s) == (
+            code,
+            status,
+            True,
+            seconds,
+        )
+
+    async def test_a_retry_after_as_a_future_http_date_is_seconds_from_now(
+        self, dify: FakeDifyServer, make_engine: MakeEngine
+    ) -> None:
+        when = email.utils.formatdate(time.time() + 600, usegmt=True)
+        dify.inject(
+            Fault(status=429, body=envelope("too_many_requests", "busy", 429), headers={"Retry-After": when})
+        )
+
+        error = await ask_failing(make_engine())
+
+        assert error.retry_after_s is not None and 590 <= error.retry_after_s <= 600
+
+    async def test_retry_after_is_read_on_the_other_endpoints_too(
+        self, dify: FakeDifyServer, make_engine: MakeEngine
+    ) -> None:
+        dify.inject(
+            Fault(
+                path="/v1/parameters",
+                status=429,
+                body=envelope("too_many_requests", "busy", 429),
+                headers={"Retry-After": "3"},
+            )
+        )
+
+        with pytest.raises(ChatEngineError) as caught:
+            await make_engine().parameters()
+
+        assert (caught.value.retryable, caught.value.retry_after_s) == (True, 3.0)
+
+    async def test_a_completed_conversation_is_gone(
+        self, dify: FakeDifyServer, make_engine: MakeEngine
+    ) -> None:
+        engine = make_engine()
+        first = await engine.ask(QUESTION)
+        dify.end_conversation(first.conversation_id)
+
+        with pytest.raises(ConversationGone):
+            await engine.ask(Question(user="wm-alice", query="再问", conversation_id=first.conversation_id))
+
+    async def test_an_upload_too_large_with_an_empty_message_keeps_its_code(
+        self, dify: FakeDifyServer, make_engine: MakeEngine
+    ) -> None:
+        dify.system_parameters = {**dify.system_parameters, "image_file_size_limit": 1}
+
+        with pytest.raises(ChatEngineError) as caught:
+            await make_engine().upload_file(
+                "wm-alice", "big.png", "image/png", b"\x89PNG" + b"\0" * (1024 * 1024)
+            )
+
+        assert (caught.value.code, caught.value.status, caught.value.retryable) == (
+            "file_too_large",
+            413,
+            False,
+        )
 
     async def test_a_bad_key_is_unauthorized_and_not_retryable(self, make_engine: MakeEngine) -> None:
         error = await ask_failing(make_engine(api_key="app-wrong"))
@@ -513,14 +663,64 @@ class TestBlocking:
         assert answer.text == "答：保修期多久？"
 
     @pytest.mark.parametrize(("mode", "code"), [("agent-chat", "invalid_param"), ("agent", "bad_request")])
-    async def test_agent_apps_refuse_blocking(
-        self, dify: FakeDifyServer, make_engine: MakeEngine, mode: str, code: str
+    async def test_an_app_that_only_streams_is_asked_again_streaming_and_remembered(
+        self,
+        dify: FakeDifyServer,
+        make_engine: MakeEngine,
+        mode: str,
+        code: str,
+        caplog: pytest.LogCaptureFixture,
     ) -> None:
         dify.mode = mode
+        engine = make_engine(response_mode="blocking")
+
+        first = await engine.ask(QUESTION)
+        second = await engine.ask(
+            Question(user="wm-alice", query="再问", conversation_id=first.conversation_id)
+        )
+
+        assert (first.text, second.text) == ("答：保修期多久？", "答：再问")
+        assert [r.json["response_mode"] for r in dify.chat_requests()] == [
+            "blocking",
+            "streaming",
+            "streaming",
+        ]
+        warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1
+        assert "DIFY_RESPONSE_MODE" in warnings[0].getMessage() and code in warnings[0].getMessage()
+
+    @pytest.mark.parametrize(("mode", "code"), [("agent-chat", "invalid_param"), ("agent", "bad_request")])
+    async def test_concurrent_refusals_warn_once(
+        self,
+        dify: FakeDifyServer,
+        make_engine: MakeEngine,
+        mode: str,
+        code: str,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        dify.mode = mode
+        engine = make_engine(response_mode="blocking")
+        answers: list[str] = []
+
+        async def ask(n: int) -> None:
+            answers.append((await engine.ask(Question(user=f"wm-{n}", query="你好"))).text)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(3):
+                tg.start_soon(ask, n)
+
+        assert answers == ["答：你好"] * 3
+        assert len([r for r in caplog.records if "DIFY_RESPONSE_MODE" in r.getMessage()]) == 1
+
+    async def test_other_blocking_failures_are_not_retried_streaming(
+        self, dify: FakeDifyServer, make_engine: MakeEngine
+    ) -> None:
+        dify.inject(Fault(status=400, body=envelope("invalid_param", "Agent App has no bound Agent", 400)))
 
         error = await ask_failing(make_engine(response_mode="blocking"))
 
-        assert (error.code, error.status, error.retryable) == (code, 400, False)
+        assert (error.code, error.status) == ("invalid_param", 400)
+        assert len(dify.chat_requests()) == 1
 
     async def test_a_model_failure_in_blocking_mode_is_an_http_error(
         self, dify: FakeDifyServer, make_engine: MakeEngine
@@ -719,6 +919,59 @@ class TestSseParsing:
             answer = await engine.ask(QUESTION)
 
         assert answer.text == "第一段。补充。"
+
+    @pytest.mark.parametrize(
+        ("final", "expected"),
+        [
+            ("第一段。第二段。", "第一段。第二段。"),  # the closing message repeats the answer
+            ("第一段。第二段。\n", "第一段。第二段。"),  # ... with other whitespace: the streamed text stays
+            ("\n第一段。第二段。", "第一段。第二段。"),  # ... with leading whitespace
+            ("第一段。第二段。第三段。", "第一段。第二段。第三段。"),  # ... and more than was streamed
+        ],
+    )
+    async def test_the_new_agents_closing_message_is_not_appended(self, final: str, expected: str) -> None:
+        body = (
+            sse({"event": "agent_message", **COMMON, "id": "m-1", "answer": "第一段。"})
+            + sse({"event": "agent_thought", **COMMON, "id": "th-1", "position": 1, "thought": "想法"})
+            + sse({"event": "agent_message", **COMMON, "id": "m-1", "answer": "第二段。"})
+            + sse({"event": "message", **COMMON, "id": "m-1", "answer": final})
+            + sse({"event": "message_end", **COMMON, "id": "m-1"})
+        )
+        engine, client = mock_engine(stream_of(body))
+        async with client:
+            answer = await engine.ask(QUESTION)
+
+        assert answer.text == expected
+
+    async def test_nothing_streamed_after_a_replacement_counts(self) -> None:
+        body = (
+            sse({"event": "agent_message", **COMMON, "answer": "违规内容"})
+            + sse({"event": "message_replace", **COMMON, "answer": "已屏蔽"})
+            + sse({"event": "message", **COMMON, "answer": "违规内容"})
+            + sse({"event": "agent_message", **COMMON, "answer": "更多"})
+            + sse({"event": "message_end", **COMMON})
+        )
+        engine, client = mock_engine(stream_of(body))
+        async with client:
+            answer = await engine.ask(QUESTION)
+
+        assert answer.text == "已屏蔽"
+
+    async def test_an_error_event_carries_its_status_and_code(self) -> None:
+        body = sse({"event": "message", **COMMON, "answer": "好"}) + sse(
+            {
+                "event": "error",
+                **COMMON,
+                "status": 429,
+                "code": "rate_limit_error",
+                "message": "Rate Limit Error",
+            }
+        )
+        engine, client = mock_engine(stream_of(body))
+        async with client:
+            error = await ask_failing(engine)
+
+        assert (error.code, error.status, error.retryable) == ("rate_limit_error", 429, True)
 
     async def test_a_user_file_event_is_not_an_answer_file(self) -> None:
         body = (
