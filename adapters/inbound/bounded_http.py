@@ -136,7 +136,14 @@ class BoundedHttpToolsProtocol(_HeadBound, HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        self._bounded_data_received(data)
+        if not self._in_head or self._head_bytes + len(data) >= self.limits.max_bytes:
+            self._bounded_data_received(data)
+            return
+        # The usual case, kept short (it runs for every read): a read that cannot exceed the bound.
+        self._head_bytes += len(data)
+        HttpToolsProtocol.data_received(self, data)
+        if self._partial_head and not self.transport.is_closing():
+            self._arm_head_timer()
 
     def _feed(self, data: bytes) -> None:
         HttpToolsProtocol.data_received(self, data)
@@ -148,19 +155,19 @@ class BoundedHttpToolsProtocol(_HeadBound, HttpToolsProtocol):
         return self._partial_head
 
     def on_message_begin(self) -> None:
-        self._in_head = True
-        self._partial_head = True
-        super().on_message_begin()
+        self._in_head = self._partial_head = True
+        HttpToolsProtocol.on_message_begin(self)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._partial_head = False
-        self._head_ended()
-        super().on_headers_complete()
+        self._in_head = self._partial_head = False
+        self._head_bytes = 0
+        if self._head_timer is not None:
+            self._head_ended()
+        HttpToolsProtocol.on_headers_complete(self)
 
     def on_message_complete(self) -> None:
         self._in_head = True
-        super().on_message_complete()
+        HttpToolsProtocol.on_message_complete(self)
 
 
 class BoundedH11Protocol(_HeadBound, H11Protocol):
