@@ -396,7 +396,8 @@ def load_or_exit(path: str | None, environ: Mapping[str, str]) -> Settings:
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
+    from adapters.inbound.server import listeners_from
+    from adapters.inbound.server import serve as serve_listeners
 
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
     container = build_container(settings)
@@ -405,15 +406,7 @@ def serve(settings: Settings) -> None:
     # 40 ms stop of the event loop that shows up as webhook p99 (bench/FINDINGS.md).
     gc.collect()
     gc.freeze()
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
-        server_header=False,
-    )
+    serve_listeners(app, listeners_from(settings))
 
 
 @dataclass(frozen=True, slots=True)

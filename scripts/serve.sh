@@ -11,5 +11,6 @@ EXTRAS=""
 if ! command -v ffmpeg >/dev/null 2>&1; then
     EXTRAS="[voice]"  # voice messages need an ffmpeg: take the one the imageio-ffmpeg package ships
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${EXTRAS}"
+# Exact versions from constraints.txt (scripts/lock.sh keeps it current).
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".${EXTRAS}"
 exec .venv/bin/python bootstrap.py "$@"

@@ -16,7 +16,8 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# Exact versions from constraints.txt (scripts/lock.sh keeps it current).
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 
 .venv/bin/python -m ruff check .
 .venv/bin/python -m pytest "$@"

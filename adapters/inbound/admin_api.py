@@ -12,6 +12,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from adapters.inbound.auth_throttle import FailedAuthThrottle
 from adapters.inbound.wecom_webhook import BodyTooLarge, read_limited
 from application.admin import ConversationAdmin, StatusReport
 
@@ -26,27 +27,55 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
+def _locked_out(seconds: int) -> JSONResponse:
+    return JSONResponse(
+        {"error": "too many failed admin attempts from this address: retry later"},
+        status_code=429,
+        headers={"Retry-After": str(seconds)},
+    )
+
+
 class AdminApi:
-    def __init__(self, *, admin_token: str, conversations: ConversationAdmin, status: StatusReport) -> None:
+    def __init__(
+        self,
+        *,
+        admin_token: str,
+        conversations: ConversationAdmin,
+        status: StatusReport,
+        throttle: FailedAuthThrottle | None = None,
+    ) -> None:
         self._token = admin_token.encode()
         self._conversations = conversations
         self._status = status
+        self._throttle = throttle or FailedAuthThrottle()
 
     def guarded(self, endpoint: Endpoint) -> Endpoint:
         async def wrapper(request: Request) -> Response:
             if not self._token:
                 return _error(403, "admin API disabled: set ADMIN_TOKEN in the configuration")
+            address = request.client.host if request.client else "unknown"
+            wait = self._throttle.retry_after(address)
+            if wait:
+                return _locked_out(wait)
             header = request.headers.get("authorization", "")
             scheme, _, presented = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), self._token):
+                lockout = self._throttle.failed(address)
                 log.warning(
-                    "admin request refused: bad or missing token (%s %s)", request.method, request.url.path
+                    "admin request refused: bad or missing token (%s %s from %s)%s",
+                    request.method,
+                    request.url.path,
+                    address,
+                    f"; this address is locked out for {lockout} s" if lockout else "",
                 )
+                if lockout:
+                    return _locked_out(lockout)
                 return JSONResponse(
                     {"error": "unauthorized: send Authorization: Bearer <ADMIN_TOKEN>"},
                     status_code=401,
                     headers={"WWW-Authenticate": "Bearer"},
                 )
+            self._throttle.succeeded(address)
             return await endpoint(request)
 
         return wrapper

@@ -424,15 +424,20 @@ async def check_store(settings: Settings, report: Report, store_factory: Factory
 # --- f. admin -----------------------------------------------------------------------------------------
 
 
+# Guessing is slowed per address (adapters/inbound/auth_throttle.py), not made impossible: the token itself
+# must be out of reach, 24 characters of a random URL-safe alphabet being about 140 bits.
+MIN_ADMIN_TOKEN = 24
+
+
 def check_admin(settings: Settings, report: Report) -> None:
     if not settings.admin_token:
         report.warn(
             "admin", "ADMIN_TOKEN is not set: admin endpoints refuse every request until ADMIN_TOKEN is set"
         )
-    elif len(settings.admin_token) < 16:
+    elif len(settings.admin_token) < MIN_ADMIN_TOKEN:
         report.warn(
             "admin",
-            "ADMIN_TOKEN is short (under 16 characters): use a long random value, e.g. "
+            f"ADMIN_TOKEN is short (under {MIN_ADMIN_TOKEN} characters): use a long random value, e.g. "
             "python -c 'import secrets; print(secrets.token_urlsafe(32))'",
         )
     else:

@@ -70,6 +70,12 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 11850
     shutdown_grace_s: float = 20.0
+    # A second listener for the admin endpoints and /metrics (None: everything on `port`).
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
+    # Bounds on a request head (request line + headers), whatever the HTTP parser.
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 10.0
     memcache: MemcacheSettings | None = None
     # [BOT]: behaviour knobs, already typed.
     max_message_age_s: float = 600.0
@@ -196,6 +202,32 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _header_size(value: str) -> int:
+    number = int(value)
+    if not 4096 <= number <= 1024 * 1024:
+        raise ValueError(value)
+    return number
+
+
+def _timeout(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(value)
+    return number
+
+
+def _admin_port(r: _Reader) -> int | None:
+    """[SERVER] ADMIN_PORT: unset = admin endpoints on the main port; else a port other than PORT."""
+    port = r.typed("SERVER", "ADMIN_PORT", None, _port, "a port number 1-65535 (other than PORT)")
+    if port is None:
+        return None
+    main = r.raw("SERVER", "PORT")
+    if port == (int(main) if main and main.isdigit() else 11850):
+        r.problems.append(f"{r.where('SERVER', 'ADMIN_PORT')} = {port}: must differ from PORT")
+        return None
+    return port
+
+
 def _words(value: str) -> tuple[str, ...]:
     return tuple(w.strip() for w in re.split(r"[,，|\n]", value) if w.strip())
 
@@ -313,6 +345,12 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         host=r.text("SERVER", "HOST", "0.0.0.0"),
         port=r.typed("SERVER", "PORT", 11850, _port, "a port number 1-65535"),
         shutdown_grace_s=r.typed("SERVER", "SHUTDOWN_GRACE", 20.0, _positive_float, "seconds (a number ≥ 0)"),
+        admin_host=r.text("SERVER", "ADMIN_HOST", "127.0.0.1"),
+        admin_port=_admin_port(r),
+        max_header_bytes=r.typed(
+            "SERVER", "MAX_HEADER_SIZE", 64 * 1024, _header_size, "bytes, a whole number from 4096 to 1048576"
+        ),
+        header_timeout_s=r.typed("SERVER", "HEADER_TIMEOUT", 10.0, _timeout, "seconds (a number > 0)"),
         memcache=memcache,
         max_message_age_s=r.typed("BOT", "MAX_MESSAGE_AGE", 600.0, _positive_float, "seconds (a number ≥ 0)"),
         conversation_idle_ttl_s=r.typed(

@@ -57,7 +57,8 @@ def create_app(
     version: str = "unknown",
 ) -> Starlette:
     guard = admin.guarded
-    # Shapes only, no configuration or state: open like the health checks.
+    # Shapes only, no configuration or state: open like the health checks (on the admin listener only
+    # when [SERVER] ADMIN_PORT is set: adapters/inbound/server.py).
     document = openapi_document(version=version, include_metrics=metrics is not None)
 
     async def openapi(request: Request) -> Response:
@@ -75,7 +76,9 @@ def create_app(
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
     if metrics is not None:
-        routes.append(Route("/metrics", metrics, methods=["GET"]))
+        # Counters reveal traffic and failures: the admin token, like the admin API (Prometheus sends it
+        # with `authorization: {credentials: ...}` in its scrape config).
+        routes.append(Route("/metrics", guard(metrics), methods=["GET"]))
     routes.extend(extra_routes or [])
     return Starlette(
         routes=routes,

@@ -2,7 +2,8 @@
 
 Written by hand, next to the routes in `http.py` (a test checks both list the same operations). It describes
 shapes only: no configuration value, no state. Operations with `security: bearerAuth` are the admin API; the
-others are open (WeCom's callback proves itself by signature, health checks and metrics need no token).
+others are open (WeCom's callback proves itself by signature, health checks need no token). /metrics needs
+the admin token too.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ _ADMIN_REFUSALS: Final = {
         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "`Bearer`"}},
     },
     "403": _error_response("ADMIN_TOKEN is not configured: the admin API refuses every request"),
+    "429": {
+        **_error_response("Too many failed attempts from this address: locked out for a while"),
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait"}},
+    },
 }
 
 _SIGNED_QUERY: Final = [
@@ -235,13 +240,12 @@ def _paths(include_metrics: bool) -> dict[str, Any]:
     }
     if include_metrics:
         paths["/metrics"] = {
-            "get": _open(
+            "get": _admin(
                 {
                     "operationId": "metrics",
                     "summary": "Counters and latencies in the Prometheus text format",
                     "responses": {"200": _text_response("Prometheus exposition format")},
-                },
-                "health",
+                }
             )
         }
     return paths
@@ -323,8 +327,9 @@ def openapi_document(*, version: str, include_metrics: bool = True) -> dict[str,
             "title": "kf-dify",
             "version": version,
             "description": "WeCom Customer Service callbacks answered by a Dify app, and its admin API. "
-            "Admin operations need `Authorization: Bearer <ADMIN_TOKEN>`: 401 without it or with a "
-            "wrong one, 403 for every request while ADMIN_TOKEN is not configured.",
+            "Admin operations (and /metrics) need `Authorization: Bearer <ADMIN_TOKEN>`: 401 without it "
+            "or with a wrong one, 403 for every request while ADMIN_TOKEN is not configured, 429 with "
+            "Retry-After for an address after repeated failures.",
         },
         "paths": _paths(include_metrics),
         "components": {

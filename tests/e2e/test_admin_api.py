@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
+from adapters.inbound.auth_throttle import BASE_LOCKOUT_S, THRESHOLD
 from tests.support.stack import ADMIN_TOKEN, KF, Servers, Stack, make_settings, running
 
 pytestmark = pytest.mark.anyio
@@ -29,6 +31,7 @@ ADMIN_ROUTES = [
     ("POST", "/clear", None),
     ("GET", "/get_conversation?user_id=wm1", None),
     ("POST", "/reset_conversation", {"user_id": "wm1"}),
+    ("GET", "/metrics", None),
 ]
 
 
@@ -140,7 +143,7 @@ async def test_metrics_after_a_scripted_conversation(stack: Stack) -> None:
     await _talk(stack, "wmMet1", "你好")
     await _talk(stack, "wmMet1", "重置")
     await _talk(stack, "wmMet2", "在吗")
-    resp = await stack.client.get("/metrics")
+    resp = await stack.client.get("/metrics", headers=stack.admin_headers())
     assert resp.status_code == 200
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -154,3 +157,25 @@ async def test_metrics_after_a_scripted_conversation(stack: Stack) -> None:
     assert samples[("kfdify_dify_seconds_count", ())] == 2
     assert samples[("kfdify_callback_ack_seconds_count", ())] == 3
     assert samples[("kfdify_send_seconds_count", ())] == 3
+
+
+def _client_from(stack: Stack, address: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=stack.app, client=(address, 40000)), base_url="http://kf-dify.test"
+    )
+
+
+async def test_repeated_wrong_tokens_lock_that_address_out_but_not_others(stack: Stack) -> None:
+    wrong = {"Authorization": "Bearer not-the-token"}
+    async with _client_from(stack, "203.0.113.7") as guesser, _client_from(stack, "198.51.100.2") as operator:
+        answers = [(await guesser.get("/status", headers=wrong)).status_code for _ in range(THRESHOLD)]
+        assert answers == [401] * (THRESHOLD - 1) + [429]
+        locked = await guesser.get("/metrics", headers=stack.admin_headers())  # even with the right token
+        assert locked.status_code == 429 and 0 < int(locked.headers["retry-after"]) <= BASE_LOCKOUT_S
+        assert "error" in locked.json() and ADMIN_TOKEN not in locked.text
+        # Another address is not affected, and its success does not unlock the guesser.
+        assert (await operator.get("/status", headers=stack.admin_headers())).status_code == 200
+        assert (await operator.get("/metrics", headers=stack.admin_headers())).status_code == 200
+        assert (await guesser.get("/status", headers=stack.admin_headers())).status_code == 429
+        # The open endpoints stay open for the locked-out address.
+        assert (await guesser.get("/healthz")).status_code == 200

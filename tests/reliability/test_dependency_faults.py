@@ -64,7 +64,7 @@ async def test_a_transient_dify_fault_is_retried_or_answered_with_the_fallback(
     assert replies[1] == "答：第二问"
     status = (await stack.client.get("/status", headers=stack.admin_headers())).json()
     assert sum(status["dify_errors"].values()) >= 1
-    metrics = (await stack.client.get("/metrics")).text
+    metrics = (await stack.client.get("/metrics", headers=stack.admin_headers())).text
     assert "kfdify_dify_errors_total" in metrics
 
 

@@ -41,6 +41,9 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 15.0) ->
     raise AssertionError(f"timed out waiting for {what}")
 
 
+GUESSER = "127.0.0.2"
+
+
 @dataclass
 class Client:
     """Talks to the service like WeCom and an operator do, and keeps every answer."""
@@ -50,8 +53,12 @@ class Client:
     answers: list[str] = field(default_factory=list)
     _nonce: int = 0
 
-    def request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
-        response = httpx.request(method, self.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]
+    def request(self, method: str, path: str, *, source: str = "", **kwargs: object) -> httpx.Response:
+        if source:  # from another loopback address (an address with failed admin calls is locked out)
+            with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=10) as other:
+                response = other.request(method, self.url + path, **kwargs)  # type: ignore[arg-type]
+        else:
+            response = httpx.request(method, self.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]
         self.answers.append(f"{method} {path} -> {response.status_code}\n{response.headers}\n{response.text}")
         return response
 
@@ -136,7 +143,8 @@ def exercise(client: Client, servers: Servers) -> None:
             ("POST", "/clear"),
             ("GET", "/get_conversation?user_id=wmLeak1"),
         ):
-            assert client.request(method, path, headers=headers).status_code == 401
+            # 429 once the address has failed too often (adapters/inbound/auth_throttle.py).
+            assert client.request(method, path, headers=headers, source=GUESSER).status_code in (401, 429)
     assert client.request("POST", "/reset_conversation", json={"user_id": "wmLeak1"}).status_code == 401
 
     # Last, as the adapter then stops asking for 30 s: tokens revoked (40014), and the refresh is refused

@@ -618,6 +618,17 @@ def test_no_admin_token_is_a_warning_not_a_failure(
     assert "1 warning" in line(text, "summary")
 
 
+@pytest.mark.parametrize(("token", "verdict"), [("x" * 23, "WARN admin"), ("x" * 24, "OK   admin")])
+def test_an_admin_token_under_24_characters_is_a_warning(
+    wecom_server: tuple[FakeWeComServer, str], dify: tuple[FakeDifyServer, str], token: str, verdict: str
+) -> None:
+    code, text = check(make_settings(wecom_server[1], dify[1], admin_token=token))
+
+    assert code == 0
+    row = line(text, verdict)
+    assert ("under 24 characters" in row and "secrets.token_urlsafe" in row) == (verdict == "WARN admin")
+
+
 # --- secrets ----------------------------------------------------------------------------------------
 
 
