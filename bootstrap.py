@@ -438,7 +438,7 @@ def _texts_sent_to(channel: FakeKfChannel, customer: CustomerRef) -> Callable[[]
     texts: list[str] = []
 
     def sent_texts() -> list[str]:
-        sent, on_event = channel.sent[seen[0] :], channel.sent_on_event[seen[1] :]
+        sent, on_event = channel.world.sent[seen[0] :], channel.world.sent_on_event[seen[1] :]
         seen[0] += len(sent)
         seen[1] += len(on_event)
         texts.extend(s.text for s in sent if s.customer == customer)
@@ -472,7 +472,7 @@ def build_simulation(settings: Settings) -> SimulationParts:
     lifecycle = container.lifecycle()
 
     def push_text(text: str) -> None:
-        channel.add_customer_text(SIMULATED_KF, SIMULATED_CUSTOMER, text)
+        channel.world.add_customer_text(SIMULATED_KF, SIMULATED_CUSTOMER, text)
 
     return SimulationParts(
         push_text=push_text,

@@ -139,7 +139,7 @@ class Stack:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
     def replies_to(self, external_userid: str) -> list[str]:
-        return [s.text for s in self.wecom.sent if s.customer.external_userid == external_userid]
+        return [s.text for s in self.wecom.world.sent if s.customer.external_userid == external_userid]
 
     async def start(self) -> None:
         await self.container.lifecycle().start()

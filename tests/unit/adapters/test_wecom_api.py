@@ -161,7 +161,7 @@ class TestAccessToken:
     async def test_a_second_token_failure_surfaces_without_looping(
         self, channel: WeComKfChannel, server: FakeWeComServer, errcode: int
     ) -> None:
-        server.fail_next("kf/send_msg", errcode, times=5)
+        server.world.fail_next("kf/send_msg", errcode, times=5)
 
         with pytest.raises(WeComError) as caught:
             await channel.send_text(ALICE, "hello", msgid="r1")
@@ -173,7 +173,7 @@ class TestAccessToken:
     async def test_other_errcodes_are_not_retried(
         self, channel: WeComKfChannel, server: FakeWeComServer
     ) -> None:
-        server.fail_next("kf/send_msg", -1)
+        server.world.fail_next("kf/send_msg", -1)
         with pytest.raises(WeComError) as caught:
             await channel.send_text(ALICE, "hello", msgid="r1")
         assert caught.value.errcode == -1 and caught.value.is_transient
@@ -218,7 +218,7 @@ class TestConfigErrors:
     async def test_an_untrusted_ip_is_remembered_for_a_while_then_asked_again(
         self, channel: WeComKfChannel, server: FakeWeComServer, clock: ManualClock
     ) -> None:
-        server.fail_next("gettoken", 60020)
+        server.world.fail_next("gettoken", 60020)
         with pytest.raises(WeComError) as caught:
             await channel.check_access()
         assert caught.value.errcode == 60020
@@ -253,7 +253,7 @@ class TestConfigErrors:
     async def test_a_busy_gettoken_is_not_remembered(
         self, channel: WeComKfChannel, server: FakeWeComServer
     ) -> None:
-        server.fail_next("gettoken", -1)
+        server.world.fail_next("gettoken", -1)
         with pytest.raises(WeComError) as caught:
             await channel.get_service_state(ALICE)
         assert caught.value.errcode == -1
