@@ -52,6 +52,8 @@ class KfState:
         self.page_size: int | None = None
         self.sent: list[SentText] = []
         self.sent_on_event: list[SentOnEvent] = []
+        # Every text (send_msg and send_msg_on_event alike) in the order WeCom accepted them.
+        self._texts_sent: list[tuple[CustomerRef, str]] = []
         self.sent_media: list[SentMedia] = []
         self.media: dict[str, StoredMedia] = {}
         self.sync_requests: list[SyncRequest] = []
@@ -237,6 +239,12 @@ class KfState:
         """A copy of the kf account's message log (WeCom JSON items)."""
         with self._lock:
             return copy.deepcopy(self._logs.get(open_kfid, []))
+
+    def texts_sent_to(self, customer: CustomerRef) -> list[str]:
+        """Every text the customer got, in order, whether through send_msg or send_msg_on_event (welcome,
+        closing, handoff notices; a msgmenu counts by its head_content)."""
+        with self._lock:
+            return [text for to, text in self._texts_sent if to == customer]
 
     def code_is_usable(self, code: str) -> bool:
         with self._lock:

@@ -137,6 +137,7 @@ class KfWorld(KfState):
             msgid = self._claim_msgid(open_kfid, msgid)
             if msgtype == "text":
                 self.sent.append(SentText(customer, text, msgid))
+                self._texts_sent.append((customer, text))
             else:
                 self.sent_media.append(SentMedia(customer, msgtype, str(body["media_id"]), msgid))
             return msgid
@@ -213,6 +214,7 @@ class KfWorld(KfState):
             entry.used = True
             msgid = self._claim_msgid(open_kfid, msgid)
             self.sent_on_event.append(SentOnEvent(code, entry.customer, text, msgid, menu))
+            self._texts_sent.append((entry.customer, text))
             return msgid
 
     def get_state(self, customer: CustomerRef) -> ServiceState:
