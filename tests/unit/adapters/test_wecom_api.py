@@ -1,5 +1,5 @@
 """WeComKfChannel specifics the contract suite does not cover: the token cache, retries, transport failures,
-secrets kept out of errors and logs, and request/response shapes (spec §4–7)."""
+secrets kept out of errors and logs, and request/response shapes (docs/wecom-kf.md)."""
 
 from __future__ import annotations
 
