@@ -147,10 +147,17 @@ class FakeWeComServer:
     # --- knobs -----------------------------------------------------------------------------------------
 
     def fail_next_http(
-        self, api: str, status: int = 502, *, times: int = 1, body: str = BAD_GATEWAY_HTML
+        self,
+        api: str,
+        status: int = 502,
+        *,
+        times: int = 1,
+        body: str = BAD_GATEWAY_HTML,
+        content_type: str = "text/html",
     ) -> None:
-        """The next `times` calls of `api` get HTTP `status` with an HTML body (a proxy's error page)."""
-        self._add_failure(api, times, _HttpFailure(status=status, body=body))
+        """The next `times` calls of `api` get HTTP `status` with `body` (by default a proxy's HTML error
+        page)."""
+        self._add_failure(api, times, _HttpFailure(status=status, body=body, content_type=content_type))
 
     def respond_html_next(self, api: str, *, times: int = 1) -> None:
         """The next `times` calls of `api` get HTTP 200 with an HTML body (a captive portal, a WAF page)."""

@@ -517,3 +517,37 @@ class TestOddAnswers:
         with pytest.raises(WeComError) as caught:
             await scripted_channel.sync_messages(KF, cursor=None, token=None)
         assert caught.value.errcode is None
+
+
+class TestOutsideText:
+    async def test_control_characters_in_errmsg_are_escaped(
+        self, channel: WeComKfChannel, server: FakeWeComServer
+    ) -> None:
+        server.world.fail_next("kf/send_msg", 40058, errmsg="bad\r\nFAKE LOG line\x1b[31m\u2028x")
+
+        with pytest.raises(WeComError) as caught:
+            await channel.send_text(ALICE, "x", msgid="r1")
+
+        assert caught.value.errcode == 40058
+        for text in (caught.value.errmsg, str(caught.value)):
+            assert text.isprintable()
+            assert "bad\\r\\nFAKE LOG line\\x1b[31m\\u2028x" in text
+
+    async def test_a_long_errmsg_is_cut(self, channel: WeComKfChannel, server: FakeWeComServer) -> None:
+        server.world.fail_next("kf/send_msg", 40058, errmsg="y" * 10_000)
+
+        with pytest.raises(WeComError) as caught:
+            await channel.send_text(ALICE, "x", msgid="r1")
+
+        assert len(caught.value.errmsg) < 1_000
+
+    async def test_a_json_error_without_disposition_is_an_error_whatever_its_shape(
+        self, channel: WeComKfChannel, server: FakeWeComServer
+    ) -> None:
+        _, media_id = server.world.add_customer_media(KF, ALICE.external_userid, "file", b"%PDF-1.4", "x/y")
+        server.fail_next_http("media/get", 200, body="[1, 2]", content_type="application/json")
+
+        with pytest.raises(WeComError) as caught:
+            await channel.download_media(media_id, max_bytes=1024)
+
+        assert caught.value.errcode is None and "without the media" in caught.value.errmsg
