@@ -388,11 +388,9 @@ SIMULATED_CUSTOMER = "wm-operator"
 
 
 def build_simulation(settings: Settings) -> SimulationParts:
+    simulated = replace(settings, memcache=None)  # state in memory
     channel = FakeKfChannel()
-    simulated = replace(settings, memcache=None)
-    adapters = Adapters(settings=simulated)
-    adapters.channel.override(providers.Object(channel))  # the store is in memory: memcache=None
-    container = build_container(simulated, adapters)
+    container = build_container(simulated, Adapters(settings=simulated, channel=providers.Object(channel)))
     container.lifecycle.override(
         providers.Singleton(
             Lifecycle,
@@ -401,16 +399,14 @@ def build_simulation(settings: Settings) -> SimulationParts:
             closers=providers.Callable(closers_of, routing=container.routing),
         )
     )
-    customer = CustomerRef(SIMULATED_KF, SIMULATED_CUSTOMER)
-    dispatcher = container.dispatcher()
-    lifecycle = container.lifecycle()
+    dispatcher, lifecycle = container.dispatcher(), container.lifecycle()
 
     def push_text(text: str) -> None:
         channel.world.add_customer_text(SIMULATED_KF, SIMULATED_CUSTOMER, text)
 
     return SimulationParts(
         push_text=push_text,
-        sent_texts=partial(channel.world.texts_sent_to, customer),
+        sent_texts=partial(channel.world.texts_sent_to, CustomerRef(SIMULATED_KF, SIMULATED_CUSTOMER)),
         notify=partial(dispatcher.notify, SIMULATED_KF),
         idle=dispatcher.idle,
         start=lifecycle.start,
