@@ -1,5 +1,5 @@
 """Composition root: settings → containers → the Starlette app; the command line. The only module that knows
-concrete classes.
+concrete classes. How settings become options, texts, routes and start notes: adapters/inbound/settings.py.
 
     python bootstrap.py [--config PATH]            serve (default ./config.ini)
     python bootstrap.py check [--config PATH]      validate the configuration and try every dependency
