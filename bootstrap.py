@@ -1,5 +1,5 @@
 """Composition root: settings → containers → the Starlette app; the command line. The only module that knows
-concrete classes.
+concrete classes. How settings become options, texts, routes and start notes: adapters/inbound/settings.py.
 
     python bootstrap.py [--config PATH]            serve (default ./config.ini)
     python bootstrap.py check [--config PATH]      validate the configuration and try every dependency
@@ -17,15 +17,19 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from dependency_injector import containers, providers
 
+from adapters.inbound import settings as settings_map
 from adapters.inbound.admin_api import AdminApi
 from adapters.inbound.config_file import ConfigError, Settings, load_settings
 from adapters.inbound.http import create_app, lifespan_for
 from adapters.inbound.log_setup import configure_logging
 from adapters.inbound.metrics import PrometheusMetrics
+from adapters.inbound.settings import build_options as build_options  # re-exported: tests build options
+from adapters.inbound.settings import build_texts as build_texts
 from adapters.inbound.wecom_crypto import WeComCrypto
 from adapters.inbound.wecom_webhook import WeComWebhook
 from adapters.outbound.audio import FfmpegAudioConverter
@@ -44,18 +48,17 @@ from application.drain_customer import DrainCustomer
 from application.handoff import HandOffToHuman
 from application.lifecycle import Lifecycle
 from application.media import MediaSupport
-from application.options import BotOptions, ReplyTexts
-from application.ports import ChatEngine
+from application.options import BotOptions
+from application.ports import ChatEngine, Clock
 from application.pull_messages import PullMessages
 from application.rate_limiter import CustomerRateLimiter
 from application.rejections import RejectedCustomers
-from application.routing import KfRoute, Routing
+from application.routing import Routing
 from application.session_events import SessionEvents
 from application.session_state import SessionStates
 from application.telemetry import Telemetry
 from application.welcome import WelcomeCustomer
 from domain.messages import CustomerRef
-from domain.rate_limit import RateLimit
 
 VERSION = "0.1.0"
 log = logging.getLogger("kfdify")
@@ -111,62 +114,24 @@ def build_audio(settings: Settings) -> FfmpegAudioConverter:
     return converter
 
 
+def voice_probe(settings: Settings) -> str | None:
+    """The ffmpeg `check` reports for voice messages (None: none found or turned off)."""
+    return build_audio(settings).executable
+
+
 def build_channel(settings: Settings) -> WeComKfChannel:
     return WeComKfChannel(
         corp_id=settings.corp_id, corp_secret=settings.corp_secret, api_base=settings.wecom_api_base
     )
 
 
-def build_options(settings: Settings) -> BotOptions:
-    defaults = BotOptions()
-    return BotOptions(
-        texts=build_texts(settings.texts),
-        reset_words=settings.reset_words or defaults.reset_words,
-        handoff_words=settings.handoff_words or defaults.handoff_words,
-        max_message_age_s=settings.max_message_age_s,
-        conversation_idle_ttl_s=settings.conversation_idle_ttl_s,
-        dify_concurrency=settings.dify_concurrency,
-        dify_retries=settings.dify_retries,
-        inputs=dict(settings.dify_inputs),
-        interim_after_s=settings.interim_after_s,
-        handoff_markers=settings.handoff_markers or defaults.handoff_markers,
-        session_state_ttl_s=settings.session_state_ttl_s,
-        rate_limit=settings.rate_limit,
-        rate_limit_window_s=settings.rate_limit_window_s,
-        recovery_interval_s=settings.recovery_interval_s,
-        message_lease_s=settings.message_lease_s,
-        pull_lease_s=settings.pull_lease_s,
-        image_text_window_s=settings.image_text_window_s,
-    )
-
-
-def build_texts(overrides: Mapping[str, str], base: ReplyTexts | None = None) -> ReplyTexts:
-    base = base or ReplyTexts()
-    values = {name: getattr(base, name) for name in ReplyTexts.__dataclass_fields__}
-    # Config files cannot hold a leading newline; "\n" written literally is one.
-    values.update({k: v.replace("\\n", "\n") for k, v in overrides.items() if k in values})
-    return ReplyTexts(**values)
-
-
 def build_routing(settings: Settings, default_engine: ChatEngine, options: BotOptions) -> Routing:
-    default = KfRoute("default", default_engine, options.texts, settings.servicer_userid)
-    routes: dict[str, KfRoute] = {}
-    for route in settings.kf_routes:
-        same_app = (route.dify_api_base or settings.dify_api_base) == settings.dify_api_base and (
-            route.dify_api_key == settings.dify_api_key
-        )
-        engine: ChatEngine = (
-            default_engine
-            if same_app
-            else build_dify(settings, base_url=route.dify_api_base or None, api_key=route.dify_api_key)
-        )
-        routes[route.open_kfid] = KfRoute(
-            route.open_kfid,
-            engine,
-            build_texts(route.texts, options.texts),
-            route.servicer_userid or settings.servicer_userid,
-        )
-    return Routing(default=default, routes=routes)
+    """The kf routes; an account with its own Dify app gets its own engine."""
+    return settings_map.build_routing(settings, default_engine, options, partial(_route_engine, settings))
+
+
+def _route_engine(settings: Settings, base_url: str, api_key: str) -> DifyChatEngine:
+    return build_dify(settings, base_url=base_url, api_key=api_key)
 
 
 def owner_id() -> str:
@@ -174,36 +139,34 @@ def owner_id() -> str:
     return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _closers(*objects: Any) -> list[Callable[[], Awaitable[object]]]:
+def closers_of(*parts: object, routing: Routing) -> list[Callable[[], Awaitable[object]]]:
+    """The `aclose` of each distinct part and of every route's chat engine, in that order: what the
+    lifecycle closes at stop."""
     closers: list[Callable[[], Awaitable[object]]] = []
     seen: set[int] = set()
-    for obj in objects:
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        close = getattr(obj, "aclose", None)
-        if close is not None:
+    for part in (*parts, *(route.engine for route in routing.all_routes())):
+        close = getattr(part, "aclose", None)
+        if close is not None and id(part) not in seen:
             closers.append(close)
+        seen.add(id(part))
     return closers
 
 
-def start_notes(settings: Settings, store: Any) -> list[tuple[int, str]]:
-    notes = [(logging.INFO, f"kf-dify {VERSION} listening on {settings.host}:{settings.port}")]
-    if store.backend == "memory":
-        notes.append(
-            (
-                logging.WARNING,
-                "state store: in-process memory: state is lost on restart and not shared between instances "
-                "(configure [MEMCACHE] for production)",
-            )
-        )
-    else:
-        notes.append(
-            (logging.INFO, f"state store: memcached {settings.memcache.servers if settings.memcache else ''}")
-        )
-    if not settings.admin_token:
-        notes.append((logging.WARNING, "ADMIN_TOKEN is not set: the admin endpoints refuse every request"))
-    return notes
+def started_now(clock: Clock) -> float:
+    return clock.now()
+
+
+def is_persistent(store_backend: str) -> bool:
+    return store_backend != "memory"
+
+
+def accepting_flag(lifecycle: Lifecycle) -> Callable[[], bool]:
+    """The webhook's "are we accepting callbacks" question, answered by the lifecycle."""
+
+    def accepting() -> bool:
+        return lifecycle.accepting
+
+    return accepting
 
 
 # --- containers ----------------------------------------------------------------------------------------
@@ -235,7 +198,7 @@ class Application(containers.DeclarativeContainer):
     telemetry = providers.Singleton(Telemetry)
     options = providers.Singleton(build_options, settings)
     routing = providers.Singleton(build_routing, settings, adapters.engine, options)
-    started_at = providers.Singleton(lambda clock: clock.now(), adapters.clock)
+    started_at = providers.Singleton(started_now, adapters.clock)
 
     sessions = providers.Singleton(
         SessionStates,
@@ -249,7 +212,7 @@ class Application(containers.DeclarativeContainer):
     )
     rate_limiter = providers.Singleton(
         CustomerRateLimiter,
-        rule=providers.Callable(lambda o: RateLimit(o.rate_limit, o.rate_limit_window_s), options),
+        rule=providers.Callable(settings_map.rate_limit_rule, options),
         clock=adapters.clock,
     )
     handoff = providers.Singleton(
@@ -305,7 +268,7 @@ class Application(containers.DeclarativeContainer):
         telemetry=telemetry,
         observer=observer,
         owner=owner,
-        persistent_store=providers.Callable(lambda store: store.backend != "memory", adapters.store),
+        persistent_store=providers.Callable(is_persistent, adapters.store.provided.backend),
         started_at=started_at,
     )
     drain = providers.Singleton(
@@ -331,28 +294,22 @@ class Application(containers.DeclarativeContainer):
         Lifecycle,
         dispatcher=dispatcher,
         grace_s=settings.provided.shutdown_grace_s,
-        closers=providers.Callable(
-            lambda observer, channel, store, routing: _closers(
-                observer, channel, store, *(r.engine for r in routing.all_routes())
-            ),
-            observer,
-            adapters.channel,
-            adapters.store,
-            routing,
+        closers=providers.Callable(closers_of, observer, adapters.channel, adapters.store, routing=routing),
+        start_notes=providers.Callable(
+            settings_map.start_notes, settings, adapters.store.provided.backend, VERSION
         ),
-        start_notes=providers.Callable(start_notes, settings, adapters.store),
     )
     webhook = providers.Singleton(
         WeComWebhook,
         crypto=adapters.crypto,
         on_notice=dispatcher.provided.on_notice,
         telemetry=telemetry,
-        accepting=providers.Callable(lambda lc: lambda: lc.accepting, lifecycle),
+        accepting=providers.Callable(accepting_flag, lifecycle),
     )
     conversation_admin = providers.Singleton(
         ConversationAdmin,
         store=adapters.store,
-        configured_kfs=providers.Callable(lambda s: [r.open_kfid for r in s.kf_routes], settings),
+        configured_kfs=providers.Callable(settings_map.configured_kfs, settings),
     )
     status = providers.Singleton(StatusReport, store=adapters.store, telemetry=telemetry, version=VERSION)
     admin = providers.Singleton(
@@ -426,54 +383,27 @@ SIMULATED_KF = "wk-simulate"
 SIMULATED_CUSTOMER = "wm-operator"
 
 
-def _texts_sent_to(channel: FakeKfChannel, customer: CustomerRef) -> Callable[[], list[str]]:
-    """Every text the customer got, in order: through send_msg, and through send_msg_on_event (the welcome,
-    the handoff notice). Each turn is handled to the end before the next, and within a turn a handoff notice
-    follows the answer, so appending what is new in both lists keeps the order."""
-    seen = [0, 0]
-    texts: list[str] = []
-
-    def sent_texts() -> list[str]:
-        sent, on_event = channel.sent[seen[0] :], channel.sent_on_event[seen[1] :]
-        seen[0] += len(sent)
-        seen[1] += len(on_event)
-        texts.extend(s.text for s in sent if s.customer == customer)
-        texts.extend(e.text for e in on_event if e.customer == customer)
-        return list(texts)
-
-    return sent_texts
-
-
 def build_simulation(settings: Settings) -> SimulationParts:
+    simulated = replace(settings, memcache=None)  # state in memory
     channel = FakeKfChannel()
-    simulated = replace(settings, memcache=None)
-    adapters = Adapters(settings=simulated)
-    adapters.channel.override(providers.Object(channel))
-    adapters.store.override(
-        providers.Singleton(MemoryStateStore, conversation_idle_ttl_s=settings.conversation_idle_ttl_s)
-    )
-    container = build_container(simulated, adapters)
+    container = build_container(simulated, Adapters(settings=simulated, channel=providers.Object(channel)))
     container.lifecycle.override(
         providers.Singleton(
             Lifecycle,
             dispatcher=container.dispatcher,
             grace_s=settings.shutdown_grace_s,
-            closers=providers.Callable(
-                lambda r: _closers(*(x.engine for x in r.all_routes())), container.routing
-            ),
+            closers=providers.Callable(closers_of, routing=container.routing),
         )
     )
-    customer = CustomerRef(SIMULATED_KF, SIMULATED_CUSTOMER)
-    dispatcher = container.dispatcher()
-    lifecycle = container.lifecycle()
+    dispatcher, lifecycle = container.dispatcher(), container.lifecycle()
 
     def push_text(text: str) -> None:
-        channel.add_customer_text(SIMULATED_KF, SIMULATED_CUSTOMER, text)
+        channel.world.add_customer_text(SIMULATED_KF, SIMULATED_CUSTOMER, text)
 
     return SimulationParts(
         push_text=push_text,
-        sent_texts=_texts_sent_to(channel, customer),
-        notify=lambda: dispatcher.notify(SIMULATED_KF),
+        sent_texts=partial(channel.world.texts_sent_to, CustomerRef(SIMULATED_KF, SIMULATED_CUSTOMER)),
+        notify=partial(dispatcher.notify, SIMULATED_KF),
         idle=dispatcher.idle,
         start=lifecycle.start,
         stop=lifecycle.stop,
@@ -504,7 +434,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             store_factory=build_store,
             out=sys.stdout,
             config_source=source,
-            voice_probe=lambda s: build_audio(s).executable,
+            voice_probe=voice_probe,
         )
     settings = load_or_exit(args.config, env)
     if args.command == "serve":

@@ -1,7 +1,7 @@
 """`KfChannel` over the WeCom kf HTTP API (httpx), with a shared access-token cache.
 
-Spec: specs/wecom-kf.md §4 (gettoken), §5 (sync_msg), §6 (send_msg), §7 (send_msg_on_event, service_state,
-media/get, media/upload).
+Protocol: docs/wecom-kf.md (gettoken, sync_msg, send_msg, send_msg_on_event, service_state, media/get,
+media/upload).
 """
 
 from __future__ import annotations
@@ -20,32 +20,38 @@ import httpx
 
 from adapters.outbound.http_transport import async_client
 from adapters.outbound.wecom_messages import parse_sync_item
+from adapters.outbound.wecom_paths import (
+    CGI_BIN,
+    GETTOKEN,
+    MEDIA_GET,
+    MEDIA_UPLOAD,
+    SEND_MSG,
+    SEND_MSG_ON_EVENT,
+    SERVICE_STATE_GET,
+    SERVICE_STATE_TRANS,
+    SYNC_MSG,
+)
 from application.errors import MediaTooLarge, WeComError
 from application.ports import ServiceState
-from domain.media import MediaBlob, filename_from_disposition
+from domain.media import MediaBlob, bare_type, filename_from_disposition
 from domain.messages import CustomerRef, SyncPage
 
 DEFAULT_API_BASE = "https://qyapi.weixin.qq.com"
 # Connections to WeCom of the default client (a given client is used as is).
 MAX_CONNECTIONS = 32
 
-GETTOKEN = "gettoken"
-SYNC_MSG = "kf/sync_msg"
-SEND_MSG = "kf/send_msg"
-SEND_MSG_ON_EVENT = "kf/send_msg_on_event"
-SERVICE_STATE_GET = "kf/service_state/get"
-SERVICE_STATE_TRANS = "kf/service_state/trans"
-MEDIA_GET = "media/get"
-MEDIA_UPLOAD = "media/upload"
-# media/get answers an error as a small JSON body instead of the bytes (spec §7.3); anything this size or
-# smaller with a JSON-ish or text type is checked for an errcode.
-_MAX_ERROR_BODY = 64 * 1024
+# media/get answers an error as JSON (application/json or text/plain) without Content-Disposition, where a
+# download always names its file (docs/wecom-kf.md, media/get): the headers decide, never the body's look.
+_MEDIA_ERROR_TYPES = frozenset({"application/json", "text/plain"})
+# Outside text (errmsg) kept in exceptions and log lines: at most this many characters, control characters
+# escaped.
+_MAX_OUTSIDE_TEXT = 300
 
 # Refresh this long before WeCom's `expires_in` runs out (but keep at least half the lifetime).
 TOKEN_REFRESH_MARGIN_S = 300.0
 DEFAULT_EXPIRES_IN_S = 7200
 # After a config errcode from gettoken, answer from memory for this long: repeated wrong-secret calls can get
-# the server's IP blocked for an hour (spec §4, errcode 45009 help text).
+# the server's IP blocked for an hour (docs/wecom-kf.md, gettoken; errcode 45009 help text).
 CONFIG_ERROR_BACKOFF_S = 30.0
 
 _log = logging.getLogger(__name__)
@@ -69,7 +75,7 @@ class WeComKfChannel:
     ) -> None:
         self._corp_id = corp_id
         self._secret = corp_secret
-        self._base = api_base.rstrip("/") + "/cgi-bin/"
+        self._base = api_base.rstrip("/") + CGI_BIN
         self._owns_client = client is None
         # Hundreds of concurrent send_msg calls share a bounded pool, every connection kept alive, instead of
         # opening (TLS) connections beyond httpx's default 20 kept alive.
@@ -83,7 +89,7 @@ class WeComKfChannel:
         self._token = ""
         self._token_valid_until = 0.0
         self._token_lock = asyncio.Lock()
-        self._urls: dict[tuple[str, ...], httpx.URL] = {}
+        self._urls: dict[tuple[object, ...], httpx.URL] = {}
         self._config_error: WeComError | None = None
         self._config_error_until = 0.0
         _install_log_redaction()
@@ -187,7 +193,8 @@ class WeComKfChannel:
         return await self._send_msg(customer, "image", {"media_id": media_id}, msgid)
 
     async def upload_media(self, kind: str, filename: str, content_type: str, data: bytes) -> str:
-        # The part is named `media` and carries the file name the customer sees (spec §7.4).
+        # The part is named `media` and carries the file name the customer sees (docs/wecom-kf.md,
+        # media/upload).
         answer = await self._call(
             MEDIA_UPLOAD, None, query={"type": kind}, files={"media": (filename, data, content_type)}
         )
@@ -313,7 +320,7 @@ class WeComKfChannel:
     def _raise_errcode(self, api: str, data: Mapping[str, Any], params: Mapping[str, str]) -> None:
         errcode = _as_int(data.get("errcode")) or 0
         if errcode != 0:
-            errmsg = self._redact(_as_str(data.get("errmsg")), params)
+            errmsg = escape_outside_text(self._redact(_as_str(data.get("errmsg")), params))
             raise WeComError(errcode, errmsg, api=api)
 
     async def _send(
@@ -338,7 +345,7 @@ class WeComKfChannel:
     def _url(self, api: str, params: Mapping[str, str]) -> httpx.URL:
         """The request URL, parsed and encoded once per API, token and query: a string URL plus params costs
         httpx ~50 us per request to parse and re-encode."""
-        key = (api, *params.items())
+        key: tuple[object, ...] = (api, *params.items())
         url = self._urls.get(key)
         if url is None:
             if len(self._urls) >= _URL_CACHE_SIZE:  # tokens rotate every 2 h: old ones just go
@@ -365,10 +372,11 @@ class WeComKfChannel:
             failure = type(exc).__name__  # never the exception itself: its URL holds the token
         if failure:
             raise WeComError(None, f"{api} unreachable: {failure}", api=api)
-        error = _error_body(content_type, data)
-        if error is not None:
-            self._raise_errcode(api, error, params)
-            raise WeComError(None, f"{api} answered a JSON body instead of the media", api=api)
+        if is_media_error(content_type, disposition):
+            error = _json_object(data)
+            if error is not None:
+                self._raise_errcode(api, error, params)
+            raise WeComError(None, f"{api} answered {bare_type(content_type)} without the media", api=api)
         return MediaBlob(
             data=data,
             content_type=content_type or "application/octet-stream",
@@ -421,20 +429,29 @@ async def _read_limited(response: httpx.Response, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def _error_body(content_type: str, data: bytes) -> dict[str, Any] | None:
-    """The errcode object when media/get answered an error instead of the bytes (spec §7.3): a small JSON
-    object with `errcode` and `errmsg`, sent as application/json or text/plain. A customer's own .json or .txt
-    file is told apart by its shape."""
-    kind = content_type.split(";", 1)[0].strip().lower()
-    if kind not in ("application/json", "text/plain", "") or len(data) > _MAX_ERROR_BODY:
-        return None
+def is_media_error(content_type: str, disposition: str) -> bool:
+    """Whether a media/get answer is WeCom's error rather than the file: a JSON or plain-text type and no
+    Content-Disposition. A customer's own .json or .txt file comes with its Content-Disposition, so whatever
+    its bytes look like, it is a file."""
+    return bare_type(content_type) in _MEDIA_ERROR_TYPES and not disposition.strip()
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(data)
     except ValueError:
         return None
-    if isinstance(value, dict) and "errcode" in value and "errmsg" in value:
-        return value
-    return None
+    return value if isinstance(value, dict) else None
+
+
+def escape_outside_text(text: str, limit: int = _MAX_OUTSIDE_TEXT) -> str:
+    """Text from outside made safe for one log line or exception: control characters (CR, LF, ESC, ...) and
+    line/paragraph separators become visible escapes, and the text is cut at `limit` characters."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _as_str(value: object) -> str:

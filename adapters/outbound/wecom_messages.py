@@ -1,4 +1,4 @@
-"""`kf/sync_msg` items (WeCom JSON, spec §5.2–5.4) ↔ domain `InboundMessage`/`KfEvent`. Pure; never raises."""
+"""`kf/sync_msg` items (WeCom JSON, docs/wecom-kf.md) to domain messages and events. Pure, never raises."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def parse_sync_item(item: object) -> InboundMessage | None:
         media_id = _str(body.get("media_id"))
     elif msgtype == "event":
         event = _parse_event(body)
-        # Events carry the kf account and customer only inside `event` (spec §5.2).
+        # Events carry the kf account and customer only inside `event` (docs/wecom-kf.md).
         open_kfid = open_kfid or event.open_kfid
         external_userid = external_userid or event.external_userid
         extra.update(_flatten({k: v for k, v in body.items() if k not in _EVENT_KNOWN}))

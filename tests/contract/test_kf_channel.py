@@ -2,7 +2,7 @@
 
 `emulated` runs `WeComKfChannel` over real HTTP against `FakeWeComServer`; both faces drive one `KfWorld`,
 which the tests seed through `KfHarness`. Errcodes WeCom does not document (duplicate msgid, text too long,
-used event code — spec §9.9) are only pinned as "a WeComError with an errcode".
+used event code — docs/wecom-kf.md) are only pinned as "a WeComError with an errcode".
 """
 
 from __future__ import annotations
@@ -433,7 +433,7 @@ class TestMedia:
         assert (message.msgid, message.media_id, message.kind.value) == (msgid, media_id, "image")
         assert blob.data == image
         assert blob.content_type.startswith("image/png")
-        assert blob.filename == f"{media_id}.png"  # WeCom names images MEDIA_ID.ext (spec §7.3)
+        assert blob.filename == f"{media_id}.png"  # WeCom names images MEDIA_ID.ext (docs/wecom-kf.md)
 
     async def test_a_file_keeps_the_name_the_customer_gave_it(
         self, kf: KfHarness, channel: KfChannel
@@ -446,6 +446,22 @@ class TestMedia:
         blob = await channel.download_media(media_id, max_bytes=20 * MB)
 
         assert (blob.data, blob.filename) == (document, "季度报告 (终稿).pdf")
+
+    @pytest.mark.parametrize(
+        ("content_type", "filename"), [("application/json", "a.json"), ("text/plain", "a.txt")]
+    )
+    async def test_a_file_that_reads_like_an_errcode_is_still_a_file(
+        self, kf: KfHarness, channel: KfChannel, content_type: str, filename: str
+    ) -> None:
+        body = b'{"errcode":40014,"errmsg":"x\\r\\nFAKE LOG"}'
+        _, media_id = kf.world.add_customer_media(
+            KF, ALICE.external_userid, "file", body, content_type, filename=filename
+        )
+
+        blob = await channel.download_media(media_id, max_bytes=MB)
+
+        assert (blob.data, blob.filename) == (body, filename)
+        assert blob.content_type.startswith(content_type)
 
     async def test_unknown_media_is_40007(self, kf: KfHarness, channel: KfChannel) -> None:
         with pytest.raises(WeComError) as caught:

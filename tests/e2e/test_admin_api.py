@@ -21,7 +21,7 @@ async def stack(servers: Servers) -> AsyncIterator[Stack]:
 
 
 async def _talk(stack: Stack, customer: str, text: str) -> None:
-    stack.wecom.add_customer_text(KF, customer, text)
+    stack.wecom.world.add_customer_text(KF, customer, text)
     await stack.callback()
     await stack.settle()
 

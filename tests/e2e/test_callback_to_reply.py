@@ -30,7 +30,7 @@ async def test_url_verification_echoes_the_decrypted_text(stack: Stack) -> None:
 
 
 async def test_customer_text_is_answered_by_dify(stack: Stack) -> None:
-    stack.wecom.add_customer_text(KF, "wmCustomer1", "你好")
+    stack.wecom.world.add_customer_text(KF, "wmCustomer1", "你好")
     resp = await stack.callback()
     assert resp.status_code == 200
     await stack.settle()
@@ -42,7 +42,7 @@ async def test_customer_text_is_answered_by_dify(stack: Stack) -> None:
 
 
 async def test_retried_and_overlapping_callbacks_answer_once(stack: Stack) -> None:
-    stack.wecom.add_customer_text(KF, "wmA", "第一个问题")
+    stack.wecom.world.add_customer_text(KF, "wmA", "第一个问题")
     for _ in range(4):
         assert (await stack.callback()).status_code == 200
     await stack.settle()
@@ -57,7 +57,7 @@ async def test_a_batch_of_customers_each_answered_in_order_with_context(stack: S
     customers = [f"wmBatch{i}" for i in range(6)]
     for round_ in range(3):
         for c in customers:
-            stack.wecom.add_customer_text(KF, c, f"{c}-问题{round_}")
+            stack.wecom.world.add_customer_text(KF, c, f"{c}-问题{round_}")
     await stack.callback()
     await stack.settle()
     for c in customers:
@@ -72,8 +72,8 @@ async def test_pagination_reads_every_page(servers: Servers) -> None:
     servers.wecom.world.page_size = 2
     async with running(make_settings(servers), servers) as stack:
         for i in range(7):
-            stack.wecom.add_customer_text(KF, f"wmPage{i}", f"q{i}")
-        stack.wecom.inject_empty_pages(KF, 1)
+            stack.wecom.world.add_customer_text(KF, f"wmPage{i}", f"q{i}")
+        stack.wecom.world.inject_empty_pages(KF, 1)
         await stack.callback()
         await stack.settle()
         for i in range(7):
@@ -82,9 +82,9 @@ async def test_pagination_reads_every_page(servers: Servers) -> None:
 
 async def test_history_from_a_first_sync_is_not_replayed(stack: Stack) -> None:
     old = int(time.time()) - 2 * 24 * 3600
-    stack.wecom.add_customer_text(KF, "wmOld", "昨天的问题", send_time=old)
-    stack.wecom.add_customer_text(KF, "wmOld", "前天的问题", send_time=old + 60)
-    stack.wecom.add_customer_text(KF, "wmNew", "现在的问题")
+    stack.wecom.world.add_customer_text(KF, "wmOld", "昨天的问题", send_time=old)
+    stack.wecom.world.add_customer_text(KF, "wmOld", "前天的问题", send_time=old + 60)
+    stack.wecom.world.add_customer_text(KF, "wmNew", "现在的问题")
     await stack.callback()
     await stack.settle()
     assert stack.replies_to("wmOld") == []
@@ -94,12 +94,12 @@ async def test_history_from_a_first_sync_is_not_replayed(stack: Stack) -> None:
 
 
 async def test_bad_signature_is_refused_and_starts_no_work(stack: Stack) -> None:
-    stack.wecom.add_customer_text(KF, "wmX", "hi")
+    stack.wecom.world.add_customer_text(KF, "wmX", "hi")
     resp = await stack.callback(signature="0" * 40)
     assert resp.status_code == 403
     await stack.settle()
     assert stack.wecom.sync_calls == 0
-    assert stack.wecom.sent == []
+    assert stack.wecom.world.sent == []
 
 
 async def test_garbage_bodies_get_4xx(stack: Stack) -> None:
@@ -110,13 +110,13 @@ async def test_garbage_bodies_get_4xx(stack: Stack) -> None:
 
 
 async def test_reset_command_confirms_and_starts_a_new_conversation(stack: Stack) -> None:
-    stack.wecom.add_customer_text(KF, "wmR", "记住我叫小明")
+    stack.wecom.world.add_customer_text(KF, "wmR", "记住我叫小明")
     await stack.callback()
     await stack.settle()
-    stack.wecom.add_customer_text(KF, "wmR", " 重置 ")
+    stack.wecom.world.add_customer_text(KF, "wmR", " 重置 ")
     await stack.callback()
     await stack.settle()
-    stack.wecom.add_customer_text(KF, "wmR", "我叫什么")
+    stack.wecom.world.add_customer_text(KF, "wmR", "我叫什么")
     await stack.callback()
     await stack.settle()
     replies = stack.replies_to("wmR")
@@ -133,10 +133,10 @@ async def test_dify_failure_sends_a_polite_fallback_and_the_next_message_works(s
     stack.dify.inject(
         Fault(status=400, body={"code": "provider_quota_exceeded", "message": "quota", "status": 400})
     )
-    stack.wecom.add_customer_text(KF, "wmF", "第一问")
+    stack.wecom.world.add_customer_text(KF, "wmF", "第一问")
     await stack.callback()
     await stack.settle()
-    stack.wecom.add_customer_text(KF, "wmF", "第二问")
+    stack.wecom.world.add_customer_text(KF, "wmF", "第二问")
     await stack.callback()
     await stack.settle()
     replies = stack.replies_to("wmF")
@@ -145,13 +145,13 @@ async def test_dify_failure_sends_a_polite_fallback_and_the_next_message_works(s
 
 
 async def test_lost_dify_conversation_is_restarted_transparently(stack: Stack) -> None:
-    stack.wecom.add_customer_text(KF, "wmG", "一")
+    stack.wecom.world.add_customer_text(KF, "wmG", "一")
     await stack.callback()
     await stack.settle()
     first_id = stack.dify.chat_requests()[-1]
     conversation_id = next(iter(stack.dify.conversations))
     stack.dify.delete_conversation(conversation_id)
-    stack.wecom.add_customer_text(KF, "wmG", "二")
+    stack.wecom.world.add_customer_text(KF, "wmG", "二")
     await stack.callback()
     await stack.settle()
     assert stack.replies_to("wmG") == ["答：一", "答：二"]
@@ -159,7 +159,9 @@ async def test_lost_dify_conversation_is_restarted_transparently(stack: Stack) -
 
 
 async def test_non_text_messages_get_the_please_type_reply(stack: Stack) -> None:
-    stack.wecom.add_customer_message(KF, "wmI", "location", {"latitude": 1.0, "longitude": 2.0, "name": "x"})
+    stack.wecom.world.add_customer_message(
+        KF, "wmI", "location", {"latitude": 1.0, "longitude": 2.0, "name": "x"}
+    )
     await stack.callback()
     await stack.settle()
     assert len(stack.replies_to("wmI")) == 1
@@ -168,7 +170,7 @@ async def test_non_text_messages_get_the_please_type_reply(stack: Stack) -> None
 
 
 async def test_servicer_messages_are_not_answered(stack: Stack) -> None:
-    stack.wecom.add_servicer_text(KF, "wmS", "zhangsan", "您好，我是人工客服")
+    stack.wecom.world.add_servicer_text(KF, "wmS", "zhangsan", "您好，我是人工客服")
     await stack.callback()
     await stack.settle()
     assert stack.replies_to("wmS") == []
@@ -178,7 +180,7 @@ async def test_servicer_messages_are_not_answered(stack: Stack) -> None:
 async def test_long_answers_are_split_within_wecom_limits(servers: Servers) -> None:
     servers.dify.answer = lambda q, h: "\n\n".join(["这是一段很长的回答内容。" * 40] * 8)
     async with running(make_settings(servers), servers) as stack:
-        stack.wecom.add_customer_text(KF, "wmL", "讲个长的")
+        stack.wecom.world.add_customer_text(KF, "wmL", "讲个长的")
         await stack.callback()
         await stack.settle()
         replies = stack.replies_to("wmL")
@@ -190,7 +192,7 @@ async def test_long_answers_are_split_within_wecom_limits(servers: Servers) -> N
 async def test_markdown_answers_reach_wechat_as_plain_text(servers: Servers) -> None:
     servers.dify.answer = lambda q, h: "## 标题\n\n**重点**：请看[官网](https://example.com)"
     async with running(make_settings(servers), servers) as stack:
-        stack.wecom.add_customer_text(KF, "wmM", "md")
+        stack.wecom.world.add_customer_text(KF, "wmM", "md")
         await stack.callback()
         await stack.settle()
         (reply,) = stack.replies_to("wmM")

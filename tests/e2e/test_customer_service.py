@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from adapters.inbound.config_file import KfRouteSettings
-from adapters.outbound.fake_wecom import (
+from adapters.outbound.wecom_paths import (
     SEND_MSG,
     SEND_MSG_ON_EVENT,
     SERVICE_STATE_GET,
@@ -40,14 +40,14 @@ async def stack(servers: Servers) -> AsyncIterator[Stack]:
 
 
 async def say(stack: Stack, customer: str, text: str, *, kf: str = KF, menu_id: str = "") -> None:
-    stack.wecom.add_customer_text(kf, customer, text, menu_id=menu_id)
+    stack.wecom.world.add_customer_text(kf, customer, text, menu_id=menu_id)
     await stack.callback(kf)
     await stack.settle()
 
 
 def all_texts_sent(stack: Stack) -> list[str]:
-    return [s.text for s in stack.wecom.sent] + [
-        part for s in stack.wecom.sent_on_event for part in (s.text, *(c for _, c in s.menu))
+    return [s.text for s in stack.wecom.world.sent] + [
+        part for s in stack.wecom.world.sent_on_event for part in (s.text, *(c for _, c in s.menu))
     ]
 
 
@@ -59,8 +59,8 @@ async def test_a_human_owned_session_stays_silent_after_the_first_95018(stack: S
     await say(stack, "wmHuman", "你好")
     assert stack.replies_to("wmHuman") == ["答：你好"]
     # A servicer takes the session in the WeCom client; this instance sees no event about it.
-    stack.wecom.add_servicer("zhangsan")
-    stack.wecom.set_service_state(customer, 3, "zhangsan")
+    stack.wecom.world.add_servicer("zhangsan")
+    stack.wecom.world.set_service_state(customer, 3, "zhangsan")
     for text in ("还在吗", "人呢", "喂"):
         await say(stack, "wmHuman", text)
     assert stack.replies_to("wmHuman") == ["答：你好"]
@@ -73,7 +73,7 @@ async def test_a_human_owned_session_stays_silent_after_the_first_95018(stack: S
 
 
 async def test_a_queued_session_stays_silent(stack: Stack) -> None:
-    stack.wecom.set_service_state(CustomerRef(KF, "wmQueue"), 2)
+    stack.wecom.world.set_service_state(CustomerRef(KF, "wmQueue"), 2)
     await say(stack, "wmQueue", "排队中还能问吗")
     assert stack.replies_to("wmQueue") == []
     assert stack.wecom.calls_to(SEND_MSG) == []
@@ -81,14 +81,14 @@ async def test_a_queued_session_stays_silent(stack: Stack) -> None:
 
 
 async def test_the_bot_steps_back_for_a_servicer_and_returns_when_the_session_ends(stack: Stack) -> None:
-    stack.wecom.add_servicer("zhangsan")
+    stack.wecom.world.add_servicer("zhangsan")
     await say(stack, "wmBack", "第一问")
-    stack.wecom.add_event(
+    stack.wecom.world.add_event(
         KF, "session_status_change", external_userid="wmBack", change_type=1, new_servicer_userid="zhangsan"
     )
     await say(stack, "wmBack", "给人工的话")
-    stack.wecom.add_servicer_text(KF, "wmBack", "zhangsan", "您好，我是张三")
-    stack.wecom.add_event(
+    stack.wecom.world.add_servicer_text(KF, "wmBack", "zhangsan", "您好，我是张三")
+    stack.wecom.world.add_event(
         KF, "session_status_change", external_userid="wmBack", change_type=3, old_servicer_userid="zhangsan"
     )
     await say(stack, "wmBack", "再问机器人")
@@ -105,14 +105,14 @@ async def test_a_handoff_keyword_transfers_and_notifies_with_the_msg_code(stack:
     await say(stack, "wmKey", "转人工")
     (trans,) = stack.wecom.calls_to(SERVICE_STATE_TRANS)
     assert trans.body is not None and trans.body["service_state"] == 2 and trans.errcode == 0
-    (notice,) = stack.wecom.sent_on_event
+    (notice,) = stack.wecom.world.sent_on_event
     assert notice.text == TEXTS.handoff and notice.customer == CustomerRef(KF, "wmKey")
     (on_event,) = stack.wecom.calls_to(SEND_MSG_ON_EVENT)
     assert on_event.body is not None and on_event.body["code"] == notice.code
-    assert stack.wecom.sent == [] and stack.dify.chat_requests() == []
+    assert stack.wecom.world.sent == [] and stack.dify.chat_requests() == []
     # Queued now: the customer's next words are for the human.
     await say(stack, "wmKey", "我等着")
-    assert stack.wecom.sent == []
+    assert stack.wecom.world.sent == []
 
 
 async def test_a_marker_in_the_answer_hands_off_and_is_never_shown(servers: Servers) -> None:
@@ -120,20 +120,20 @@ async def test_a_marker_in_the_answer_hands_off_and_is_never_shown(servers: Serv
     async with running(make_settings(servers), servers) as stack:
         await say(stack, "wmMark", "我要退款")
         assert stack.replies_to("wmMark") == ["这个问题需要人工处理，请稍候。"]
-        assert [s.text for s in stack.wecom.sent_on_event] == [TEXTS.handoff]
+        assert [s.text for s in stack.wecom.world.sent_on_event] == [TEXTS.handoff]
         assert all("转人工]]" not in text and "[[" not in text for text in all_texts_sent(stack))
         assert stack.wecom.world.get_state(CustomerRef(KF, "wmMark")).state == 2
 
 
 async def test_a_handoff_to_a_configured_servicer(servers: Servers) -> None:
-    servers.wecom.add_servicer("zhangsan")
+    servers.wecom.world.add_servicer("zhangsan")
     settings = make_settings(servers, servicer_userid="zhangsan", texts={"handoff": "张三马上为您服务"})
     async with running(settings, servers) as stack:
         await say(stack, "wmSvc", "人工客服")
         (trans,) = stack.wecom.calls_to(SERVICE_STATE_TRANS)
         assert trans.body is not None
         assert (trans.body["service_state"], trans.body["servicer_userid"]) == (3, "zhangsan")
-        assert [s.text for s in stack.wecom.sent_on_event] == ["张三马上为您服务"]
+        assert [s.text for s in stack.wecom.world.sent_on_event] == ["张三马上为您服务"]
 
 
 async def test_a_refused_handoff_gets_a_polite_text_and_a_warning(
@@ -143,7 +143,7 @@ async def test_a_refused_handoff_gets_a_polite_text_and_a_warning(
     async with running(make_settings(servers, servicer_userid="not_a_servicer"), servers) as stack:
         await say(stack, "wmRefused", "转人工")
         assert stack.replies_to("wmRefused") == [TEXTS.handoff_failed]
-        assert stack.wecom.sent_on_event == []
+        assert stack.wecom.world.sent_on_event == []
         warning = [
             r for r in caplog.records if r.levelno == logging.WARNING and "handoff refused" in r.getMessage()
         ]
@@ -160,12 +160,12 @@ async def test_a_configured_welcome_is_sent_with_the_welcome_code(servers: Serve
     async with running(
         make_settings(servers, texts={"welcome": "欢迎光临，有什么可以帮您？"}), servers
     ) as stack:
-        _, code = stack.wecom.add_enter_session(KF, "wmWelcome")
+        _, code = stack.wecom.world.add_enter_session(KF, "wmWelcome")
         await stack.callback()
         await stack.settle()
-        (welcome,) = stack.wecom.sent_on_event
+        (welcome,) = stack.wecom.world.sent_on_event
         assert (welcome.code, welcome.text, welcome.menu) == (code, "欢迎光临，有什么可以帮您？", ())
-        assert stack.wecom.sent == []
+        assert stack.wecom.world.sent == []
 
 
 async def test_the_opening_statement_comes_with_a_menu_of_suggested_questions_and_a_click_is_answered() -> (
@@ -174,10 +174,10 @@ async def test_the_opening_statement_comes_with_a_menu_of_suggested_questions_an
     questions = ["怎么退货？", "运费多少？", "多久发货？"]
     with fake_servers(opening_statement="你好，我是**小助手**。", suggested_questions=questions) as servers:
         async with running(make_settings(servers), servers) as stack:
-            stack.wecom.add_enter_session(KF, "wmMenu")
+            stack.wecom.world.add_enter_session(KF, "wmMenu")
             await stack.callback()
             await stack.settle()
-            (welcome,) = stack.wecom.sent_on_event
+            (welcome,) = stack.wecom.world.sent_on_event
             assert welcome.text == "你好，我是小助手。"
             assert [content for _, content in welcome.menu] == questions
             body = stack.wecom.calls_to(SEND_MSG_ON_EVENT)[0].body
@@ -191,7 +191,7 @@ async def test_the_opening_statement_comes_with_a_menu_of_suggested_questions_an
 
 async def test_an_old_enter_session_gets_no_welcome(servers: Servers) -> None:
     async with running(make_settings(servers, texts={"welcome": "欢迎"}), servers) as stack:
-        stack.wecom.add_enter_session(KF, "wmLate", send_time=int(time.time()) - 30)
+        stack.wecom.world.add_enter_session(KF, "wmLate", send_time=int(time.time()) - 30)
         await stack.callback()
         await stack.settle()
         assert stack.wecom.calls_to(SEND_MSG_ON_EVENT) == []
@@ -201,10 +201,10 @@ async def test_an_old_enter_session_gets_no_welcome(servers: Servers) -> None:
 async def test_an_expired_welcome_code_is_refused_quietly(servers: Servers) -> None:
     servers.wecom.world.welcome_code_ttl_s = 0.0  # WeCom says the code is no longer valid
     async with running(make_settings(servers, texts={"welcome": "欢迎"}), servers) as stack:
-        stack.wecom.add_enter_session(KF, "wmExpired")
+        stack.wecom.world.add_enter_session(KF, "wmExpired")
         await stack.callback()
         await stack.settle()
-        assert stack.wecom.sent_on_event == []
+        assert stack.wecom.world.sent_on_event == []
         assert [c.errcode for c in stack.wecom.calls_to(SEND_MSG_ON_EVENT)] == [95007]
         assert stack.container.telemetry().labelled["welcomes_skipped"]["wecom_error"] == 1
         await say(stack, "wmExpired", "你好")
@@ -226,11 +226,11 @@ async def test_two_kf_accounts_use_two_dify_apps_and_keep_conversations_apart(se
         settings = make_settings(servers, kf_routes=(route,), texts={"welcome": "欢迎来到售前"})
         async with running(settings, servers) as stack:
             for kf in (KF, second_kf, unlisted_kf):
-                stack.wecom.add_enter_session(kf, "wmSame")
+                stack.wecom.world.add_enter_session(kf, "wmSame")
                 await say(stack, "wmSame", "一", kf=kf)
                 await say(stack, "wmSame", "二", kf=kf)
             by_kf = {
-                kf: [s.text for s in stack.wecom.sent if s.customer.open_kfid == kf]
+                kf: [s.text for s in stack.wecom.world.sent if s.customer.open_kfid == kf]
                 for kf in (KF, second_kf, unlisted_kf)
             }
             assert by_kf == {
@@ -238,7 +238,7 @@ async def test_two_kf_accounts_use_two_dify_apps_and_keep_conversations_apart(se
                 second_kf: ["售后1：一", "售后2：二"],
                 unlisted_kf: ["答：一", "答：二"],
             }
-            welcomes = {w.customer.open_kfid: w.text for w in stack.wecom.sent_on_event}
+            welcomes = {w.customer.open_kfid: w.text for w in stack.wecom.world.sent_on_event}
             assert welcomes == {KF: "欢迎来到售前", second_kf: "欢迎来到售后", unlisted_kf: "欢迎来到售前"}
             # One conversation per kf account and customer, each in its own app.
             assert len(dify2.chat_requests()) == 2 and len(stack.dify.chat_requests()) == 4
@@ -253,7 +253,7 @@ async def test_two_kf_accounts_use_two_dify_apps_and_keep_conversations_apart(se
                 Fault(status=400, body={"code": "provider_quota_exceeded", "message": "q", "status": 400})
             )
             await say(stack, "wmSame", "三", kf=second_kf)
-            assert [s.text for s in stack.wecom.sent if s.customer.open_kfid == second_kf][
+            assert [s.text for s in stack.wecom.world.sent if s.customer.open_kfid == second_kf][
                 -1
             ] == "售后助手暂时忙"
 
@@ -264,7 +264,7 @@ async def test_two_kf_accounts_use_two_dify_apps_and_keep_conversations_apart(se
 async def test_over_the_rate_limit_one_notice_and_dify_is_spared(servers: Servers) -> None:
     async with running(make_settings(servers, rate_limit=2, rate_limit_window_s=60), servers) as stack:
         for i in range(5):
-            stack.wecom.add_customer_text(KF, "wmFast", f"问{i}")
+            stack.wecom.world.add_customer_text(KF, "wmFast", f"问{i}")
         await stack.callback()
         await stack.settle()
         await say(stack, "wmFast", "又一条")
@@ -283,15 +283,17 @@ async def test_msg_send_fail_is_logged_and_a_rejecting_customer_is_remembered(
     caplog.set_level(logging.INFO, logger="kfdify")
     async with running(make_settings(servers, texts={"welcome": "欢迎回来"}), servers) as stack:
         await say(stack, "wmReject", "你好")
-        sent_msgid = stack.wecom.sent[0].msgid
-        stack.wecom.add_event(
+        sent_msgid = stack.wecom.world.sent[0].msgid
+        stack.wecom.world.add_event(
             KF, "msg_send_fail", external_userid="wmReject", fail_msgid=sent_msgid, fail_type=10
         )
-        stack.wecom.add_event(KF, "msg_send_fail", external_userid="wmOther", fail_msgid="x1", fail_type=99)
-        stack.wecom.add_enter_session(KF, "wmReject")
+        stack.wecom.world.add_event(
+            KF, "msg_send_fail", external_userid="wmOther", fail_msgid="x1", fail_type=99
+        )
+        stack.wecom.world.add_enter_session(KF, "wmReject")
         await stack.callback()
         await stack.settle()
-        assert stack.wecom.sent_on_event == []  # no welcome for a customer who refuses our messages
+        assert stack.wecom.world.sent_on_event == []  # no welcome for a customer who refuses our messages
         telemetry = stack.container.telemetry()
         assert telemetry.labelled["send_failures"] == {"10": 1, "99": 1}
         assert telemetry.labelled["welcomes_skipped"]["rejected"] == 1

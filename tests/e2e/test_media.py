@@ -58,7 +58,7 @@ def uploads(stack: Stack) -> list[Any]:
 
 async def test_an_image_reaches_dify_as_an_uploaded_file_of_the_same_user(stack: Stack) -> None:
     image = media_samples.png()
-    stack.wecom.add_customer_media(KF, "wmImg", "image", image, "image/png")
+    stack.wecom.world.add_customer_media(KF, "wmImg", "image", image, "image/png")
 
     await deliver(stack)
 
@@ -78,7 +78,7 @@ async def test_a_jpeg_keeps_its_type(stack: Stack) -> None:
     image = media_samples.jpeg()
     if image is None:
         pytest.skip("no ffmpeg to make a JPEG")
-    stack.wecom.add_customer_media(KF, "wmJpg", "image", image, "image/jpeg")
+    stack.wecom.world.add_customer_media(KF, "wmJpg", "image", image, "image/jpeg")
 
     await deliver(stack)
 
@@ -87,8 +87,8 @@ async def test_a_jpeg_keeps_its_type(stack: Stack) -> None:
 
 
 async def test_an_image_and_the_question_after_it_are_asked_together(stack: Stack) -> None:
-    stack.wecom.add_customer_media(KF, "wmPair", "image", media_samples.png(), "image/png")
-    stack.wecom.add_customer_text(KF, "wmPair", "这个报错是什么意思？")
+    stack.wecom.world.add_customer_media(KF, "wmPair", "image", media_samples.png(), "image/png")
+    stack.wecom.world.add_customer_text(KF, "wmPair", "这个报错是什么意思？")
 
     await deliver(stack)
 
@@ -102,7 +102,7 @@ async def test_an_image_and_the_question_after_it_are_asked_together(stack: Stac
 async def test_without_image_upload_in_the_app_the_customer_is_told(servers: Servers) -> None:
     servers.dify.file_upload = {}
     async for stack in start(servers, image_text_window_s=5.0):
-        stack.wecom.add_customer_media(KF, "wmOff", "image", media_samples.png(), "image/png")
+        stack.wecom.world.add_customer_media(KF, "wmOff", "image", media_samples.png(), "image/png")
 
         await deliver(stack)
 
@@ -112,7 +112,7 @@ async def test_without_image_upload_in_the_app_the_customer_is_told(servers: Ser
 
 
 async def test_expired_media_is_told(stack: Stack) -> None:
-    stack.wecom.add_customer_message(KF, "wmOld", "image", {"media_id": "expired_media_id"})
+    stack.wecom.world.add_customer_message(KF, "wmOld", "image", {"media_id": "expired_media_id"})
 
     await deliver(stack)
 
@@ -122,7 +122,7 @@ async def test_expired_media_is_told(stack: Stack) -> None:
 
 async def test_a_text_plain_errcode_from_media_get_is_understood(stack: Stack) -> None:
     stack.wecom.media_error_content_type = "text/plain"
-    stack.wecom.add_customer_message(KF, "wmPlain", "image", {"media_id": "expired_media_id"})
+    stack.wecom.world.add_customer_message(KF, "wmPlain", "image", {"media_id": "expired_media_id"})
 
     await deliver(stack)
 
@@ -132,7 +132,9 @@ async def test_a_text_plain_errcode_from_media_get_is_understood(stack: Stack) -
 async def test_an_image_over_difys_limit_is_refused_before_uploading(servers: Servers) -> None:
     servers.dify.system_parameters = {"file_size_limit": 15, "image_file_size_limit": 1}
     async for stack in start(servers):
-        stack.wecom.add_customer_media(KF, "wmBig", "image", media_samples.png(noise=MB + 1000), "image/png")
+        stack.wecom.world.add_customer_media(
+            KF, "wmBig", "image", media_samples.png(noise=MB + 1000), "image/png"
+        )
 
         await deliver(stack)
 
@@ -144,8 +146,8 @@ async def test_a_failed_upload_still_answers_the_text_part(stack: Stack) -> None
     stack.dify.inject(
         Fault(path="/v1/files/upload", status=503, body="<html>503</html>", content_type="text/html")
     )
-    stack.wecom.add_customer_media(KF, "wmFail", "image", media_samples.png(), "image/png")
-    stack.wecom.add_customer_text(KF, "wmFail", "看得到吗？")
+    stack.wecom.world.add_customer_media(KF, "wmFail", "image", media_samples.png(), "image/png")
+    stack.wecom.world.add_customer_text(KF, "wmFail", "看得到吗？")
 
     await deliver(stack)
 
@@ -159,7 +161,7 @@ async def test_a_failed_upload_still_answers_the_text_part(stack: Stack) -> None
 
 async def test_a_pdf_goes_to_dify_as_a_document_named_as_the_customer_named_it(stack: Stack) -> None:
     document = media_samples.pdf("Warranty terms")
-    stack.wecom.add_customer_media(
+    stack.wecom.world.add_customer_media(
         KF, "wmPdf", "file", document, "application/pdf", filename="保修条款 v2.pdf"
     )
 
@@ -175,7 +177,7 @@ async def test_a_pdf_goes_to_dify_as_a_document_named_as_the_customer_named_it(s
 
 
 async def test_a_file_type_the_app_refuses_is_answered_with_what_it_takes(stack: Stack) -> None:
-    stack.wecom.add_customer_media(
+    stack.wecom.world.add_customer_media(
         KF, "wmZip", "file", b"PK\x03\x04" + b"\0" * 64, "application/zip", filename="a.zip"
     )
 
@@ -195,7 +197,7 @@ def ffmpeg() -> str:
 
 
 async def test_a_voice_message_is_transcribed_and_answered(stack: Stack, ffmpeg: str) -> None:
-    stack.wecom.add_customer_media(KF, "wmVoice", "voice", media_samples.amr_clip(), "audio/amr")
+    stack.wecom.world.add_customer_media(KF, "wmVoice", "voice", media_samples.amr_clip(), "audio/amr")
 
     await deliver(stack)
 
@@ -212,7 +214,7 @@ async def test_a_voice_message_is_transcribed_and_answered(stack: Stack, ffmpeg:
 
 async def test_a_spoken_reset_command_resets(stack: Stack, ffmpeg: str) -> None:
     stack.dify.transcribe = lambda audio, content_type: "重新开始"
-    stack.wecom.add_customer_media(KF, "wmVoiceReset", "voice", media_samples.amr_clip(), "audio/amr")
+    stack.wecom.world.add_customer_media(KF, "wmVoiceReset", "voice", media_samples.amr_clip(), "audio/amr")
 
     await deliver(stack)
 
@@ -223,7 +225,7 @@ async def test_a_spoken_reset_command_resets(stack: Stack, ffmpeg: str) -> None:
 async def test_voice_in_an_app_without_speech_to_text_is_told(servers: Servers, ffmpeg: str) -> None:
     servers.dify.speech_to_text = False
     async for stack in start(servers):
-        stack.wecom.add_customer_media(KF, "wmNoStt", "voice", media_samples.amr_clip(), "audio/amr")
+        stack.wecom.world.add_customer_media(KF, "wmNoStt", "voice", media_samples.amr_clip(), "audio/amr")
 
         await deliver(stack)
 
@@ -235,7 +237,7 @@ async def test_a_failed_transcription_is_told(stack: Stack, ffmpeg: str) -> None
     stack.dify.inject(
         Fault(path="/v1/audio-to-text", status=400, body={"code": "completion_request_error", "message": "x"})
     )
-    stack.wecom.add_customer_media(KF, "wmSttFail", "voice", media_samples.amr_clip(), "audio/amr")
+    stack.wecom.world.add_customer_media(KF, "wmSttFail", "voice", media_samples.amr_clip(), "audio/amr")
 
     await deliver(stack)
 
@@ -248,14 +250,14 @@ async def test_a_failed_transcription_is_told(stack: Stack, ffmpeg: str) -> None
 async def test_an_image_in_the_answer_is_sent_as_an_image_message(stack: Stack) -> None:
     image = media_samples.png(rgb=(0, 128, 255))
     stack.dify.inject(Fault(files=(("image", stack.dify.host_file(image, "image/png", "png")),)))
-    stack.wecom.add_customer_text(KF, "wmAnsImg", "画个图")
+    stack.wecom.world.add_customer_text(KF, "wmAnsImg", "画个图")
 
     await deliver(stack)
 
     assert stack.replies_to("wmAnsImg") == ["答：画个图"]
-    (sent,) = [s for s in stack.wecom.sent_media if s.customer.external_userid == "wmAnsImg"]
+    (sent,) = [s for s in stack.wecom.world.sent_media if s.customer.external_userid == "wmAnsImg"]
     assert sent.msgtype == "image"
-    assert stack.wecom.uploaded_media(sent.media_id).data == image
+    assert stack.wecom.world.media[sent.media_id].data == image
     (upload,) = stack.wecom.calls_to("media/upload")
     assert upload.body is not None and upload.body["content_type"] == "image/png"
 
@@ -263,7 +265,7 @@ async def test_an_image_in_the_answer_is_sent_as_an_image_message(stack: Stack) 
 async def test_a_document_in_the_answer_becomes_a_link(stack: Stack) -> None:
     url = stack.dify.host_file(media_samples.pdf(), "application/pdf", "pdf")
     stack.dify.inject(Fault(files=(("document", url),), files_in_message_end=True))
-    stack.wecom.add_customer_text(KF, "wmAnsDoc", "发我说明书")
+    stack.wecom.world.add_customer_text(KF, "wmAnsDoc", "发我说明书")
 
     await deliver(stack)
 
@@ -272,4 +274,4 @@ async def test_a_document_in_the_answer_becomes_a_link(stack: Stack) -> None:
     assert links.startswith(TEXTS.answer_files) and links.endswith(
         stack.servers.dify_url.removesuffix("/v1") + url
     )
-    assert stack.wecom.sent_media == []
+    assert stack.wecom.world.sent_media == []

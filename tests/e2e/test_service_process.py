@@ -45,7 +45,7 @@ def test_the_service_process_answers_a_callback_and_stops_cleanly(tmp_path: Path
             )
             assert verify.status_code == 200 and verify.text == "4444555566667777"
 
-            servers.wecom.add_customer_text(KF, "wmProc", "你好")
+            servers.wecom.world.add_customer_text(KF, "wmProc", "你好")
             body, sig = crypto.encrypt_callback(
                 notice_xml(servers.wecom.corp_id, KF), timestamp="1700000001", nonce="43"
             )
@@ -55,8 +55,8 @@ def test_the_service_process_answers_a_callback_and_stops_cleanly(tmp_path: Path
                 content=body,
             )
             assert resp.status_code == 200
-            wait_for(lambda: len(servers.wecom.sent) == 1)
-            assert servers.wecom.sent[0].text == "答：你好"
+            wait_for(lambda: len(servers.wecom.world.sent) == 1)
+            assert servers.wecom.world.sent[0].text == "答：你好"
 
             status = httpx.get(service.url + "/status", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
             assert status.status_code == 200 and status.json()["counters"]["answered"] == 1

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.memcached, pytest.mark.slow]
 
 
 def _replies(servers: Servers, customer: str) -> list[str]:
-    return [s.text for s in servers.wecom.sent if s.customer.external_userid == customer]
+    return [s.text for s in servers.wecom.world.sent if s.customer.external_userid == customer]
 
 
 def test_two_instances_answer_each_message_exactly_once_and_in_order(
@@ -41,7 +41,7 @@ def test_two_instances_answer_each_message_exactly_once_and_in_order(
             async with httpx.AsyncClient(timeout=10) as client:
                 for round_ in range(rounds):
                     for c in customers:
-                        servers.wecom.add_customer_text(KF, c, f"{c}#{round_}")
+                        servers.wecom.world.add_customer_text(KF, c, f"{c}#{round_}")
                     first = signed_callback(servers.wecom.corp_id, KF)
                     second = signed_callback(servers.wecom.corp_id, KF)
                     # WeCom retries (the same callback, byte for byte) and overlapping callbacks, spread over
@@ -57,11 +57,11 @@ def test_two_instances_answer_each_message_exactly_once_and_in_order(
                     await asyncio.sleep(0.05)
 
         asyncio.run(drive())
-        wait_for(lambda: len(servers.wecom.sent) >= len(customers) * rounds, what="all replies")
+        wait_for(lambda: len(servers.wecom.world.sent) >= len(customers) * rounds, what="all replies")
         time.sleep(1.0)  # anything answered twice would show up now
         for c in customers:
             assert _replies(servers, c) == [f"答：{c}#{r}" for r in range(rounds)], c
-        assert len(servers.wecom.sent) == len(customers) * rounds
+        assert len(servers.wecom.world.sent) == len(customers) * rounds
         asked = servers.dify.chat_requests()
         assert len(asked) == len(customers) * rounds
         # Every customer's later questions continue the conversation the first one started.
@@ -88,16 +88,16 @@ def test_restart_keeps_conversations_and_cursors(
 
     first = ServiceProcess(config).start()
     try:
-        servers.wecom.add_customer_text(KF, "wmRestart", "记住我")
+        servers.wecom.world.add_customer_text(KF, "wmRestart", "记住我")
         callback(first)
-        wait_for(lambda: len(servers.wecom.sent) == 1, what="first reply")
+        wait_for(lambda: len(servers.wecom.world.sent) == 1, what="first reply")
     finally:
         first.stop()
     second = ServiceProcess(config).start()
     try:
-        servers.wecom.add_customer_text(KF, "wmRestart", "我是谁")
+        servers.wecom.world.add_customer_text(KF, "wmRestart", "我是谁")
         callback(second)
-        wait_for(lambda: len(servers.wecom.sent) == 2, what="reply after restart")
+        wait_for(lambda: len(servers.wecom.world.sent) == 2, what="reply after restart")
         time.sleep(0.5)
         assert _replies(servers, "wmRestart") == ["答：记住我", "答：我是谁"]
         asked = servers.dify.chat_requests()
@@ -105,7 +105,7 @@ def test_restart_keeps_conversations_and_cursors(
         assert not asked[0].json.get("conversation_id")
         assert asked[1].json["conversation_id"] == next(iter(servers.dify.conversations))
         # The restarted instance continued from the stored cursor instead of re-reading history.
-        assert servers.wecom.sync_requests[-1].cursor
+        assert servers.wecom.world.sync_requests[-1].cursor
         status = httpx.get(second.url + "/status", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
         assert status["store"]["backend"] == "memcached" and status["store"]["reachable"] is True
     finally:

@@ -25,7 +25,7 @@ async def stack(servers: Servers) -> AsyncIterator[Stack]:
 async def test_a_flood_is_acknowledged_and_coalesced_into_a_handful_of_pulls(stack: Stack) -> None:
     customers = [f"wmFlood{i}" for i in range(50)]
     for c in customers:
-        stack.wecom.add_customer_text(KF, c, "抢购开始了吗")
+        stack.wecom.world.add_customer_text(KF, c, "抢购开始了吗")
     # Pre-build distinct, validly signed callbacks (as WeCom sends one per event).
     requests = []
     for i in range(FLOOD):

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.memcached, pytest.mark.slow]
 
 
 def replies(servers: Servers, customer: str) -> list[str]:
-    return [s.text for s in servers.wecom.sent if s.customer.external_userid == customer]
+    return [s.text for s in servers.wecom.world.sent if s.customer.external_userid == customer]
 
 
 def callback(service: ServiceProcess, corp_id: str) -> None:
@@ -47,7 +47,7 @@ def test_a_killed_instance_loses_no_message_and_none_is_answered_twice(
     survivor = ServiceProcess(config).start()
     try:
         # Make the survivor know the kf account, as it would after any earlier callback.
-        servers.wecom.add_customer_text(KF, "wmWarm", "warm up")
+        servers.wecom.world.add_customer_text(KF, "wmWarm", "warm up")
         callback(survivor, servers.wecom.corp_id)
         wait_for(lambda: replies(servers, "wmWarm") == ["答：warm up"], what="warm-up reply")
 
@@ -58,8 +58,8 @@ def test_a_killed_instance_loses_no_message_and_none_is_answered_twice(
         else:
             servers.wecom.delay_next("kf/send_msg", 3.0)
         for i in range(3):
-            servers.wecom.add_customer_text(KF, "wmCrash", f"问题{i}")
-        servers.wecom.add_customer_text(KF, "wmOther", "别的客户")
+            servers.wecom.world.add_customer_text(KF, "wmCrash", f"问题{i}")
+        servers.wecom.world.add_customer_text(KF, "wmOther", "别的客户")
         callback(victim, servers.wecom.corp_id)
         time.sleep(1.0)  # the victim is now inside the slow call
         victim.stop(signal.SIGKILL)

@@ -27,7 +27,7 @@ async def stack(servers: Servers) -> AsyncIterator[Stack]:
 
 
 async def ask(stack: Stack, customer: str, text: str) -> None:
-    stack.wecom.add_customer_text(KF, customer, text)
+    stack.wecom.world.add_customer_text(KF, customer, text)
     resp = await stack.callback()
     assert resp.status_code == 200
     await stack.settle(30)
@@ -110,7 +110,7 @@ async def test_slow_wecom_still_gets_every_message_answered(stack: Stack) -> Non
     stack.wecom.delay_next("kf/sync_msg", 1.0)
     stack.wecom.delay_next("kf/send_msg", 1.0, times=3)
     for i in range(3):
-        stack.wecom.add_customer_text(KF, f"wmSlow{i}", f"q{i}")
+        stack.wecom.world.add_customer_text(KF, f"wmSlow{i}", f"q{i}")
     await stack.callback()
     await stack.settle(30)
     for i in range(3):

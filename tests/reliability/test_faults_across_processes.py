@@ -58,7 +58,7 @@ def test_messages_in_equal_replies_out_under_mixed_faults(
                 if round_ == 1:
                     memcached.kill()
                 for c in customers:
-                    servers.wecom.add_customer_text(KF, c, f"{c}/{round_}")
+                    servers.wecom.world.add_customer_text(KF, c, f"{c}/{round_}")
                 for i, service in enumerate(instances * 2):
                     params, body = signed_callback(servers.wecom.corp_id, KF)
                     statuses.append(
@@ -68,19 +68,21 @@ def test_messages_in_equal_replies_out_under_mixed_faults(
                         memcached.restart()
                 time.sleep(0.5)
         wait_for(
-            lambda: len(servers.wecom.sent) >= len(customers) * rounds, 90, what="a reply to every message"
+            lambda: len(servers.wecom.world.sent) >= len(customers) * rounds,
+            90,
+            what="a reply to every message",
         )
         time.sleep(3.0)  # a duplicate, if any, would arrive by now
 
         assert statuses == [200] * len(statuses)
-        assert len(servers.wecom.sent) == len(customers) * rounds
+        assert len(servers.wecom.world.sent) == len(customers) * rounds
         for c in customers:
-            replies = [s.text for s in servers.wecom.sent if s.customer.external_userid == c]
+            replies = [s.text for s in servers.wecom.world.sent if s.customer.external_userid == c]
             assert len(replies) == rounds, (c, replies)
             answered = [r for r in replies if r != FALLBACK]
             expected_order = [f"答：{c}/{r}" for r in range(rounds)]
             assert answered == [e for e in expected_order if e in answered], (c, replies)
-        fallbacks = sum(1 for s in servers.wecom.sent if s.text == FALLBACK)
+        fallbacks = sum(1 for s in servers.wecom.world.sent if s.text == FALLBACK)
         assert fallbacks <= len(faults) * rounds
         status = httpx.get(
             instances[0].url + "/status", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.memcached]
 
 
 async def ask(stack: Stack, customer: str, text: str) -> None:
-    stack.wecom.add_customer_text(KF, customer, text)
+    stack.wecom.world.add_customer_text(KF, customer, text)
     assert (await stack.callback()).status_code == 200
     await stack.settle(30)
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from adapters.inbound.wecom_crypto import WeComCrypto
-from adapters.outbound.fake_wecom import GETTOKEN, SYNC_MSG
+from adapters.outbound.wecom_paths import GETTOKEN, SYNC_MSG
 from tests.support.dify_server import Fault
 from tests.support.http_server import free_port
 from tests.support.service_process import ServiceProcess, write_config
@@ -75,20 +75,20 @@ class Client:
 
 
 def replies(servers: Servers, customer: str) -> list[str]:
-    return [s.text for s in servers.wecom.sent if s.customer.external_userid == customer]
+    return [s.text for s in servers.wecom.world.sent if s.customer.external_userid == customer]
 
 
 def exercise(client: Client, servers: Servers) -> None:
     wecom, dify = servers.wecom, servers.dify
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
-    wecom.add_customer_text(KF, "wmLeak1", "你好")
+    wecom.world.add_customer_text(KF, "wmLeak1", "你好")
     assert client.callback().status_code == 200
     wait_for(lambda: replies(servers, "wmLeak1") == ["答：你好"], "the first answer")
 
     # Every access token issued so far is revoked (40014), with a message quoting it.
     wecom.revoke_tokens(40014)
-    wecom.add_customer_text(KF, "wmLeak1", "第二个问题")
+    wecom.world.add_customer_text(KF, "wmLeak1", "第二个问题")
     assert client.callback().status_code == 200
     wait_for(lambda: len(replies(servers, "wmLeak1")) == 2, "the answer after 40014")
     assert len(wecom.issued_tokens) >= 2
@@ -97,13 +97,13 @@ def exercise(client: Client, servers: Servers) -> None:
     dify.inject(
         Fault(status=401, body={"code": "unauthorized", "message": f"bad key {dify.api_key}", "status": 401})
     )
-    wecom.add_customer_text(KF, "wmLeak2", "Dify 401")
+    wecom.world.add_customer_text(KF, "wmLeak2", "Dify 401")
     assert client.callback().status_code == 200
     wait_for(lambda: len(replies(servers, "wmLeak2")) == 1, "the fallback after Dify 401")
 
     # WeCom's gateway fails (HTML 502) on sync_msg; the next callback pulls again.
     wecom.fail_next_http(SYNC_MSG, 502)
-    wecom.add_customer_text(KF, "wmLeak3", "502")
+    wecom.world.add_customer_text(KF, "wmLeak3", "502")
     assert client.callback().status_code == 200
     wait_for(lambda: any(c.errcode is None for c in wecom.calls_to(SYNC_MSG)), "the 502")
     time.sleep(0.2)
@@ -111,7 +111,7 @@ def exercise(client: Client, servers: Servers) -> None:
     wait_for(lambda: len(replies(servers, "wmLeak3")) == 1, "the answer after the 502")
 
     # A kf account whose Dify is down (nothing listens): the customer gets the fallback.
-    wecom.add_customer_text(DOWN_KF, "wmLeak4", "有人吗")
+    wecom.world.add_customer_text(DOWN_KF, "wmLeak4", "有人吗")
     assert client.callback(DOWN_KF).status_code == 200
     wait_for(lambda: len(replies(servers, "wmLeak4")) == 1, "the fallback while Dify is down")
 
@@ -150,8 +150,8 @@ def exercise(client: Client, servers: Servers) -> None:
     # Last, as the adapter then stops asking for 30 s: tokens revoked (40014), and the refresh is refused
     # (40001) with a message quoting the corp secret.
     wecom.revoke_tokens(40014)
-    wecom.fail_next(GETTOKEN, 40001, errmsg=f"invalid credential, corpsecret={wecom.corp_secret}")
-    wecom.add_customer_text(KF, "wmLeak5", "40001")
+    wecom.world.fail_next(GETTOKEN, 40001, errmsg=f"invalid credential, corpsecret={wecom.corp_secret}")
+    wecom.world.add_customer_text(KF, "wmLeak5", "40001")
     assert client.callback().status_code == 200
     wait_for(lambda: any(c.errcode == 40001 for c in wecom.calls_to(GETTOKEN)), "the refused gettoken")
     time.sleep(0.3)

@@ -17,7 +17,7 @@ from tests.support.dify_server import FakeDifyServer
 from tests.support.http_server import serve
 from tests.support.wecom_server import FakeWeComServer
 
-# Official vector A credentials (specs/wecom-kf.md §2): any valid pair would do.
+# Official vector A credentials (docs/wecom-kf.md, callback crypto): any valid pair would do.
 TOKEN = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo"
 AES_KEY = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt"
 ADMIN_TOKEN = "admin-secret-token-for-tests"
@@ -139,7 +139,7 @@ class Stack:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
     def replies_to(self, external_userid: str) -> list[str]:
-        return [s.text for s in self.wecom.sent if s.customer.external_userid == external_userid]
+        return [s.text for s in self.wecom.world.sent if s.customer.external_userid == external_userid]
 
     async def start(self) -> None:
         await self.container.lifecycle().start()

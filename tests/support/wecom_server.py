@@ -1,7 +1,7 @@
 """A fake WeCom kf HTTP API (Starlette), driving the same `KfWorld` as `FakeKfChannel`.
 
 Serve `.app` with `tests.support.http_server.serve` (real HTTP) or `httpx.ASGITransport` (in-process).
-Rules come from specs/wecom-kf.md §4–7: errcodes ride on HTTP 200 JSON bodies, `access_token` lives in the
+Rules come from docs/wecom-kf.md: errcodes ride on HTTP 200 JSON bodies, `access_token` lives in the
 query string.
 """
 
@@ -22,8 +22,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from adapters.outbound.fake_wecom import (
+from adapters.outbound.fake_wecom import KfWorld, media_filename
+from adapters.outbound.wecom_paths import (
     APIS,
+    CGI_BIN,
     GETTOKEN,
     MEDIA_GET,
     MEDIA_UPLOAD,
@@ -32,9 +34,6 @@ from adapters.outbound.fake_wecom import (
     SERVICE_STATE_GET,
     SERVICE_STATE_TRANS,
     SYNC_MSG,
-    KfWorld,
-    KfWorldSeeding,
-    media_filename,
 )
 from application.errors import WeComError
 from domain.messages import CustomerRef
@@ -62,8 +61,11 @@ class _HttpFailure:
     content_type: str = "text/html"
 
 
-class FakeWeComServer(KfWorldSeeding):
-    """The WeCom kf API over HTTP, programmable by tests. Thread-safe: uvicorn serves it from a thread."""
+class FakeWeComServer:
+    """The WeCom kf API over HTTP, programmable by tests. Thread-safe: uvicorn serves it from a thread.
+
+    Tests seed and inspect the `KfWorld` behind it through `.world`; this class adds what only HTTP has:
+    access tokens, recorded calls, HTTP-level failures."""
 
     def __init__(
         self,
@@ -87,8 +89,8 @@ class FakeWeComServer(KfWorldSeeding):
         self._revoked: dict[str, int] = {}  # token → errcode it now answers
         self._http_failures: dict[str, list[_HttpFailure]] = {}
         self._lock = threading.Lock()
-        # media/get answers errors as JSON instead of bytes; the exact Content-Type is NOT VERIFIED (spec
-        # §7.3), so tests may switch it to text/plain.
+        # media/get answers errors as JSON instead of bytes; the exact Content-Type is NOT VERIFIED
+        # (docs/wecom-kf.md, media/get), so tests may switch it to text/plain.
         self.media_error_content_type = "application/json; charset=UTF-8"
         handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             SYNC_MSG: self._sync_msg,
@@ -98,12 +100,12 @@ class FakeWeComServer(KfWorldSeeding):
             SERVICE_STATE_TRANS: self._service_state_trans,
         }
         routes = [
-            Route("/cgi-bin/gettoken", self._gettoken, methods=["GET"]),
-            Route(f"/cgi-bin/{MEDIA_GET}", self._media_get, methods=["GET"]),
-            Route(f"/cgi-bin/{MEDIA_UPLOAD}", self._media_upload, methods=["POST"]),
+            Route(CGI_BIN + GETTOKEN, self._gettoken, methods=["GET"]),
+            Route(CGI_BIN + MEDIA_GET, self._media_get, methods=["GET"]),
+            Route(CGI_BIN + MEDIA_UPLOAD, self._media_upload, methods=["POST"]),
         ]
         routes += [
-            Route(f"/cgi-bin/{api}", self._endpoint(api, handler), methods=["GET", "POST"])
+            Route(CGI_BIN + api, self._endpoint(api, handler), methods=["GET", "POST"])
             for api, handler in handlers.items()
         ]
         self._app = Starlette(routes=routes)
@@ -145,10 +147,17 @@ class FakeWeComServer(KfWorldSeeding):
     # --- knobs -----------------------------------------------------------------------------------------
 
     def fail_next_http(
-        self, api: str, status: int = 502, *, times: int = 1, body: str = BAD_GATEWAY_HTML
+        self,
+        api: str,
+        status: int = 502,
+        *,
+        times: int = 1,
+        body: str = BAD_GATEWAY_HTML,
+        content_type: str = "text/html",
     ) -> None:
-        """The next `times` calls of `api` get HTTP `status` with an HTML body (a proxy's error page)."""
-        self._add_failure(api, times, _HttpFailure(status=status, body=body))
+        """The next `times` calls of `api` get HTTP `status` with `body` (by default a proxy's HTML error
+        page)."""
+        self._add_failure(api, times, _HttpFailure(status=status, body=body, content_type=content_type))
 
     def respond_html_next(self, api: str, *, times: int = 1) -> None:
         """The next `times` calls of `api` get HTTP 200 with an HTML body (a captive portal, a WAF page)."""
@@ -196,7 +205,7 @@ class FakeWeComServer(KfWorldSeeding):
     # --- media ---------------------------------------------------------------------------------------------
 
     async def _media_get(self, request: Request) -> Response:
-        """GET media/get: the bytes, typed and named, or an errcode JSON (spec §7.3)."""
+        """GET media/get: the bytes, typed and named, or an errcode JSON (docs/wecom-kf.md)."""
         api = MEDIA_GET
         token = request.query_params.get("access_token")
         early = await self._injected(api)
@@ -223,7 +232,7 @@ class FakeWeComServer(KfWorldSeeding):
         )
 
     async def _media_upload(self, request: Request) -> Response:
-        """POST media/upload?type=…: one multipart part named `media` (spec §7.4)."""
+        """POST media/upload?type=…: one multipart part named `media` (docs/wecom-kf.md)."""
         api = MEDIA_UPLOAD
         token = request.query_params.get("access_token")
         early = await self._injected(api)

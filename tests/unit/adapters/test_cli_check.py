@@ -19,10 +19,10 @@ from adapters.inbound.config_file import (
     load_settings,
 )
 from adapters.outbound.dify import DifyChatEngine
-from adapters.outbound.fake_wecom import GETTOKEN
 from adapters.outbound.memcached_store import MemcachedStateStore
 from adapters.outbound.memory_store import MemoryStateStore
 from adapters.outbound.wecom_api import WeComKfChannel
+from adapters.outbound.wecom_paths import GETTOKEN
 from application.errors import StoreUnavailable
 from application.failover_store import FailoverStateStore
 from tests.support.dify_server import FakeDifyServer, Fault
@@ -324,7 +324,7 @@ def test_a_wrong_corp_id_is_named(
 def test_another_corps_secret_is_named(
     wecom_server: tuple[FakeWeComServer, str], dify: tuple[FakeDifyServer, str]
 ) -> None:
-    wecom_server[0].fail_next(GETTOKEN, 40091, errmsg="secret is invalid")
+    wecom_server[0].world.fail_next(GETTOKEN, 40091, errmsg="secret is invalid")
 
     code, text = check(make_settings(wecom_server[1], dify[1]))
 
@@ -335,7 +335,7 @@ def test_another_corps_secret_is_named(
 def test_an_untrusted_ip_names_the_ip_wecom_saw(
     wecom_server: tuple[FakeWeComServer, str], dify: tuple[FakeDifyServer, str]
 ) -> None:
-    wecom_server[0].fail_next(
+    wecom_server[0].world.fail_next(
         GETTOKEN,
         60020,
         errmsg="not allow to access from your ip, hint: [1700000000123], from ip: 203.0.113.7, "
@@ -353,7 +353,7 @@ def test_an_untrusted_ip_names_the_ip_wecom_saw(
 def test_other_errcodes_get_a_generic_hint_with_the_errcode(
     wecom_server: tuple[FakeWeComServer, str], dify: tuple[FakeDifyServer, str]
 ) -> None:
-    wecom_server[0].fail_next(GETTOKEN, 48002, errmsg="api forbidden")
+    wecom_server[0].world.fail_next(GETTOKEN, 48002, errmsg="api forbidden")
 
     code, text = check(make_settings(wecom_server[1], dify[1]))
 

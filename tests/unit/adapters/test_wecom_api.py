@@ -1,5 +1,5 @@
 """WeComKfChannel specifics the contract suite does not cover: the token cache, retries, transport failures,
-secrets kept out of errors and logs, and request/response shapes (spec §4–7)."""
+secrets kept out of errors and logs, and request/response shapes (docs/wecom-kf.md)."""
 
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ class TestAccessToken:
     async def test_a_second_token_failure_surfaces_without_looping(
         self, channel: WeComKfChannel, server: FakeWeComServer, errcode: int
     ) -> None:
-        server.fail_next("kf/send_msg", errcode, times=5)
+        server.world.fail_next("kf/send_msg", errcode, times=5)
 
         with pytest.raises(WeComError) as caught:
             await channel.send_text(ALICE, "hello", msgid="r1")
@@ -173,7 +173,7 @@ class TestAccessToken:
     async def test_other_errcodes_are_not_retried(
         self, channel: WeComKfChannel, server: FakeWeComServer
     ) -> None:
-        server.fail_next("kf/send_msg", -1)
+        server.world.fail_next("kf/send_msg", -1)
         with pytest.raises(WeComError) as caught:
             await channel.send_text(ALICE, "hello", msgid="r1")
         assert caught.value.errcode == -1 and caught.value.is_transient
@@ -218,7 +218,7 @@ class TestConfigErrors:
     async def test_an_untrusted_ip_is_remembered_for_a_while_then_asked_again(
         self, channel: WeComKfChannel, server: FakeWeComServer, clock: ManualClock
     ) -> None:
-        server.fail_next("gettoken", 60020)
+        server.world.fail_next("gettoken", 60020)
         with pytest.raises(WeComError) as caught:
             await channel.check_access()
         assert caught.value.errcode == 60020
@@ -253,7 +253,7 @@ class TestConfigErrors:
     async def test_a_busy_gettoken_is_not_remembered(
         self, channel: WeComKfChannel, server: FakeWeComServer
     ) -> None:
-        server.fail_next("gettoken", -1)
+        server.world.fail_next("gettoken", -1)
         with pytest.raises(WeComError) as caught:
             await channel.get_service_state(ALICE)
         assert caught.value.errcode == -1
@@ -517,3 +517,37 @@ class TestOddAnswers:
         with pytest.raises(WeComError) as caught:
             await scripted_channel.sync_messages(KF, cursor=None, token=None)
         assert caught.value.errcode is None
+
+
+class TestOutsideText:
+    async def test_control_characters_in_errmsg_are_escaped(
+        self, channel: WeComKfChannel, server: FakeWeComServer
+    ) -> None:
+        server.world.fail_next("kf/send_msg", 40058, errmsg="bad\r\nFAKE LOG line\x1b[31m\u2028x")
+
+        with pytest.raises(WeComError) as caught:
+            await channel.send_text(ALICE, "x", msgid="r1")
+
+        assert caught.value.errcode == 40058
+        for text in (caught.value.errmsg, str(caught.value)):
+            assert text.isprintable()
+            assert "bad\\r\\nFAKE LOG line\\x1b[31m\\u2028x" in text
+
+    async def test_a_long_errmsg_is_cut(self, channel: WeComKfChannel, server: FakeWeComServer) -> None:
+        server.world.fail_next("kf/send_msg", 40058, errmsg="y" * 10_000)
+
+        with pytest.raises(WeComError) as caught:
+            await channel.send_text(ALICE, "x", msgid="r1")
+
+        assert len(caught.value.errmsg) < 1_000
+
+    async def test_a_json_error_without_disposition_is_an_error_whatever_its_shape(
+        self, channel: WeComKfChannel, server: FakeWeComServer
+    ) -> None:
+        _, media_id = server.world.add_customer_media(KF, ALICE.external_userid, "file", b"%PDF-1.4", "x/y")
+        server.fail_next_http("media/get", 200, body="[1, 2]", content_type="application/json")
+
+        with pytest.raises(WeComError) as caught:
+            await channel.download_media(media_id, max_bytes=1024)
+
+        assert caught.value.errcode is None and "without the media" in caught.value.errmsg
