@@ -78,7 +78,7 @@ def split_reply(
         return []
     if len(text) <= max_bytes // _MIN_PART_BYTES or utf8_len(text) <= max_bytes:
         return [text]
-    layout = _Layout.of(text, max_nonspace=max_parts * max_bytes + 1)
+    layout = _Layout.of(text, max_nonspace=max_parts * max_bytes + _MIN_PART_BYTES)
     if layout.complete and _fewest_parts(layout, max_bytes, max_parts) <= max_parts:
         chosen = _best_split(layout, layout.last, max_bytes, last_room=max_bytes)
         if chosen is not None:
@@ -101,7 +101,7 @@ def take_full_part(text: str, max_bytes: int = TEXT_LIMIT_BYTES) -> tuple[str, s
     text = _clean(text).lstrip()
     if utf8_len(text.rstrip()) <= max_bytes:
         return None
-    layout = _Layout.of(text, max_nonspace=max_bytes + 1)
+    layout = _Layout.of(text, max_nonspace=max_bytes + _MIN_PART_BYTES)
     # The last cut known to be one: something follows it in the text so far.
     usable = layout.last if layout.ends[layout.last] < len(text) else layout.last - 1
     furthest = _reach(layout, 0, max_bytes, usable)
@@ -115,7 +115,7 @@ def take_full_part(text: str, max_bytes: int = TEXT_LIMIT_BYTES) -> tuple[str, s
 def cuts(text: str) -> list[Cut]:
     """Every place `text` may be cut (one per run of whitespace, one between any two other characters), with
     how good a place it is; positions are indices in `text`. The start and end of the text are not cuts."""
-    layout = _Layout.of(text, max_nonspace=len(text))
+    layout = _Layout.of(text, max_nonspace=utf8_len(text))
     return [
         Cut(layout.ends[i], layout.resumes[i], Boundary(layout.levels[i]))
         for i in range(1, layout.last + 1)
@@ -152,7 +152,10 @@ def _width(ch: str) -> int:
 
 
 def _is_wide(ch: str) -> bool:
-    return ord(ch) >= 0x1100 and unicodedata.east_asian_width(ch) in ("W", "F")
+    code = ord(ch)
+    if code < 0x1100:
+        return False
+    return 0x4E00 <= code <= 0x9FFF or unicodedata.east_asian_width(ch) in ("W", "F")
 
 
 def _wordish(ch: str) -> bool:
@@ -162,7 +165,7 @@ def _wordish(ch: str) -> bool:
 def _continues_cluster(prev: str, nxt: str) -> bool:
     """Whether `nxt` belongs to the same user-perceived character as `prev` (a close approximation)."""
     code = ord(nxt)
-    if code < 0x300 and prev != _ZWJ:
+    if prev != _ZWJ and (code < 0x300 or 0x3100 <= code < 0xA000):  # no marks there (Latin-1, CJK)
         return False
     return (
         prev == _ZWJ
@@ -221,8 +224,9 @@ def _at_space(text: str, end: int, space: str) -> Boundary:
 
 class _Layout:
     """The cuts of a text, as parallel lists indexed by node: node 0 is the start, node `last` the end of
-    the text or, when `complete` is false, the last cut before `max_nonspace` characters other than
-    whitespace. ends/resumes are character indices, end_bytes/resume_bytes the matching UTF-8 offsets."""
+    the text or, when `complete` is false, a cut after about `max_nonspace` bytes of characters other than
+    whitespace (at least `max_nonspace` - 3: callers ask for more than any split they consider can reach).
+    ends/resumes are character indices, end_bytes/resume_bytes the matching UTF-8 offsets."""
 
     __slots__ = ("text", "ends", "resumes", "end_bytes", "resume_bytes", "levels", "complete")
 
@@ -263,19 +267,20 @@ class _Layout:
             if budget <= 0:
                 layout.complete = False
                 break
-            if len(chunk) > budget:
-                chunk = chunk[:budget]
+            encoded = chunk.encode("utf-8", "surrogatepass")
+            if len(encoded) > budget:
+                chunk = encoded[:budget].decode("utf-8", "ignore") or chunk[0]
                 layout.complete = False
-            budget -= len(chunk)
-            position = run.start()
+            budget -= len(encoded)
+            first = run.start() + 1
+            positions = range(first, first + len(chunk))
+            ends.extend(positions)
+            resumes.extend(positions)
             for ch in chunk:
                 size += _width(ch)
-                position += 1
-                ends.append(position)
-                resumes.append(position)
                 end_bytes.append(size)
-                resume_bytes.append(size)
-                levels.append(_between(text, position))
+            resume_bytes.extend(end_bytes[-len(chunk) :])
+            levels.extend([_between(text, position) for position in positions])
             if not layout.complete:
                 break
         return layout
