@@ -409,7 +409,4 @@ def _greedy(layout: _Layout, last: int, max_bytes: int, max_parts: int) -> list[
 
 
 def _fit_notice(notice: str, max_bytes: int) -> str:
-    notice = notice.strip()
-    while utf8_len(notice) > max_bytes:
-        notice = notice[:-1]
-    return notice
+    return notice.strip().encode("utf-8")[:max_bytes].decode("utf-8", "ignore").rstrip()

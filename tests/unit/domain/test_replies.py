@@ -191,3 +191,32 @@ def test_a_limit_below_one_character_is_refused() -> None:
         split_reply("ok", max_bytes=3)
     with pytest.raises(ValueError):
         take_full_part("ok", 3)
+
+
+# --- take_full_part: one part at a time while the answer streams in -----------------------------------------
+
+
+def test_no_part_is_taken_while_everything_may_still_fit_in_one() -> None:
+    assert take_full_part("") is None
+    assert take_full_part("字" * 682 + "  \n\n ") is None  # 2046 bytes and whitespace
+    assert take_full_part("x" * 2048) is None
+
+
+def test_a_part_ends_at_the_best_boundary_in_the_last_quarter_of_the_window() -> None:
+    first = "第一段。" * 150  # 1800 bytes
+    second = "第二段的一句话，" * 20 + "还没有说完"  # 495 bytes, no sentence end yet
+    taken = take_full_part(f"{first}\n\n{second}")
+    assert taken == (first, f"\n\n{second}")
+    # Without a paragraph break, the last sentence end that fits wins over a later comma.
+    text = "这是一句话。" * 100 + "这一句很长，" * 30
+    part, rest = take_full_part(text) or ("", "")
+    assert part.endswith("。") and utf8_len(part) == 1800
+    assert part + rest == text
+
+
+def test_a_part_never_ends_where_the_stream_may_continue_the_word() -> None:
+    assert take_full_part("x" * 2048 + "y") == ("x" * 2048, "y")
+    assert take_full_part("x" * 2049) == ("x" * 2048, "x")
+    # A space far back (outside the last quarter) is not worth a part a quarter full.
+    assert take_full_part("x" * 10 + " " + "y" * 2040) == ("x" * 10 + " " + "y" * 2037, "yyy")
+    assert take_full_part("x" * 2040 + " " + "y" * 10) == ("x" * 2040, " " + "y" * 10)
