@@ -1,10 +1,24 @@
 from __future__ import annotations
 
+import os
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from domain.replies import split_reply, take_full_part, utf8_len
+
+
+def examples(default: int) -> settings:
+    """Deterministic property tests; KF_FUZZ_EXAMPLES (e.g. 5000 for a long local run) wins over `default`."""
+    env = os.environ.get("KF_FUZZ_EXAMPLES", "").strip()
+    return settings(
+        max_examples=int(env) if env else default,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 
 
 def test_short_answer_is_one_message() -> None:
@@ -63,8 +77,8 @@ def test_quota_left_limits_the_parts() -> None:
     assert split_reply(text, max_parts=0) == []
 
 
-@settings(max_examples=150, deadline=None)
 @given(st.text(min_size=0, max_size=9000), st.integers(min_value=1, max_value=6))
+@examples(60)
 def test_any_text_fits_wecom_limits(text: str, max_parts: int) -> None:
     parts = split_reply(text, max_parts=max_parts)
     assert len(parts) <= max_parts

@@ -7,30 +7,18 @@ sliding-window shortcuts of domain/replies.py. KF_FUZZ_EXAMPLES sets the number 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from domain.replies import Boundary, Cut, cuts, split_reply, take_full_part, utf8_len
-from tests.unit.domain.test_replies import assert_reassembles
+from tests.unit.domain.test_replies import assert_reassembles, examples
 
 LIMITS = [4, 5, 7, 10, 16, 33]
 TRUNCATING_LIMITS = [5, 7, 10, 16, 33]
 INF = 10**9
-
-
-def _examples(default: int) -> settings:
-    env = os.environ.get("KF_FUZZ_EXAMPLES", "").strip()
-    return settings(
-        max_examples=int(env) if env else default,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
 
 
 _TOKENS = [
@@ -110,7 +98,7 @@ def best_within(candidates: list[Cut], text: str, furthest: int, slack: int) -> 
 
 @pytest.mark.parametrize("max_bytes", LIMITS)
 @given(text=texts, spare=st.integers(min_value=0, max_value=2))
-@_examples(60)
+@examples(60)
 def test_text_within_the_quota_goes_out_whole_in_the_fewest_parts_at_the_best_cuts(
     max_bytes: int, text: str, spare: int
 ) -> None:
@@ -128,7 +116,7 @@ def test_text_within_the_quota_goes_out_whole_in_the_fewest_parts_at_the_best_cu
 
 @pytest.mark.parametrize("max_bytes", TRUNCATING_LIMITS)
 @given(text=long_texts, short_by=st.integers(min_value=1, max_value=3))
-@_examples(40)
+@examples(40)
 def test_text_over_the_quota_is_cut_at_the_best_boundary_near_the_end_and_says_so(
     max_bytes: int, text: str, short_by: int
 ) -> None:
@@ -168,7 +156,7 @@ def test_text_over_the_quota_is_cut_at_the_best_boundary_near_the_end_and_says_s
 
 @pytest.mark.parametrize("max_bytes", LIMITS)
 @given(text=texts)
-@_examples(60)
+@examples(60)
 def test_a_full_part_is_taken_only_when_there_is_one_and_ends_at_the_best_boundary(
     max_bytes: int, text: str
 ) -> None:
@@ -191,7 +179,7 @@ def test_a_full_part_is_taken_only_when_there_is_one_and_ends_at_the_best_bounda
 
 @pytest.mark.parametrize("max_bytes", LIMITS)
 @given(chunks=st.lists(texts, max_size=6))
-@_examples(40)
+@examples(40)
 def test_parts_taken_while_streaming_then_the_rest_reassemble_the_answer(
     max_bytes: int, chunks: list[str]
 ) -> None:
