@@ -1,91 +1,57 @@
-"""Fitting an answer into WeCom text messages: 2048 bytes each, at most 5 per customer message."""
+"""Fitting an answer into WeCom text messages: 2048 bytes each, at most 5 per customer message.
+
+An answer is cut only where it must be, and where it reads best: between paragraphs, then lines, sentences,
+clauses, words, characters; inside a word or a character cluster (an emoji sequence, a letter and its accents)
+only when nothing else fits. `split_reply` finds the fewest parts possible and, among splits with that many
+parts, the one with the best cuts; an answer cut short because the quota ends says so in its last part.
+`take_full_part` serves progressive sending: it takes one full part off the front of a text still streaming.
+"""
 
 from __future__ import annotations
 
 import re
+import unicodedata
+from bisect import bisect_right
+from collections import deque
+from dataclasses import dataclass
+from enum import IntEnum
 
 TEXT_LIMIT_BYTES = 2048
 MESSAGES_PER_CUSTOMER_MESSAGE = 5
 DEFAULT_TRUNCATION_NOTICE = "\n（回答较长，已截断）"
 
-# Natural boundaries, tried in order: paragraph, line, sentence, clause, word.
-_PARAGRAPH = re.compile(r"\n\s*\n")
-_LINE = re.compile(r"\n")
-_SENTENCE = re.compile(r"(?<=[。！？!?；;])|(?<=[.](?=\s))")
-_CLAUSE = re.compile(r"(?<=[，,、：:])")
-_WORD = re.compile(r"(?<=\s)")
+# The widest UTF-8 character: a part must be able to hold any one character.
+_MIN_PART_BYTES = 4
+# Where a part is cut without the whole answer in view (a truncated answer, a streaming one), the best
+# boundary in the last quarter of what fits wins over a worse one further on.
+_WINDOW_FRACTION = 4
+
+
+class Boundary(IntEnum):
+    """Where a cut falls, best first."""
+
+    PARAGRAPH = 0
+    LINE = 1
+    SENTENCE = 2
+    CLAUSE = 3
+    WORD = 4
+    CHARACTER = 5
+    INSIDE_WORD = 6  # inside a run of letters, digits and URL punctuation: "hel|lo", "3|.14", "a.com|/x"
+    INSIDE_CLUSTER = 7  # between a character and its combining mark, variation selector, ZWJ partner...
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """A place the text may be cut: the part before ends at `end`, the next begins at `resume` (the whitespace
+    between them is dropped), and how good a place it is."""
+
+    end: int
+    resume: int
+    boundary: Boundary
 
 
 def utf8_len(text: str) -> int:
-    return len(text.encode("utf-8"))
-
-
-def _pieces(text: str, pattern: re.Pattern[str]) -> list[str]:
-    """Split after each boundary, keeping the separators with the piece before them."""
-    out: list[str] = []
-    start = 0
-    for match in pattern.finditer(text):
-        end = match.end()
-        if end > start:
-            out.append(text[start:end])
-            start = end
-    if start < len(text):
-        out.append(text[start:])
-    return out
-
-
-def _hard_cut(text: str, max_bytes: int) -> list[str]:
-    """Cut by characters: never inside a multi-byte character."""
-    parts: list[str] = []
-    current: list[str] = []
-    size = 0
-    for ch in text:
-        n = utf8_len(ch)
-        if size + n > max_bytes and current:
-            parts.append("".join(current))
-            current, size = [], 0
-        current.append(ch)
-        size += n
-    if current:
-        parts.append("".join(current))
-    return parts
-
-
-_LEVELS = (_PARAGRAPH, _LINE, _SENTENCE, _CLAUSE, _WORD)
-
-
-def _split(text: str, max_bytes: int, level: int) -> list[str]:
-    if utf8_len(text) <= max_bytes:
-        return [text]
-    if level >= len(_LEVELS):
-        return _hard_cut(text, max_bytes)
-    pieces = _pieces(text, _LEVELS[level])
-    if len(pieces) <= 1:
-        return _split(text, max_bytes, level + 1)
-    chunks: list[str] = []
-    current = ""
-    for piece in pieces:
-        if utf8_len(piece) > max_bytes:
-            if current:
-                chunks.append(current)
-                current = ""
-            chunks.extend(_split(piece, max_bytes, level + 1))
-            continue
-        if utf8_len(current) + utf8_len(piece) <= max_bytes:
-            current += piece
-        else:
-            chunks.append(current)
-            current = piece
-    if current:
-        chunks.append(current)
-    return chunks
-
-
-def _trim_to(text: str, max_bytes: int) -> str:
-    encoded = text.encode("utf-8")
-    if len(encoded) <= max_bytes:
-        return text
-    return encoded[:max_bytes].decode("utf-8", errors="ignore")
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def split_reply(
@@ -97,25 +63,350 @@ def split_reply(
 ) -> list[str]:
     """Split `text` into at most `max_parts` messages of at most `max_bytes` UTF-8 bytes each.
 
-    Boundaries are natural (paragraph, then line, sentence, clause, word, character). When the answer does not
-    fit, the last message ends with `truncation_notice`. Blank parts are never produced.
+    When the text fits, it is never truncated: the split has the fewest parts possible and, among those, the
+    best cuts (fewest cuts of the worst kind, then of the next...; ties go to fuller earlier parts). Only
+    whitespace at a cut is lost. When it does not fit, the last message ends at a boundary followed by
+    `truncation_notice`, which fits in that message. Blank parts are never produced. `max_bytes` must be at
+    least 4 (one UTF-8 character).
     """
+    if max_bytes < _MIN_PART_BYTES:
+        raise ValueError(f"max_bytes must be at least {_MIN_PART_BYTES}, got {max_bytes}")
     if max_parts <= 0:
         return []
-    text = text.strip()
+    text = _clean(text).strip()
     if not text:
         return []
-    chunks = [c.strip() for c in _split(text, max_bytes, 0)]
-    chunks = [c for c in chunks if c]
-    if len(chunks) <= max_parts:
-        return chunks
-    kept = chunks[:max_parts]
-    notice_bytes = utf8_len(truncation_notice)
-    room = max(max_bytes - notice_bytes, 0)
-    last = kept[-1]
-    if utf8_len(last) > room:
-        # Prefer cutting the last part at a boundary; fall back to characters.
-        cut = _split(last, room, 0)[0].rstrip() if room else ""
-        last = cut if cut else _trim_to(last, room)
-    kept[-1] = (last + truncation_notice).strip() if last else truncation_notice.strip()
-    return kept
+    if len(text) <= max_bytes // _MIN_PART_BYTES or utf8_len(text) <= max_bytes:
+        return [text]
+    layout = _Layout.of(text, max_nonspace=max_parts * max_bytes + _MIN_PART_BYTES)
+    if layout.complete and _fewest_parts(layout, max_bytes, max_parts) <= max_parts:
+        chosen = _best_split(layout, layout.last, max_bytes, last_room=max_bytes)
+        if chosen is not None:
+            return layout.parts(chosen)
+    return _truncated(layout, max_bytes, max_parts, _clean(truncation_notice).rstrip())
+
+
+def take_full_part(text: str, max_bytes: int = TEXT_LIMIT_BYTES) -> tuple[str, str] | None:
+    """For progressive sending: once the text streamed so far holds more than one part, the first part and
+    the rest; None while it may still all fit in one.
+
+    The part (leading and trailing whitespace removed) ends at the best boundary in the last quarter of what
+    fits in `max_bytes`, and never at the very end of `text`, where the next chunk may continue the word. The
+    rest keeps the whitespace that follows the cut (`split_reply` and the next call drop it). Parts taken one
+    by one this way may be more than `split_reply` needs for the whole text: send them only while the quota
+    is not at risk, and fit the end with `split_reply`.
+    """
+    if max_bytes < _MIN_PART_BYTES:
+        raise ValueError(f"max_bytes must be at least {_MIN_PART_BYTES}, got {max_bytes}")
+    text = _clean(text).lstrip()
+    if utf8_len(text.rstrip()) <= max_bytes:
+        return None
+    layout = _Layout.of(text, max_nonspace=max_bytes + _MIN_PART_BYTES)
+    # The last cut known to be one: something follows it in the text so far.
+    usable = layout.last if layout.ends[layout.last] < len(text) else layout.last - 1
+    furthest = _reach(layout, 0, max_bytes, usable)
+    if furthest == 0:  # unreachable with max_bytes >= 4 and a text longer than max_bytes
+        return None
+    chosen = _best_near(layout, furthest, max_bytes // _WINDOW_FRACTION)
+    end = layout.ends[chosen]
+    return text[:end], text[end:]
+
+
+def cuts(text: str) -> list[Cut]:
+    """Every place `text` may be cut (one per run of whitespace, one between any two other characters), with
+    how good a place it is; positions are indices in `text`. The start and end of the text are not cuts."""
+    layout = _Layout.of(text, max_nonspace=utf8_len(text))
+    return [
+        Cut(layout.ends[i], layout.resumes[i], Boundary(layout.levels[i]))
+        for i in range(1, layout.last + 1)
+        if layout.ends[i] < len(text)
+    ]
+
+
+# --- where a text may be cut --------------------------------------------------------------------------------
+
+_RUNS = re.compile(r"\s+|\S+")
+_SENTENCE_WIDE = frozenset("。！？；…｡．")
+_SENTENCE_ASCII = frozenset(".!?;")
+_CLAUSE_WIDE = frozenset("，、：､")
+_CLAUSE_ASCII = frozenset(",:")
+_CLOSERS = frozenset("\"'”’」』）)]】》〉〕")
+_STICKY = _SENTENCE_WIDE | _SENTENCE_ASCII | _CLAUSE_WIDE | _CLAUSE_ASCII | _CLOSERS
+# Punctuation that keeps a run of letters and digits together (numbers, URLs, e-mail addresses, code).
+_CONNECTORS = frozenset("._-'/@%+#&=~:?!,;*\\")
+_ZWJ = "\u200d"
+
+
+def _clean(text: str) -> str:
+    """Lone surrogates (possible in decoded JSON) cannot be sent: U+FFFD instead; split pairs are joined."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
+def _width(ch: str) -> int:
+    code = ord(ch)
+    return 1 if code < 0x80 else 2 if code < 0x800 else 3 if code < 0x10000 else 4
+
+
+def _is_wide(ch: str) -> bool:
+    code = ord(ch)
+    if code < 0x1100:
+        return False
+    return 0x4E00 <= code <= 0x9FFF or unicodedata.east_asian_width(ch) in ("W", "F")
+
+
+def _wordish(ch: str) -> bool:
+    return ch in _CONNECTORS or (ch.isalnum() and not _is_wide(ch))
+
+
+def _continues_cluster(prev: str, nxt: str) -> bool:
+    """Whether `nxt` belongs to the same user-perceived character as `prev` (a close approximation)."""
+    code = ord(nxt)
+    if prev != _ZWJ and (code < 0x300 or 0x3100 <= code < 0xA000):  # no marks there (Latin-1, CJK)
+        return False
+    return (
+        prev == _ZWJ
+        or nxt == _ZWJ
+        or unicodedata.category(nxt) in ("Mn", "Me", "Mc")
+        or 0xFE00 <= code <= 0xFE0F  # variation selectors
+        or 0xE0100 <= code <= 0xE01EF
+        or 0x1F3FB <= code <= 0x1F3FF  # skin tones
+        or 0xE0020 <= code <= 0xE007F  # emoji tag sequences
+        or (0x1F1E6 <= code <= 0x1F1FF and 0x1F1E6 <= ord(prev) <= 0x1F1FF)  # flags
+    )
+
+
+def _punctuation(text: str, end: int, spaced: bool) -> Boundary | None:
+    """SENTENCE or CLAUSE when text[:end] ends with such punctuation (maybe followed by closing quotes or
+    brackets). ASCII punctuation counts only before whitespace or a wide (CJK) character: "3.14", "a,b"."""
+    nxt = None if spaced or end >= len(text) else text[end]
+    if nxt is not None and nxt in _STICKY:
+        return None  # "？！", "。」": cut after the last of them
+    i = end - 1
+    while i > 0 and i > end - 4 and text[i] in _CLOSERS:
+        i -= 1
+    ch = text[i]
+    loose = nxt is None or _is_wide(nxt)
+    if ch in _SENTENCE_WIDE or (loose and ch in _SENTENCE_ASCII):
+        return Boundary.SENTENCE
+    if ch in _CLAUSE_WIDE or (loose and ch in _CLAUSE_ASCII):
+        return Boundary.CLAUSE
+    return None
+
+
+def _between(text: str, end: int) -> Boundary:
+    """A cut between two characters with no whitespace between them."""
+    if end >= len(text):
+        return Boundary.CHARACTER  # the end of the text: never used as a cut
+    prev, nxt = text[end - 1], text[end]
+    if _continues_cluster(prev, nxt):
+        return Boundary.INSIDE_CLUSTER
+    punctuation = _punctuation(text, end, spaced=False)
+    if punctuation is not None:
+        return punctuation
+    if _wordish(prev) and _wordish(nxt):
+        return Boundary.INSIDE_WORD
+    return Boundary.CHARACTER
+
+
+def _at_space(text: str, end: int, space: str) -> Boundary:
+    """A cut at a run of whitespace that starts at `end`."""
+    breaks = max(space.count("\n"), space.count("\r")) + space.count("\u2028") + 2 * space.count("\u2029")
+    if breaks >= 2:
+        return Boundary.PARAGRAPH
+    if breaks == 1:
+        return Boundary.LINE
+    return _punctuation(text, end, spaced=True) or Boundary.WORD
+
+
+class _Layout:
+    """The cuts of a text, as parallel lists indexed by node: node 0 is the start, node `last` the end of
+    the text or, when `complete` is false, a cut after about `max_nonspace` bytes of characters other than
+    whitespace (at least `max_nonspace` - 3: callers ask for more than any split they consider can reach).
+    ends/resumes are character indices, end_bytes/resume_bytes the matching UTF-8 offsets."""
+
+    __slots__ = ("text", "ends", "resumes", "end_bytes", "resume_bytes", "levels", "complete")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.ends = [0]
+        self.resumes = [0]
+        self.end_bytes = [0]
+        self.resume_bytes = [0]
+        self.levels: list[int] = [Boundary.PARAGRAPH]
+        self.complete = True
+
+    @property
+    def last(self) -> int:
+        return len(self.ends) - 1
+
+    @classmethod
+    def of(cls, text: str, *, max_nonspace: int) -> _Layout:
+        """`text` must not start with whitespace."""
+        layout = cls(text)
+        ends, resumes, end_bytes, resume_bytes, levels = (
+            layout.ends,
+            layout.resumes,
+            layout.end_bytes,
+            layout.resume_bytes,
+            layout.levels,
+        )
+        size = 0
+        budget = max_nonspace
+        for run in _RUNS.finditer(text):
+            chunk = run.group()
+            if chunk[0].isspace():
+                size += utf8_len(chunk)
+                resumes[-1] = run.end()
+                resume_bytes[-1] = size
+                levels[-1] = _at_space(text, run.start(), chunk)
+                continue
+            if budget <= 0:
+                layout.complete = False
+                break
+            encoded = chunk.encode("utf-8", "surrogatepass")
+            if len(encoded) > budget:
+                chunk = encoded[:budget].decode("utf-8", "ignore") or chunk[0]
+                layout.complete = False
+            budget -= len(encoded)
+            first = run.start() + 1
+            positions = range(first, first + len(chunk))
+            ends.extend(positions)
+            resumes.extend(positions)
+            for ch in chunk:
+                size += _width(ch)
+                end_bytes.append(size)
+            resume_bytes.extend(end_bytes[-len(chunk) :])
+            levels.extend([_between(text, position) for position in positions])
+            if not layout.complete:
+                break
+        return layout
+
+    def part(self, start: int, stop: int) -> str:
+        return self.text[self.resumes[start] : self.ends[stop]]
+
+    def parts(self, cut_nodes: list[int]) -> list[str]:
+        out, start = [], 0
+        for node in cut_nodes:
+            out.append(self.part(start, node))
+            start = node
+        return out
+
+
+# --- choosing the cuts --------------------------------------------------------------------------------------
+
+
+def _reach(layout: _Layout, start: int, room: int, limit: int) -> int:
+    """The furthest node up to `limit` where a part beginning after node `start` can end; else `start`."""
+    end_bytes = layout.end_bytes
+    return max(start, bisect_right(end_bytes, layout.resume_bytes[start] + room, start + 1, limit + 1) - 1)
+
+
+def _fewest_parts(layout: _Layout, max_bytes: int, enough: int) -> int:
+    """How many parts the whole text needs at least (greedy: each part as long as possible is optimal, since
+    a part that fits still fits when it starts later); counts only up to `enough` + 1."""
+    node, count = 0, 0
+    while node < layout.last and count <= enough:
+        node = _reach(layout, node, max_bytes, layout.last)
+        count += 1
+    return count
+
+
+def _best_split(layout: _Layout, last: int, max_bytes: int, *, last_room: int) -> list[int] | None:
+    """The cut nodes (ending with `last`) of the best split of text up to node `last`, the part that ends
+    there holding at most `last_room` bytes and the others `max_bytes`.
+
+    Best: fewest parts, then fewest INSIDE_CLUSTER cuts, then INSIDE_WORD, ... then LINE (a lexicographic
+    order, encoded as one integer with a digit per level, base > any count); ties go to longer earlier parts.
+    Dynamic programming from the end: best[a] = min over the nodes b a part starting after a can reach of
+    part + weight(b) + best[b]. Those b form a window that slides left as a does, so a monotonic deque gives
+    each minimum in amortised constant time: linear overall.
+    """
+    if last == 0:
+        return []
+    end_bytes, resume_bytes, levels = layout.end_bytes, layout.resume_bytes, layout.levels
+    base = last + 2
+    weights = [base**level for level in range(len(Boundary))]
+    one_part = base ** len(Boundary)
+    best: list[int | None] = [None] * (last + 1)
+    follow = [0] * (last + 1)
+    best[last] = 0
+    window: deque[tuple[int, int]] = deque()  # (cost, node): nodes ascending, costs non-increasing
+    for start in range(last - 1, -1, -1):
+        node = start + 1
+        after = best[node]
+        if node < last and after is not None:
+            cost = one_part + weights[levels[node]] + after
+            while window and window[0][0] > cost:
+                window.popleft()
+            window.appendleft((cost, node))
+        while window and end_bytes[window[-1][1]] - resume_bytes[start] > max_bytes:
+            window.pop()
+        if end_bytes[last] - resume_bytes[start] <= last_room:
+            best[start], follow[start] = one_part, last
+        elif window:
+            best[start], follow[start] = window[-1]
+    if best[0] is None:
+        return None
+    out, node = [], 0
+    while node != last:
+        node = follow[node]
+        out.append(node)
+    return out
+
+
+def _best_near(layout: _Layout, furthest: int, slack: int) -> int:
+    """The node with the best boundary among those ending at most `slack` bytes before node `furthest`
+    (never node 0); the furthest such node on a tie."""
+    floor = layout.end_bytes[furthest] - slack
+    levels, end_bytes = layout.levels, layout.end_bytes
+    chosen, node = furthest, furthest - 1
+    while node > 0 and end_bytes[node] >= floor:
+        if levels[node] < levels[chosen]:
+            chosen = node
+        node -= 1
+    return chosen
+
+
+def _truncated(layout: _Layout, max_bytes: int, max_parts: int, notice: str) -> list[str]:
+    """What fits of a text too long for `max_parts` parts, ending at a good boundary and then `notice`."""
+    notice_bytes = utf8_len(notice)
+    room = max_bytes - notice_bytes
+    if room < _MIN_PART_BYTES:
+        # No room for the notice after any text: it goes alone in the last part.
+        alone = _fit_notice(notice, max_bytes)
+        if max_parts == 1:
+            return [alone] if alone else []
+        return [*_truncated(layout, max_bytes, max_parts - 1, ""), *([alone] if alone else [])]
+    # The furthest the text can go: full parts, then the last with the notice (greedy is optimal again).
+    node = 0
+    for _ in range(max_parts - 1):
+        node = _reach(layout, node, max_bytes, layout.last)
+    furthest = _reach(layout, node, room, layout.last)
+    if layout.complete and furthest == layout.last:
+        furthest -= 1  # cannot happen: the text would have fit without the notice
+    end = _best_near(layout, furthest, max_bytes // _WINDOW_FRACTION)
+    chosen = _best_split(layout, end, max_bytes, last_room=room)
+    if chosen is None or len(chosen) > max_parts:  # not expected: any earlier end fits too
+        chosen = _greedy(layout, furthest, max_bytes, max_parts)
+    parts = layout.parts(chosen)
+    parts[-1] = (parts[-1] + notice).rstrip()
+    return parts
+
+
+def _greedy(layout: _Layout, last: int, max_bytes: int, max_parts: int) -> list[int]:
+    out, node = [], 0
+    for _ in range(max_parts - 1):
+        node = _reach(layout, node, max_bytes, last)
+        if node == last:
+            break
+        out.append(node)
+    out.append(last)
+    return out
+
+
+def _fit_notice(notice: str, max_bytes: int) -> str:
+    return notice.strip().encode("utf-8")[:max_bytes].decode("utf-8", "ignore").rstrip()
