@@ -8,7 +8,8 @@ Templates come from the operator (`[TEXTS] msg_<msgtype>`) and know only plain `
 or index access, conversions and format specs make a template invalid, and an invalid or empty template
 means "no question" (the caller then sends the usual `unsupported` reply). A clause of a template (the
 text between `，` `；` `, ` `; ` or a line break) whose fields are all empty is left out, so a card without
-a price does not read "价格： 元"; the first clause, which says what the message is, is always kept.
+a price does not read "价格： 元"; the first clause, which says what the message is, is kept when it has
+words of its own.
 """
 
 from __future__ import annotations
@@ -135,9 +136,12 @@ def _render(clauses: list[_Clause], values: Mapping[str, str]) -> str | None:
     out: list[str] = []
     for index, (separator, pieces) in enumerate(clauses):
         fields = [name for is_field, name in pieces if is_field]
-        if index > 0 and fields and not any(values.get(name) for name in fields):
-            continue
-        out.append(separator)
+        if fields and not any(values.get(name) for name in fields):
+            heading = index == 0 and any(text.strip() for is_field, text in pieces if not is_field)
+            if not heading:
+                continue
+        if out:
+            out.append(separator)
         out.extend(values.get(text, "") if is_field else text for is_field, text in pieces)
     question = "".join(out).strip()
     return _bounded(question, MAX_QUESTION_CHARS) or None
@@ -182,14 +186,14 @@ def _first(body: Mapping[str, object], *keys: str) -> str:
 
 
 def _yuan(value: object) -> str:
-    """WeCom prices are in fen, as a string or a number: "1999" → "19.99". Anything else is shown as sent."""
+    """WeCom prices are in fen, as a string or a number: "1999" → "19.99". Other text is shown as sent."""
     text = _clean(value)
     try:
         fen = Decimal(text)
     except InvalidOperation:
         return text
-    if not fen.is_finite() or abs(fen) >= 10**15:
-        return text
+    if not fen.is_finite() or abs(fen) >= 10**15:  # "NaN", "Infinity", "1e999": no price at all
+        return ""
     yuan = (fen / 100).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
     return f"{abs(yuan) if yuan.is_zero() else yuan}"
 
