@@ -280,7 +280,11 @@ def _merged_msg(body: Mapping[str, object]) -> dict[str, str]:
             break
         lines.append(line)
         used += len(line) + 1
-    return {"title": _first(body, "title"), "items": "\n".join(lines), "count": str(len(entries))}
+    return {
+        "title": _first(body, "title"),
+        "items": "\n".join(lines),
+        "count": str(len(entries)) if entries else "",
+    }
 
 
 def _json_list(value: object) -> list[Any]:

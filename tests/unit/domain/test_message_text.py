@@ -126,6 +126,12 @@ class TestMergedMessages:
             "张三：{not json\n张三：[image]\n八\n42"
         )
 
+    def test_no_items_means_no_count(self) -> None:
+        assert (
+            render_question("merged_msg", {"item": "[]"}, {"msg_merged_msg": "共{count}条：{items}"}) is None
+        )
+        assert merged([entry("a"), entry("b")], "共{count}条") == "共2条"
+
     def test_a_json_list_of_items_under_items_and_a_real_list(self) -> None:
         templates = {"msg_merged_msg": "{items}"}
         assert render_question("merged_msg", {"items": json.dumps([entry("a")])}, templates) == "张三：a"
