@@ -79,11 +79,6 @@ def render_question(msgtype: str, body: Mapping[str, object], templates: Mapping
     return _render(clauses, extract(body))
 
 
-def template_fields(key: str) -> tuple[str, ...]:
-    """The fields a `[TEXTS]` key's template may use; empty for a key that is not a message template."""
-    return TEMPLATE_FIELDS.get(key, ())
-
-
 def template_problem(key: str, template: str) -> str | None:
     """Why `template` cannot serve `[TEXTS] key`, for configuration checks; None when it can (or is empty)."""
     if key not in TEMPLATE_FIELDS:
