@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import IntEnum, StrEnum
+from types import MappingProxyType
 
 
 class Origin(IntEnum):
@@ -83,6 +85,10 @@ EVENT_TEXT_FIELDS: tuple[str, ...] = tuple(
 EVENT_NUMBER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(KfEvent) if f.type == "int | None")
 
 
+# Keys of `InboundMessage.extra` that come from the sync_msg item itself rather than from its body.
+_ITEM_LEVEL_EXTRA = frozenset({"servicer_userid"})
+
+
 @dataclass(frozen=True, slots=True)
 class InboundMessage:
     """One item of `kf/sync_msg`'s `msg_list`, reduced to what the bot uses."""
@@ -108,6 +114,15 @@ class InboundMessage:
     @property
     def customer(self) -> CustomerRef:
         return CustomerRef(self.open_kfid, self.external_userid)
+
+    @property
+    def body_fields(self) -> Mapping[str, str]:
+        """The body of a msgtype without its own attributes (location, link, product card, ...), read-only.
+
+        Flattened as the WeCom adapter stores it in `extra`: scalars as strings, nested objects as `a.b`
+        keys, lists as JSON text. Item-level keys (`servicer_userid`) are left out.
+        """
+        return MappingProxyType({k: v for k, v in self.extra.items() if k not in _ITEM_LEVEL_EXTRA})
 
     @property
     def is_from_customer(self) -> bool:

@@ -19,6 +19,9 @@ def parse_sync_item(item: object) -> InboundMessage | None:
 
     WeCom has sent numbers as strings and omitted fields in the past, and new msgtypes appear without notice:
     every field is coerced defensively, and an unknown msgtype is kept as-is with a short `summary`.
+    The body of any other msgtype (location, link, product and order cards, forwarded chat history, ...)
+    is carried whole, flattened, as `extra`/`body_fields`: `domain.message_text` reads it from there, and
+    the shared state store keeps it with the message.
     """
     if not isinstance(item, Mapping):
         return None
@@ -71,8 +74,9 @@ def parse_sync_item(item: object) -> InboundMessage | None:
 def to_sync_item(message: InboundMessage) -> dict[str, Any]:
     """The inverse of `parse_sync_item`, for fakes and emulators: the JSON WeCom would return for `message`.
 
-    Exact for text, media and event messages. Other msgtypes are rebuilt from `extra` (as `parse_sync_item`
-    fills it), so their `summary` round-trips only when `extra` is complete.
+    Exact for text, media and event messages. Other msgtypes are rebuilt from `body_fields` (as
+    `parse_sync_item` fills them: nested objects and known numbers and arrays restored), so their body
+    round-trips exactly, and their `summary` does when the fields are complete.
     """
     item: dict[str, Any] = {
         "msgid": message.msgid,
@@ -110,14 +114,60 @@ def to_sync_item(message: InboundMessage) -> dict[str, Any]:
             del body["external_userid"]
         item["event"] = body
     elif message.msgtype:
-        fields = {k: v for k, v in message.extra.items() if k != "servicer_userid" and "." not in k}
-        if message.msgtype == "location":
-            for key in ("latitude", "longitude"):
-                number = _float(fields.get(key))
-                if number is not None:
-                    fields[key] = number  # type: ignore[assignment]
-        item[message.msgtype] = fields
+        item[message.msgtype] = _unflatten(message.msgtype, message.body_fields)
     return item
+
+
+# Body fields WeCom sends as JSON numbers or arrays, which `_flatten` turned into text (docs/wecom-kf.md).
+_NUMBER_FIELDS = {"location": ("latitude", "longitude"), "channels": ("sub_type",)}
+_LIST_FIELDS = {"merged_msg": ("item",), "msgmenu": ("list",)}
+
+
+def _unflatten(msgtype: str, fields: Mapping[str, str]) -> dict[str, Any]:
+    """A body `_flatten` maps back to `fields`: `a.b` keys nested again, known numbers and arrays restored.
+
+    A value is only turned back into a number or an array when flattening that gives the same text again,
+    and a dotted key that clashes with another field stays a literal key: `parse_sync_item` of the result
+    always gives back `fields`.
+    """
+    body: dict[str, Any] = {}
+    for key, value in fields.items():
+        if "." not in key:
+            body[key] = _restored(msgtype, key, value)
+    for key in sorted((k for k in fields if "." in k), key=lambda k: k.count(".")):
+        *path, leaf = key.split(".")
+        node = _node_at(body, path)
+        if node is None or leaf in node:
+            body[key] = fields[key]
+        else:
+            node[leaf] = fields[key]
+    return body
+
+
+def _node_at(body: dict[str, Any], path: list[str]) -> dict[str, Any] | None:
+    """The object at `path`, created as needed; None when a field that is not an object is in the way."""
+    node = body
+    for part in path:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            return None
+        node = child
+    return node
+
+
+def _restored(msgtype: str, key: str, value: str) -> Any:
+    if key in _NUMBER_FIELDS.get(msgtype, ()):
+        number = _float(value)
+        if number is not None and _str(number) == value:
+            return int(number) if number.is_integer() and "." not in value else number
+    if key in _LIST_FIELDS.get(msgtype, ()) and value.startswith("["):
+        try:
+            decoded = json.loads(value)
+        except (ValueError, RecursionError):
+            return value
+        if isinstance(decoded, list) and _flatten({key: decoded}).get(key) == value:
+            return decoded
+    return value
 
 
 def _parse_event(body: Mapping[str, Any]) -> KfEvent:
