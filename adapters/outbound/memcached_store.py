@@ -10,10 +10,13 @@ Keys
   ``#`` + blake2b-128 hex. ``#`` never occurs in a kept part, so a hashed part cannot collide with a raw one.
   When a key would still exceed memcached's 250 bytes, every long part is hashed too.
 - ``{prefix}:gen`` holds the namespace generation. `clear()` increments it: every old key becomes unreachable
-  at once (and expires by itself) without touching anything outside this prefix. A missing generation (first
-  start, or the node holding it restarted) is created as the current time in milliseconds, so data from
-  before a `clear()` can never become reachable again. Each instance caches the generation for at most
-  `GENERATION_CACHE_S` (1 s): after `clear()` on instance A, instance B uses the new namespace within 1 s.
+  at once (and expires by itself) without touching anything outside this prefix. Message marks and leases
+  (`msg`) and pull leases (`pull`) use generation 0 instead, which `clear()` keeps: a message answered
+  before a clear is never answered again, and a pull running during a clear keeps its lease. A missing
+  generation (first start, or the node holding it restarted) is created as the current time in
+  milliseconds, so data from before a `clear()` can never become reachable again. Each instance caches the
+  generation for at most `GENERATION_CACHE_S` (1 s): after `clear()` on instance A, instance B uses the new
+  namespace within 1 s.
   With several servers the generation lives on one of them: while that one is down, every operation fails.
 
 | kind        | value (JSON, see state_codec)          | expiry                                              |
@@ -97,6 +100,9 @@ InboxRead = tuple[bytes, bytes, list[InboundMessage]]
 MAX_KEY_BYTES = 250
 MAX_RELATIVE_TTL_S = 30 * 24 * 3600  # memcached reads a larger exptime as an absolute Unix time
 GENERATION_CACHE_S = 1.0
+# Message marks and leases and pull leases live in generation 0, which no clear() ever leaves (a generation is
+# a time in milliseconds): "which message was answered" and "who is pulling" survive a clear.
+LEDGER_GENERATION = 0
 PULL_TOKEN_TTL_S = 600
 FREED_LEASE_TTL_S = 60
 EMPTY_INBOX_TTL_S = 300
@@ -223,6 +229,10 @@ class MemcachedStateStore:
     async def _key(self, kind: str, *parts: str) -> str:
         return _cached_key(self._prefix, await self._current_generation(), kind, *parts)
 
+    def _ledger_key(self, kind: str, *parts: str) -> str:
+        """A key `clear()` keeps (message marks and leases, pull leases): outside every generation."""
+        return _cached_key(self._prefix, LEDGER_GENERATION, kind, *parts)
+
     async def _cas_update(
         self, key: str, change: Callable[[bytes | None], tuple[bytes, int] | None], read: Read | None = None
     ) -> None:
@@ -278,12 +288,12 @@ class MemcachedStateStore:
     # --- MessageLedger --------------------------------------------------------------------------------
 
     async def begin(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
-        mk = await self._key("msg", key.open_kfid, key.msgid)
+        mk = self._ledger_key("msg", key.open_kfid, key.msgid)
         return await self._take_lease(mk, owner, lease_expire_for(lease_s, now=time.time()))
 
     async def claim(self, message: InboundMessage, *, owner: str, lease_s: float) -> bool:
         customer = message.customer
-        mk = await self._key("msg", message.open_kfid, message.msgid)
+        mk = self._ledger_key("msg", message.open_kfid, message.msgid)
         conversation_key = await self._key("conv", customer.open_kfid, customer.external_userid)
         expire = lease_expire_for(lease_s, now=time.time())
         held = codec.encode_mark(codec.Mark(codec.BUSY, owner))
@@ -304,24 +314,24 @@ class MemcachedStateStore:
         return True
 
     async def renew(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
-        mk = await self._key("msg", key.open_kfid, key.msgid)
+        mk = self._ledger_key("msg", key.open_kfid, key.msgid)
         return await self._renew_lease(mk, owner, lease_expire_for(lease_s, now=time.time()))
 
     async def finish(self, key: DedupeKey) -> None:
-        mk = await self._key("msg", key.open_kfid, key.msgid)
+        mk = self._ledger_key("msg", key.open_kfid, key.msgid)
         expire = expire_for(self._done_ttl, now=time.time())
         await self._client.set(mk, self._done_mark, expire)
 
     async def release(self, key: DedupeKey, *, owner: str) -> None:
-        await self._release_lease(await self._key("msg", key.open_kfid, key.msgid), owner)
+        await self._release_lease(self._ledger_key("msg", key.open_kfid, key.msgid), owner)
 
     async def state(self, key: DedupeKey) -> MessageState:
-        return _message_state(await self._client.get(await self._key("msg", key.open_kfid, key.msgid)))
+        return _message_state(await self._client.get(self._ledger_key("msg", key.open_kfid, key.msgid)))
 
     async def states(self, keys: Sequence[DedupeKey]) -> list[MessageState]:
         if not keys:
             return []
-        names = [await self._key("msg", key.open_kfid, key.msgid) for key in keys]
+        names = [self._ledger_key("msg", key.open_kfid, key.msgid) for key in keys]
         found = await self._client.get_many(names)
         return [_message_state(found.get(name)) for name in names]
 
@@ -461,7 +471,7 @@ class MemcachedStateStore:
 
     async def complete(self, message: InboundMessage) -> list[InboundMessage]:
         customer, msgid = message.customer, message.msgid
-        mark_key = await self._key("msg", message.open_kfid, msgid)
+        mark_key = self._ledger_key("msg", message.open_kfid, msgid)
         key = await self._key("inbox", customer.open_kfid, customer.external_userid)
         done_expire = expire_for(self._done_ttl, now=time.time())
         kept_read = self._inbox_reads.pop(key, None)
@@ -546,15 +556,15 @@ class MemcachedStateStore:
     # --- PullCoordination -----------------------------------------------------------------------------
 
     async def acquire_pull(self, open_kfid: str, *, owner: str, lease_s: float) -> bool:
-        key = await self._key("pull", open_kfid)
+        key = self._ledger_key("pull", open_kfid)
         return await self._take_lease(key, owner, lease_expire_for(lease_s, now=time.time()))
 
     async def renew_pull(self, open_kfid: str, *, owner: str, lease_s: float) -> bool:
-        key = await self._key("pull", open_kfid)
+        key = self._ledger_key("pull", open_kfid)
         return await self._renew_lease(key, owner, lease_expire_for(lease_s, now=time.time()))
 
     async def release_pull(self, open_kfid: str, *, owner: str) -> None:
-        await self._release_lease(await self._key("pull", open_kfid), owner)
+        await self._release_lease(self._ledger_key("pull", open_kfid), owner)
 
     async def request_pull(self, open_kfid: str, token: str = "") -> None:
         counter = await self._key("pullreq", open_kfid)
@@ -607,6 +617,8 @@ class MemcachedStateStore:
         return True
 
     async def clear(self) -> None:
+        """A new generation: conversations, inboxes, cursors, pull requests and known kf accounts become
+        unreachable; message marks and leases and pull leases (generation 0) stay (see `StoreAdmin.clear`)."""
         gen_key = f"{self._prefix}:gen"
         for _ in range(CAS_ATTEMPTS):
             generation = await self._client.incr(gen_key, 1)

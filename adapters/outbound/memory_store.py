@@ -2,11 +2,20 @@
 
 It is the store for a single instance without Memcached, and the fake for tests; both pass the same
 contract suite as the Memcached store (tests/contract/test_state_store.py).
+
+Memory is bounded by `max_keys`, counted over conversations, message marks (leases and DONE marks) and pending
+inbox messages. Eviction never touches what keeps the service going: cursors, pull leases, pull requests and
+tokens, and known kf accounts (a handful per kf account). When full, it first drops what has expired, then
+the least recently used conversation or customer inbox, and only when none is left the least recently used
+message mark -- DONE marks are kept as long as possible, because a lost one can let a replayed history be
+answered twice.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,19 +24,37 @@ from domain.conversation import Conversation
 from domain.dedupe import DedupeKey
 from domain.messages import CustomerRef, InboundMessage
 
+log = logging.getLogger(__name__)
+
 # Dedupe marks outlive WeCom's three-day history window, so a replayed history is never answered twice.
 DEFAULT_DONE_TTL_S = 4 * 24 * 3600
 DEFAULT_CONVERSATION_IDLE_TTL_S = 24 * 3600
+# A full store looks for expired entries (a scan of everything) at most this often.
+EXPIRY_SWEEP_INTERVAL_S = 60.0
+
+# Never evicted: losing one stops or repeats work (a lost cursor re-pulls the whole history).
+_PINNED_KINDS = frozenset({"cursor", "pull", "pullreq", "pulltoken"})
+_LEDGER_KIND = "msg"
 
 
 @dataclass(slots=True)
 class _Entry:
     value: object
     expires_at: float  # 0 = never
+    used: int = 0  # when last read or written, in store ticks (for LRU across tables)
+
+
+@dataclass(slots=True)
+class _Box:
+    messages: dict[str, InboundMessage]
+    used: int = 0
+
+
+Key = tuple[str, ...]
 
 
 class MemoryStateStore:
-    """All state ports in one dict with expiry. Safe because the event loop runs one coroutine at a time."""
+    """All state ports in dicts with expiry. Safe because the event loop runs one coroutine at a time."""
 
     backend = "memory"
 
@@ -39,44 +66,98 @@ class MemoryStateStore:
         clock: Callable[[], float] = time.time,
         max_keys: int = 200_000,
     ) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
         self._conversation_ttl = conversation_idle_ttl_s
         self._done_ttl = done_ttl_s
         self._clock = clock
         self._max_keys = max_keys
-        self._data: dict[tuple[str, ...], _Entry] = {}
-        self._inbox: dict[CustomerRef, dict[str, InboundMessage]] = {}
+        self._tick = 0
+        self._next_sweep_at = 0.0
+        self._pinned: dict[Key, _Entry] = {}
+        self._conversations: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
+        self._ledger: OrderedDict[Key, _Entry] = OrderedDict()
+        self._inbox: OrderedDict[CustomerRef, _Box] = OrderedDict()
+        self._inbox_size = 0  # messages in all inboxes
         self._kfs: dict[str, None] = {}
+
+    @property
+    def size(self) -> int:
+        """What counts against `max_keys`: conversations, message marks and pending messages."""
+        return len(self._conversations) + len(self._ledger) + self._inbox_size
 
     # --- plumbing -------------------------------------------------------------------------------------
 
-    def _get(self, key: tuple[str, ...]) -> object | None:
-        entry = self._data.get(key)
+    def _table(self, key: Key) -> dict[Key, _Entry]:
+        if key[0] in _PINNED_KINDS:
+            return self._pinned
+        return self._ledger if key[0] == _LEDGER_KIND else self._conversations
+
+    def _touch(self) -> int:
+        self._tick += 1
+        return self._tick
+
+    def _get(self, key: Key) -> object | None:
+        table = self._table(key)
+        entry = table.get(key)
         if entry is None:
             return None
         if entry.expires_at and entry.expires_at <= self._clock():
-            del self._data[key]
+            del table[key]
             return None
+        entry.used = self._touch()
+        if isinstance(table, OrderedDict):
+            table.move_to_end(key)
         return entry.value
 
-    def _set(self, key: tuple[str, ...], value: object, ttl_s: float) -> None:
-        if len(self._data) >= self._max_keys and key not in self._data:
-            self._evict()
-        self._data[key] = _Entry(value, self._clock() + ttl_s if ttl_s > 0 else 0.0)
+    def _set(self, key: Key, value: object, ttl_s: float) -> None:
+        table = self._table(key)
+        if table is not self._pinned and key not in table:
+            self._make_room(1)
+        table.pop(key, None)  # (re)inserted last: the most recently used
+        table[key] = _Entry(value, self._clock() + ttl_s if ttl_s > 0 else 0.0, self._touch())
 
-    def _add(self, key: tuple[str, ...], value: object, ttl_s: float) -> bool:
+    def _delete(self, key: Key) -> None:
+        self._table(key).pop(key, None)
+
+    def _add(self, key: Key, value: object, ttl_s: float) -> bool:
         if self._get(key) is not None:
             return False
         self._set(key, value, ttl_s)
         return True
 
-    def _evict(self) -> None:
-        """Bound memory like Memcached does: drop expired entries, then the oldest ones."""
+    def _make_room(self, count: int) -> None:
+        """Evict until `count` more fit: expired entries, then the least recently used conversations and
+        inboxes, then the least recently used marks."""
+        if self.size + count <= self._max_keys:
+            return
         now = self._clock()
-        for key in [k for k, e in self._data.items() if e.expires_at and e.expires_at <= now]:
-            del self._data[key]
-        overflow = len(self._data) - int(self._max_keys * 0.9)
-        for key in list(self._data)[: max(overflow, 0)]:
-            del self._data[key]
+        if now >= self._next_sweep_at:
+            self._next_sweep_at = now + EXPIRY_SWEEP_INTERVAL_S
+            for table in (self._conversations, self._ledger):
+                for key in [k for k, e in table.items() if e.expires_at and e.expires_at <= now]:
+                    del table[key]
+        dropped_messages = 0
+        while self.size + count > self._max_keys:
+            conversation = next(iter(self._conversations.items()), None)
+            box = next(iter(self._inbox.items()), None)
+            if box is not None and (conversation is None or box[1].used < conversation[1].used):
+                del self._inbox[box[0]]
+                self._inbox_size -= len(box[1].messages)
+                dropped_messages += len(box[1].messages)
+            elif conversation is not None:
+                del self._conversations[conversation[0]]
+            elif self._ledger:
+                self._ledger.popitem(last=False)
+            else:
+                break  # nothing evictable left (a single batch larger than the whole store)
+        if dropped_messages:
+            log.error(
+                "in-process store full (%d keys): dropped %d pending message(s) of the least recently used "
+                "customer; give it more room (max_keys) or use Memcached",
+                self._max_keys,
+                dropped_messages,
+            )
 
     # --- ConversationStore ----------------------------------------------------------------------------
 
@@ -92,31 +173,31 @@ class MemoryStateStore:
     async def delete_conversation(self, customer: CustomerRef) -> bool:
         key = ("conv", customer.open_kfid, customer.external_userid)
         existed = self._get(key) is not None
-        self._data.pop(key, None)
+        self._delete(key)
         return existed
 
     # --- MessageLedger --------------------------------------------------------------------------------
 
     async def begin(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
-        return self._add(("msg", key.open_kfid, key.msgid), ("busy", owner), lease_s)
+        return self._add((_LEDGER_KIND, key.open_kfid, key.msgid), ("busy", owner), lease_s)
 
     async def renew(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
-        k = ("msg", key.open_kfid, key.msgid)
+        k = (_LEDGER_KIND, key.open_kfid, key.msgid)
         if self._get(k) != ("busy", owner):
             return False
         self._set(k, ("busy", owner), lease_s)
         return True
 
     async def finish(self, key: DedupeKey) -> None:
-        self._set(("msg", key.open_kfid, key.msgid), ("done", ""), self._done_ttl)
+        self._set((_LEDGER_KIND, key.open_kfid, key.msgid), ("done", ""), self._done_ttl)
 
     async def release(self, key: DedupeKey, *, owner: str) -> None:
-        k = ("msg", key.open_kfid, key.msgid)
+        k = (_LEDGER_KIND, key.open_kfid, key.msgid)
         if self._get(k) == ("busy", owner):
-            del self._data[k]
+            self._delete(k)
 
     async def state(self, key: DedupeKey) -> MessageState:
-        value = self._get(("msg", key.open_kfid, key.msgid))
+        value = self._get((_LEDGER_KIND, key.open_kfid, key.msgid))
         if value is None:
             return MessageState.NEW
         return MessageState.DONE if value[0] == "done" else MessageState.BUSY  # type: ignore[index]
@@ -128,20 +209,34 @@ class MemoryStateStore:
 
     async def record(self, messages: Sequence[InboundMessage]) -> None:
         for message in messages:
-            box = self._inbox.setdefault(message.customer, {})
-            box.setdefault(message.msgid, message)
+            box = self._inbox.get(message.customer)
+            if box is not None and message.msgid in box.messages:
+                continue
+            self._make_room(1)
+            box = self._inbox.get(message.customer)  # making room may have dropped it
+            if box is None:
+                box = self._inbox[message.customer] = _Box({})
+            box.messages[message.msgid] = message
+            box.used = self._touch()
+            self._inbox.move_to_end(message.customer)
+            self._inbox_size += 1
 
     async def pending(self, customer: CustomerRef) -> list[InboundMessage]:
-        box = self._inbox.get(customer, {})
+        box = self._inbox.get(customer)
+        if box is None:
+            return []
+        box.used = self._touch()
+        self._inbox.move_to_end(customer)
         # Stable sort: equal send_times keep the order WeCom returned them in.
-        return sorted(box.values(), key=lambda m: m.send_time)
+        return sorted(box.messages.values(), key=lambda m: m.send_time)
 
     async def remove(self, customer: CustomerRef, msgid: str) -> list[InboundMessage]:
         box = self._inbox.get(customer)
         if box is None:
             return []
-        box.pop(msgid, None)
-        if not box:
+        if box.messages.pop(msgid, None) is not None:
+            self._inbox_size -= 1
+        if not box.messages:
             del self._inbox[customer]
         return await self.pending(customer)
 
@@ -153,7 +248,7 @@ class MemoryStateStore:
         return await self.remove(message.customer, message.msgid)
 
     async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]:
-        return [c for c, box in self._inbox.items() if c.open_kfid == open_kfid and box]
+        return [c for c, box in self._inbox.items() if c.open_kfid == open_kfid and box.messages]
 
     # --- CursorStore ----------------------------------------------------------------------------------
 
@@ -177,7 +272,7 @@ class MemoryStateStore:
 
     async def release_pull(self, open_kfid: str, *, owner: str) -> None:
         if self._get(("pull", open_kfid)) == owner:
-            del self._data[("pull", open_kfid)]
+            self._delete(("pull", open_kfid))
 
     async def request_pull(self, open_kfid: str, token: str = "") -> None:
         count = self._get(("pullreq", open_kfid))
@@ -205,6 +300,11 @@ class MemoryStateStore:
         return True
 
     async def clear(self) -> None:
-        self._data.clear()
+        """Forget conversations, inboxes, cursors, pull requests and known kf accounts. Message marks (DONE
+        marks and leases) and pull leases are kept: see `StoreAdmin.clear`."""
+        self._conversations.clear()
         self._inbox.clear()
+        self._inbox_size = 0
         self._kfs.clear()
+        for key in [k for k in self._pinned if k[0] != "pull"]:
+            del self._pinned[key]
