@@ -5,10 +5,11 @@ contract suite as the Memcached store (tests/contract/test_state_store.py).
 
 Memory is bounded by `max_keys`, counted over conversations, message marks (leases and DONE marks) and pending
 inbox messages. Eviction never touches what keeps the service going: cursors, pull leases, pull requests and
-tokens, and known kf accounts (a handful per kf account). When full, it first drops what has expired, then
-the least recently used conversation or customer inbox, and only when none is left the least recently used
-message mark -- DONE marks are kept as long as possible, because a lost one can let a replayed history be
-answered twice.
+tokens, and known kf accounts (a handful per kf account). When full, it drops what has expired, then the least
+recently used conversations (the customer's next message starts a new one), then -- kept as long as that
+allows -- the least recently used message marks (a lost DONE mark matters only if the history is pulled
+again, which a kept cursor avoids), and only as a last resort a pending message (never answered: logged as
+an error). Reads count as use.
 """
 
 from __future__ import annotations
@@ -41,13 +42,6 @@ _LEDGER_KIND = "msg"
 class _Entry:
     value: object
     expires_at: float  # 0 = never
-    used: int = 0  # when last read or written, in store ticks (for LRU across tables)
-
-
-@dataclass(slots=True)
-class _Box:
-    messages: dict[str, InboundMessage]
-    used: int = 0
 
 
 Key = tuple[str, ...]
@@ -72,12 +66,11 @@ class MemoryStateStore:
         self._done_ttl = done_ttl_s
         self._clock = clock
         self._max_keys = max_keys
-        self._tick = 0
         self._next_sweep_at = 0.0
         self._pinned: dict[Key, _Entry] = {}
         self._conversations: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
         self._ledger: OrderedDict[Key, _Entry] = OrderedDict()
-        self._inbox: OrderedDict[CustomerRef, _Box] = OrderedDict()
+        self._inbox: OrderedDict[CustomerRef, dict[str, InboundMessage]] = OrderedDict()
         self._inbox_size = 0  # messages in all inboxes
         self._kfs: dict[str, None] = {}
 
@@ -93,10 +86,6 @@ class MemoryStateStore:
             return self._pinned
         return self._ledger if key[0] == _LEDGER_KIND else self._conversations
 
-    def _touch(self) -> int:
-        self._tick += 1
-        return self._tick
-
     def _get(self, key: Key) -> object | None:
         table = self._table(key)
         entry = table.get(key)
@@ -105,7 +94,6 @@ class MemoryStateStore:
         if entry.expires_at and entry.expires_at <= self._clock():
             del table[key]
             return None
-        entry.used = self._touch()
         if isinstance(table, OrderedDict):
             table.move_to_end(key)
         return entry.value
@@ -115,7 +103,7 @@ class MemoryStateStore:
         if table is not self._pinned and key not in table:
             self._make_room(1)
         table.pop(key, None)  # (re)inserted last: the most recently used
-        table[key] = _Entry(value, self._clock() + ttl_s if ttl_s > 0 else 0.0, self._touch())
+        table[key] = _Entry(value, self._clock() + ttl_s if ttl_s > 0 else 0.0)
 
     def _delete(self, key: Key) -> None:
         self._table(key).pop(key, None)
@@ -127,8 +115,9 @@ class MemoryStateStore:
         return True
 
     def _make_room(self, count: int) -> None:
-        """Evict until `count` more fit: expired entries, then the least recently used conversations and
-        inboxes, then the least recently used marks."""
+        """Evict until `count` more fit: expired entries, then the least recently used conversations, then
+        the least recently used message marks, and only as a last resort the oldest pending message of the
+        least recently used inbox."""
         if self.size + count <= self._max_keys:
             return
         now = self._clock()
@@ -137,26 +126,30 @@ class MemoryStateStore:
             for table in (self._conversations, self._ledger):
                 for key in [k for k, e in table.items() if e.expires_at and e.expires_at <= now]:
                     del table[key]
-        dropped_messages = 0
+        dropped: list[InboundMessage] = []
         while self.size + count > self._max_keys:
-            conversation = next(iter(self._conversations.items()), None)
-            box = next(iter(self._inbox.items()), None)
-            if box is not None and (conversation is None or box[1].used < conversation[1].used):
-                del self._inbox[box[0]]
-                self._inbox_size -= len(box[1].messages)
-                dropped_messages += len(box[1].messages)
-            elif conversation is not None:
-                del self._conversations[conversation[0]]
+            if self._conversations:
+                self._conversations.popitem(last=False)
             elif self._ledger:
                 self._ledger.popitem(last=False)
+            elif self._inbox:
+                customer, box = next(iter(self._inbox.items()))
+                oldest = min(box.values(), key=lambda m: m.send_time)
+                del box[oldest.msgid]
+                self._inbox_size -= 1
+                if not box:
+                    del self._inbox[customer]
+                dropped.append(oldest)
             else:
-                break  # nothing evictable left (a single batch larger than the whole store)
-        if dropped_messages:
+                break  # nothing evictable left
+        if dropped:
             log.error(
-                "in-process store full (%d keys): dropped %d pending message(s) of the least recently used "
-                "customer; give it more room (max_keys) or use Memcached",
+                "in-process store full (max_keys=%d): dropped %d pending message(s), the first of kf=%s "
+                "customer=%s; give it more room or use Memcached",
                 self._max_keys,
-                dropped_messages,
+                len(dropped),
+                dropped[0].open_kfid,
+                dropped[0].external_userid,
             )
 
     # --- ConversationStore ----------------------------------------------------------------------------
@@ -210,14 +203,11 @@ class MemoryStateStore:
     async def record(self, messages: Sequence[InboundMessage]) -> None:
         for message in messages:
             box = self._inbox.get(message.customer)
-            if box is not None and message.msgid in box.messages:
+            if box is not None and message.msgid in box:
                 continue
             self._make_room(1)
-            box = self._inbox.get(message.customer)  # making room may have dropped it
-            if box is None:
-                box = self._inbox[message.customer] = _Box({})
-            box.messages[message.msgid] = message
-            box.used = self._touch()
+            box = self._inbox.setdefault(message.customer, {})  # making room may have dropped it
+            box[message.msgid] = message
             self._inbox.move_to_end(message.customer)
             self._inbox_size += 1
 
@@ -225,18 +215,17 @@ class MemoryStateStore:
         box = self._inbox.get(customer)
         if box is None:
             return []
-        box.used = self._touch()
         self._inbox.move_to_end(customer)
         # Stable sort: equal send_times keep the order WeCom returned them in.
-        return sorted(box.messages.values(), key=lambda m: m.send_time)
+        return sorted(box.values(), key=lambda m: m.send_time)
 
     async def remove(self, customer: CustomerRef, msgid: str) -> list[InboundMessage]:
         box = self._inbox.get(customer)
         if box is None:
             return []
-        if box.messages.pop(msgid, None) is not None:
+        if box.pop(msgid, None) is not None:
             self._inbox_size -= 1
-        if not box.messages:
+        if not box:
             del self._inbox[customer]
         return await self.pending(customer)
 
@@ -248,7 +237,7 @@ class MemoryStateStore:
         return await self.remove(message.customer, message.msgid)
 
     async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]:
-        return [c for c, box in self._inbox.items() if c.open_kfid == open_kfid and box.messages]
+        return [c for c, box in self._inbox.items() if c.open_kfid == open_kfid and box]
 
     # --- CursorStore ----------------------------------------------------------------------------------
 
