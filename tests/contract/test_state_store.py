@@ -773,7 +773,7 @@ class TestAnyIds:
 
 
 class TestTheMatrix:
-    async def test_the_failover_store_with_its_primary_down_serves_every_role_from_its_fallback(
+    async def test_a_failover_store_is_degraded_exactly_when_its_primary_is_down(
         self, store: StateStore, backend: str
     ) -> None:
         await store.set_cursor(KF, "c1")
