@@ -6,9 +6,9 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from application.ports import StateStore
+from application.ports import ConversationStore, KfRegistry, StoreAdmin
 from application.telemetry import Telemetry
 from domain.conversation import Conversation
 from domain.messages import CustomerRef
@@ -25,10 +25,14 @@ class FoundConversation:
         return {"open_kfid": self.customer.open_kfid, **self.conversation.to_dict()}
 
 
+class AdminStore(ConversationStore, KfRegistry, StoreAdmin, Protocol):
+    """What the operator's use cases need of the state store."""
+
+
 class ConversationAdmin:
     """Conversations are kept per kf account and customer; `open_kfid` narrows a lookup to one account."""
 
-    def __init__(self, *, store: StateStore, configured_kfs: Iterable[str] = ()) -> None:
+    def __init__(self, *, store: AdminStore, configured_kfs: Iterable[str] = ()) -> None:
         self._store = store
         self._configured = tuple(configured_kfs)
 
@@ -49,6 +53,8 @@ class ConversationAdmin:
         return found
 
     async def reset(self, user_id: str, open_kfid: str | None = None) -> int:
+        """Forget the customer's Dify conversation: their next message starts a new one. Nothing else changes,
+        so no message answered before is answered again."""
         count = 0
         for kf in await self._kfs(open_kfid):
             if await self._store.delete_conversation(CustomerRef(kf, user_id)):
@@ -58,15 +64,29 @@ class ConversationAdmin:
         return count
 
     async def clear(self) -> None:
+        """Start every conversation over: the store forgets conversations, inboxes, cursors, pull requests and
+        known kf accounts, but keeps the DONE marks and leases (`StoreAdmin.clear`).
+
+        Why keep the marks: the next pull of each kf account runs without cursor and WeCom hands back up to
+        three days of history. With the marks, every message answered before the clear reads DONE and is
+        neither sent to Dify nor answered again, whichever instance pulls and whether or not the service
+        restarted; messages pulled but not yet answered come back with that history and are still answered
+        (within MAX_MESSAGE_AGE); messages arriving afterwards are answered as usual. A clear watermark time
+        was the alternative: it would also drop unanswered messages sent just before the clear, and depend on
+        WeCom's and our clocks agreeing."""
         await self._store.clear()
-        log.warning("admin cleared all conversations, dedupe marks and cursors")
+        log.warning("admin cleared all conversations, inboxes and cursors (answered messages stay answered)")
+
+
+class StatusStore(KfRegistry, StoreAdmin, Protocol):
+    """What /status and /ready need of the state store."""
 
 
 class StatusReport:
     def __init__(
         self,
         *,
-        store: StateStore,
+        store: StatusStore,
         telemetry: Telemetry,
         version: str,
         extra: Callable[[], dict[str, Any]] = dict,

@@ -35,7 +35,7 @@ After recovery the fallback is still consulted, so nothing done during the outag
     - `get_cursor()` prefers a cursor written during the outage that is not yet written through;
     - `pending()` and `customers_with_pending()` merge both (deduplicated by msgid / customer), `remove()`
       and `complete()` remove from both (and return both's remaining messages), `known_kfs()` merges both;
-    - `clear()` clears both.
+    - `clear()` clears both (each keeps its message marks, leases and pull leases: `StoreAdmin.clear`).
 """
 
 from __future__ import annotations
@@ -463,7 +463,8 @@ class FailoverStateStore:
 
     async def _clear_fallback(self) -> None:
         await self._fallback.clear()
-        for dirty in (self._dirty_kfs, self._dirty_cursors, self._dirty_done, self._dirty_conversations):
+        # DONE marks survive a clear (StoreAdmin.clear): those of the outage are still to be written through.
+        for dirty in (self._dirty_kfs, self._dirty_cursors, self._dirty_conversations):
             dirty.clear()
 
 

@@ -20,10 +20,17 @@ class Clock(Protocol):
         ...
 
 
-# --- State (one adapter implements all of these: in-process or Memcached) -------------------------------
+# --- State ----------------------------------------------------------------------------------------------
+#
+# The state the service keeps between messages, split by who needs it and in their words. Each use case asks
+# only for the roles it uses; the three stores (in-process, Memcached, failover) implement every role in one
+# class, and the contract suite (tests/contract/test_state_store.py) runs each role's tests against each.
 
 
 class ConversationStore(Protocol):
+    """The answering side: "which Dify conversation is this customer in?" One per kf account and customer,
+    forgotten after the configured idle time; the operator looks it up and resets it (admin)."""
+
     async def get_conversation(self, customer: CustomerRef) -> Conversation | None: ...
 
     async def put_conversation(self, customer: CustomerRef, conversation: Conversation) -> None:
@@ -42,7 +49,9 @@ class MessageState(StrEnum):
 
 
 class MessageLedger(Protocol):
-    """Who handles which customer message: each msgid is handled exactly once."""
+    """The drain and the pull: "has this customer message been answered, or is someone answering it now?"
+    Each msgid is handled exactly once across all instances, also after a restart, a re-pull of the history or
+    an operator's clear()."""
 
     async def begin(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
         """Atomically claim the message for `owner`. True exactly once while the message is not DONE and
@@ -69,7 +78,8 @@ class MessageLedger(Protocol):
 
 
 class Inbox(Protocol):
-    """Customer messages pulled but not yet handled. Survives a crash so nothing pulled is lost."""
+    """Between the pull and the drain: "what did this customer say that nobody answered yet?" Survives a
+    crash so nothing pulled is lost; the recovery pass asks which customers still wait."""
 
     async def record(self, messages: Sequence[InboundMessage]) -> None:
         """Add messages (idempotent per msgid), keeping each customer's messages in send order."""
@@ -88,13 +98,17 @@ class Inbox(Protocol):
 
 
 class CursorStore(Protocol):
+    """The pull: "where did we stop reading this kf account's messages?" (the `kf/sync_msg` cursor). Without
+    one, the next pull starts at the beginning of WeCom's three-day history."""
+
     async def get_cursor(self, open_kfid: str) -> str | None: ...
 
     async def set_cursor(self, open_kfid: str, cursor: str) -> None: ...
 
 
 class PullCoordination(Protocol):
-    """One pull per kf account at a time across all instances, and no pull request ever lost."""
+    """The dispatcher: "is someone already pulling this kf account, and did a callback come in since?" One
+    pull per kf account at a time across all instances, and no pull request ever lost."""
 
     async def acquire_pull(self, open_kfid: str, *, owner: str, lease_s: float) -> bool:
         """Atomically take the kf account's pull lease. Expires by itself after `lease_s`."""
@@ -116,12 +130,17 @@ class PullCoordination(Protocol):
 
 
 class KfRegistry(Protocol):
+    """The dispatcher and the operator: "which kf accounts has this service heard of?" (the recovery pass
+    walks them; the admin looks customers up in them)."""
+
     async def remember_kf(self, open_kfid: str) -> None: ...
 
     async def known_kfs(self) -> list[str]: ...
 
 
 class StoreAdmin(Protocol):
+    """The operator and the health checks: which store, does it answer, start over."""
+
     @property
     def backend(self) -> str:
         """ "memory" or "memcached"."""
@@ -132,7 +151,14 @@ class StoreAdmin(Protocol):
         ...
 
     async def clear(self) -> None:
-        """Forget this service's conversations, marks, inbox and cursors (only this namespace)."""
+        """Start this service over (only this namespace): forget its conversations, inboxes, cursors, pull
+        requests and known kf accounts.
+
+        What keeps each message answered at most once stays: DONE marks, message leases and pull leases. The
+        next pull of a kf account then starts without cursor, at the beginning of WeCom's history: messages
+        answered before the clear read DONE and are neither asked nor answered again; messages pulled but not
+        yet answered (their inbox was forgotten) come back with that history and are answered, within the
+        history guard (MAX_MESSAGE_AGE); messages arriving afterwards are answered as usual."""
         ...
 
 
@@ -165,7 +191,8 @@ class StateStore(
     StoreAdmin,
     Protocol,
 ):
-    """Everything the service keeps between messages."""
+    """Every role at once: what one store class provides (in-process, Memcached, failover), and what code
+    needs that wraps or wires a whole store. A use case asks for the roles it uses instead."""
 
 
 # --- Dify ------------------------------------------------------------------------------------------------

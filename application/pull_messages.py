@@ -10,7 +10,15 @@ from typing import Protocol
 from application import telemetry as t
 from application.errors import WeComError
 from application.options import BotOptions
-from application.ports import Clock, KfChannel, MessageState, StateStore
+from application.ports import (
+    Clock,
+    CursorStore,
+    Inbox,
+    KfChannel,
+    MessageLedger,
+    MessageState,
+    PullCoordination,
+)
 from application.telemetry import Telemetry
 from domain.dedupe import DedupeKey
 from domain.messages import CustomerRef, InboundMessage, is_too_old
@@ -25,6 +33,22 @@ INVALID_MSG_TOKEN = 95007
 # Without a persistent store, a restart forgets what was answered: on the first pull without a cursor only
 # messages sent after the process started (less this much clock slack) are answered.
 COLD_START_SLACK_S = 30.0
+# A stored cursor WeCom refuses this many pulls in a row (a non-transient errcode) is dropped: the account is
+# pulled afresh without cursor, from the start of WeCom's history (done marks and the history guard keep every
+# message answered at most once). Otherwise one bad cursor would stop the bot for that kf account for good.
+CURSOR_REFUSALS_BEFORE_DROP = 3
+
+
+def _refuses_cursor(exc: WeComError) -> bool:
+    """A pull carrying a cursor failed in a way that may be the cursor's fault: not transient (busy, rate
+    limited, unreachable), not the deployment (credentials, IP allow-list) and not the access token."""
+    return (
+        exc.errcode is not None
+        and not exc.is_transient
+        and not exc.is_config_error
+        and exc.errcode not in WeComError.TOKEN_ERRCODES
+        and exc.errcode != INVALID_MSG_TOKEN
+    )
 
 
 class ItemObserver(Protocol):
@@ -32,6 +56,17 @@ class ItemObserver(Protocol):
     (application/session_events.py). Called in pull order; must not wait for slow work."""
 
     async def on_item(self, message: InboundMessage) -> None: ...
+
+
+class PullStore(CursorStore, MessageLedger, Inbox, PullCoordination, Protocol):
+    """What a pull needs of the state store: the cursor, the marks of the pulled messages, the inbox to record
+    them in, and the pull lease to renew."""
+
+
+@dataclass(slots=True)
+class _Refusals:
+    cursor: str
+    count: int = 0
 
 
 @dataclass(slots=True)
@@ -49,7 +84,7 @@ class PullMessages:
     def __init__(
         self,
         *,
-        store: StateStore,
+        store: PullStore,
         channel: KfChannel,
         clock: Clock,
         options: BotOptions,
@@ -68,14 +103,20 @@ class PullMessages:
         self._owner = owner
         self._persistent = persistent_store
         self._started_at = started_at
+        # Per kf account: the stored cursor WeCom refused on the last pulls, and how many times in a row.
+        self._refusals: dict[str, _Refusals] = {}
 
     async def __call__(self, open_kfid: str, *, token: str = "") -> PullResult:
         started = time.monotonic()
         result = PullResult()
         cursor = await self._store.get_cursor(open_kfid)
-        not_before = 0.0
-        if cursor is None and not self._persistent:
-            not_before = self._started_at - COLD_START_SLACK_S
+        refused = self._refusals.get(open_kfid)
+        if cursor is not None and refused is not None and refused.cursor == cursor:
+            if refused.count >= CURSOR_REFUSALS_BEFORE_DROP:
+                cursor = None  # dropped before, but the fresh pull did not get to replace it yet
+        else:
+            self._refusals.pop(open_kfid, None)
+        not_before = self._not_before(cursor)
         stuck = 0
         while result.pages < MAX_PAGES_PER_PULL:
             try:
@@ -84,12 +125,19 @@ class PullMessages:
                 if exc.errcode == INVALID_MSG_TOKEN and token:
                     token = ""
                     continue
+                if cursor is not None and result.pages == 0 and _refuses_cursor(exc):
+                    if self._cursor_refused(open_kfid, cursor, exc):
+                        cursor = None
+                        not_before = self._not_before(cursor)
+                        continue
                 self._telemetry.count_labelled("wecom_errors", str(exc.errcode))
                 self._telemetry.reachability(
                     "wecom", exc.errcode is not None, f"sync_msg errcode {exc.errcode}"
                 )
                 raise
             self._telemetry.reachability("wecom", True)
+            if result.pages == 0:
+                self._refusals.pop(open_kfid, None)  # whatever cursor it carried, WeCom took it
             result.pages += 1
             result.pulled += len(page.messages)
             await self._record(page.messages, result, not_before=not_before)
@@ -124,6 +172,31 @@ class PullMessages:
             elapsed * 1000,
         )
         return result
+
+    def _not_before(self, cursor: str | None) -> float:
+        """Without a persistent store, a pull without cursor answers only what was sent since the start."""
+        if cursor is None and not self._persistent:
+            return self._started_at - COLD_START_SLACK_S
+        return 0.0
+
+    def _cursor_refused(self, open_kfid: str, cursor: str, exc: WeComError) -> bool:
+        """Count a refusal of the stored cursor; True when it is to be dropped now."""
+        refused = self._refusals.get(open_kfid)
+        if refused is None or refused.cursor != cursor:
+            refused = self._refusals[open_kfid] = _Refusals(cursor)
+        refused.count += 1
+        if refused.count < CURSOR_REFUSALS_BEFORE_DROP:
+            return False
+        self._telemetry.count_labelled("wecom_errors", str(exc.errcode))
+        self._telemetry.count("cursors_dropped")
+        log.warning(
+            "kf/sync_msg refused the stored cursor of kf=%s %d times (errcode %s): dropping it and pulling "
+            "afresh from the start of WeCom's history; answered messages stay answered",
+            open_kfid,
+            refused.count,
+            exc.errcode,
+        )
+        return True
 
     async def _record(
         self, messages: tuple[InboundMessage, ...], result: PullResult, *, not_before: float

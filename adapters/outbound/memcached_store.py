@@ -9,12 +9,19 @@ Keys
 - A part made only of ``[A-Za-z0-9_.-]`` is kept as is; any other part (spaces, CJK, newlines, ``:``) becomes
   ``#`` + blake2b-128 hex. ``#`` never occurs in a kept part, so a hashed part cannot collide with a raw one.
   When a key would still exceed memcached's 250 bytes, every long part is hashed too.
-- ``{prefix}:gen`` holds the namespace generation. `clear()` increments it: every old key becomes unreachable
-  at once (and expires by itself) without touching anything outside this prefix. A missing generation (first
-  start, or the node holding it restarted) is created as the current time in milliseconds, so data from
-  before a `clear()` can never become reachable again. Each instance caches the generation for at most
-  `GENERATION_CACHE_S` (1 s): after `clear()` on instance A, instance B uses the new namespace within 1 s.
-  With several servers the generation lives on one of them: while that one is down, every operation fails.
+- ``{prefix}:data:gen`` holds the data generation, used by conversations, inboxes, cursors, pull requests and
+  the kf list. `clear()` increments it: all of those become unreachable at once (and expire by themselves)
+  without touching anything outside this prefix. ``{prefix}:gen`` holds the ledger generation, used by message
+  marks and leases (`msg`) and pull leases (`pull`); `clear()` leaves it alone, so a message answered before a
+  clear is never answered again and a pull running during a clear keeps its lease. (Versions before the split
+  had only ``{prefix}:gen`` and bumped it on clear: during a rolling upgrade both versions share the ledger,
+  so no message is answered twice; the new version starts with a fresh data generation, i.e. it re-reads
+  WeCom's history once -- answered messages read DONE -- and starts new Dify conversations.)
+  A missing generation (first start, or the node holding it restarted) is created as the current time in
+  milliseconds, so data from before a `clear()` can never become reachable again. Each instance caches both
+  generations (read in one round trip) for at most `GENERATION_CACHE_S` (1 s): after `clear()` on instance
+  A, instance B uses the new namespace within 1 s. With several servers the generations live on one or two
+  of them: while one of those is down, every operation fails.
 
 | kind        | value (JSON, see state_codec)          | expiry                                              |
 |-------------|----------------------------------------|-----------------------------------------------------|
@@ -77,6 +84,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache, partial
+from typing import NamedTuple
 
 from adapters.outbound import state_codec as codec
 from adapters.outbound.memcached_client import MemcacheClient, StoreCommand
@@ -114,6 +122,13 @@ CONVERSATION_READ_MAX_AGE_S = 1.0
 _SAFE_PART = re.compile(r"[A-Za-z0-9_.-]*")
 _SAFE_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HASH_MARK = "#"
+
+
+class Generations(NamedTuple):
+    """The two namespace generations: `ledger` for what `clear()` keeps, `data` for what it forgets."""
+
+    ledger: int
+    data: int
 
 
 def _hashed(part: str) -> str:
@@ -171,10 +186,12 @@ class MemcachedStateStore:
         self._client = MemcacheClient(
             servers, connect_timeout=connect_timeout, timeout=timeout, max_pool_size=max_pool_size
         )
-        self._generation: int | None = None
+        self._ledger_gen_key = f"{prefix}:gen"
+        self._data_gen_key = f"{prefix}:data:gen"
+        self._generation: Generations | None = None
         self._generation_read_at = 0.0
-        # One read of the generation at a time: when the cached one ages out, concurrent commands share it.
-        self._generation_read: asyncio.Task[int] | None = None
+        # One read of the generations at a time: when the cached ones age out, concurrent commands share it.
+        self._generation_read: asyncio.Task[Generations] | None = None
         self._inbox_reads: dict[str, InboxRead] = {}
         self._conversation_reads: dict[str, tuple[float, bytes | None]] = {}  # key → (monotonic time, value)
         self._done_mark = codec.encode_mark(codec.Mark(codec.DONE))
@@ -190,7 +207,7 @@ class MemcachedStateStore:
 
     # --- plumbing -------------------------------------------------------------------------------------
 
-    async def _current_generation(self) -> int:
+    async def _current_generation(self) -> Generations:
         if self._generation is not None and time.monotonic() - self._generation_read_at < GENERATION_CACHE_S:
             return self._generation
         read = self._generation_read
@@ -200,16 +217,23 @@ class MemcachedStateStore:
         # Shielded: a caller that is cancelled must not cancel the read the others wait for.
         return await asyncio.shield(read)
 
-    async def _read_generation(self) -> int:
+    async def _read_generation(self) -> Generations:
         started = time.monotonic()
-        gen_key = f"{self._prefix}:gen"
-        raw = await self._client.get(gen_key)
-        if raw is None:
-            await self._client.add(gen_key, str(time.time_ns() // 1_000_000).encode(), 0)
-            raw = await self._client.get(gen_key)
-            if raw is None:
+        names = [self._ledger_gen_key, self._data_gen_key]
+        found = await self._client.get_many(names)
+        missing = [name for name in names if found.get(name) is None]
+        if missing:
+            # First start, or the node holding it restarted: past any value this prefix could have used.
+            fresh = str(time.time_ns() // 1_000_000).encode()
+            for name in missing:
+                await self._client.add(name, fresh, 0)
+            found = await self._client.get_many(names)
+            if any(found.get(name) is None for name in names):
                 raise StoreUnavailable("memcached lost the namespace generation")
-        generation = self._parse_generation(raw)
+        generation = Generations(
+            self._parse_generation(found[self._ledger_gen_key]),
+            self._parse_generation(found[self._data_gen_key]),
+        )
         self._generation, self._generation_read_at = generation, started
         return generation
 
@@ -221,7 +245,12 @@ class MemcachedStateStore:
             raise StoreUnavailable("the namespace generation is not a number") from None
 
     async def _key(self, kind: str, *parts: str) -> str:
-        return _cached_key(self._prefix, await self._current_generation(), kind, *parts)
+        """A key in the data generation, which `clear()` replaces."""
+        return _cached_key(self._prefix, (await self._current_generation()).data, kind, *parts)
+
+    async def _ledger_key(self, kind: str, *parts: str) -> str:
+        """A key `clear()` keeps: message marks and leases, pull leases."""
+        return _cached_key(self._prefix, (await self._current_generation()).ledger, kind, *parts)
 
     async def _cas_update(
         self, key: str, change: Callable[[bytes | None], tuple[bytes, int] | None], read: Read | None = None
@@ -278,12 +307,12 @@ class MemcachedStateStore:
     # --- MessageLedger --------------------------------------------------------------------------------
 
     async def begin(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
-        mk = await self._key("msg", key.open_kfid, key.msgid)
+        mk = await self._ledger_key("msg", key.open_kfid, key.msgid)
         return await self._take_lease(mk, owner, lease_expire_for(lease_s, now=time.time()))
 
     async def claim(self, message: InboundMessage, *, owner: str, lease_s: float) -> bool:
         customer = message.customer
-        mk = await self._key("msg", message.open_kfid, message.msgid)
+        mk = await self._ledger_key("msg", message.open_kfid, message.msgid)
         conversation_key = await self._key("conv", customer.open_kfid, customer.external_userid)
         expire = lease_expire_for(lease_s, now=time.time())
         held = codec.encode_mark(codec.Mark(codec.BUSY, owner))
@@ -304,24 +333,25 @@ class MemcachedStateStore:
         return True
 
     async def renew(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
-        mk = await self._key("msg", key.open_kfid, key.msgid)
+        mk = await self._ledger_key("msg", key.open_kfid, key.msgid)
         return await self._renew_lease(mk, owner, lease_expire_for(lease_s, now=time.time()))
 
     async def finish(self, key: DedupeKey) -> None:
-        mk = await self._key("msg", key.open_kfid, key.msgid)
+        mk = await self._ledger_key("msg", key.open_kfid, key.msgid)
         expire = expire_for(self._done_ttl, now=time.time())
         await self._client.set(mk, self._done_mark, expire)
 
     async def release(self, key: DedupeKey, *, owner: str) -> None:
-        await self._release_lease(await self._key("msg", key.open_kfid, key.msgid), owner)
+        await self._release_lease(await self._ledger_key("msg", key.open_kfid, key.msgid), owner)
 
     async def state(self, key: DedupeKey) -> MessageState:
-        return _message_state(await self._client.get(await self._key("msg", key.open_kfid, key.msgid)))
+        mk = await self._ledger_key("msg", key.open_kfid, key.msgid)
+        return _message_state(await self._client.get(mk))
 
     async def states(self, keys: Sequence[DedupeKey]) -> list[MessageState]:
         if not keys:
             return []
-        names = [await self._key("msg", key.open_kfid, key.msgid) for key in keys]
+        names = [await self._ledger_key("msg", key.open_kfid, key.msgid) for key in keys]
         found = await self._client.get_many(names)
         return [_message_state(found.get(name)) for name in names]
 
@@ -461,7 +491,7 @@ class MemcachedStateStore:
 
     async def complete(self, message: InboundMessage) -> list[InboundMessage]:
         customer, msgid = message.customer, message.msgid
-        mark_key = await self._key("msg", message.open_kfid, msgid)
+        mark_key = await self._ledger_key("msg", message.open_kfid, msgid)
         key = await self._key("inbox", customer.open_kfid, customer.external_userid)
         done_expire = expire_for(self._done_ttl, now=time.time())
         kept_read = self._inbox_reads.pop(key, None)
@@ -546,15 +576,15 @@ class MemcachedStateStore:
     # --- PullCoordination -----------------------------------------------------------------------------
 
     async def acquire_pull(self, open_kfid: str, *, owner: str, lease_s: float) -> bool:
-        key = await self._key("pull", open_kfid)
+        key = await self._ledger_key("pull", open_kfid)
         return await self._take_lease(key, owner, lease_expire_for(lease_s, now=time.time()))
 
     async def renew_pull(self, open_kfid: str, *, owner: str, lease_s: float) -> bool:
-        key = await self._key("pull", open_kfid)
+        key = await self._ledger_key("pull", open_kfid)
         return await self._renew_lease(key, owner, lease_expire_for(lease_s, now=time.time()))
 
     async def release_pull(self, open_kfid: str, *, owner: str) -> None:
-        await self._release_lease(await self._key("pull", open_kfid), owner)
+        await self._release_lease(await self._ledger_key("pull", open_kfid), owner)
 
     async def request_pull(self, open_kfid: str, token: str = "") -> None:
         counter = await self._key("pullreq", open_kfid)
@@ -607,19 +637,23 @@ class MemcachedStateStore:
         return True
 
     async def clear(self) -> None:
-        gen_key = f"{self._prefix}:gen"
+        """A new data generation: conversations, inboxes, cursors, pull requests and known kf accounts become
+        unreachable; message marks and leases and pull leases (the ledger generation) stay (see
+        `StoreAdmin.clear`)."""
         for _ in range(CAS_ATTEMPTS):
-            generation = await self._client.incr(gen_key, 1)
+            generation = await self._client.incr(self._data_gen_key, 1)
             if generation is not None:
                 break
             # No generation yet (or its node restarted): start past any this prefix could have used.
             fresh = time.time_ns() // 1_000_000
-            if await self._client.add(gen_key, str(fresh).encode(), 0):
+            if await self._client.add(self._data_gen_key, str(fresh).encode(), 0):
                 generation = fresh
                 break
         else:
             raise StoreUnavailable("memcached keeps losing the namespace generation")
-        self._generation, self._generation_read_at = self._parse_generation(generation), time.monotonic()
+        ledger = (await self._current_generation()).ledger
+        self._generation = Generations(ledger, self._parse_generation(generation))
+        self._generation_read_at = time.monotonic()
         self._inbox_reads.clear()
         self._conversation_reads.clear()
 
@@ -633,7 +667,7 @@ def _message_state(raw: bytes | None) -> MessageState:
     return MessageState.NEW if status == codec.FREE else MessageState.BUSY
 
 
-def _retrieve(task: asyncio.Task[int]) -> None:
+def _retrieve(task: asyncio.Task[Generations]) -> None:
     """Mark a shared read's failure as seen, even when every caller waiting for it was cancelled."""
     if not task.cancelled():
         task.exception()

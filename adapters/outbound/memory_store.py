@@ -2,11 +2,21 @@
 
 It is the store for a single instance without Memcached, and the fake for tests; both pass the same
 contract suite as the Memcached store (tests/contract/test_state_store.py).
+
+Memory is bounded by `max_keys`, counted over conversations, message marks (leases and DONE marks) and pending
+inbox messages. Eviction never touches what keeps the service going: cursors, pull leases, pull requests and
+tokens, and known kf accounts (a handful per kf account). When full, it drops what has expired, then the least
+recently used conversations (the customer's next message starts a new one), then -- kept as long as that
+allows -- the least recently used message marks (a lost DONE mark matters only if the history is pulled
+again, which a kept cursor avoids), and only as a last resort a pending message (never answered: logged as
+an error). Reads count as use.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,9 +25,17 @@ from domain.conversation import Conversation
 from domain.dedupe import DedupeKey
 from domain.messages import CustomerRef, InboundMessage
 
+log = logging.getLogger(__name__)
+
 # Dedupe marks outlive WeCom's three-day history window, so a replayed history is never answered twice.
 DEFAULT_DONE_TTL_S = 4 * 24 * 3600
 DEFAULT_CONVERSATION_IDLE_TTL_S = 24 * 3600
+# A full store looks for expired entries (a scan of everything) at most this often.
+EXPIRY_SWEEP_INTERVAL_S = 60.0
+
+# Never evicted: losing one stops or repeats work (a lost cursor re-pulls the whole history).
+_PINNED_KINDS = frozenset({"cursor", "pull", "pullreq", "pulltoken"})
+_LEDGER_KIND = "msg"
 
 
 @dataclass(slots=True)
@@ -26,8 +44,11 @@ class _Entry:
     expires_at: float  # 0 = never
 
 
+Key = tuple[str, ...]
+
+
 class MemoryStateStore:
-    """All state ports in one dict with expiry. Safe because the event loop runs one coroutine at a time."""
+    """All state ports in dicts with expiry. Safe because the event loop runs one coroutine at a time."""
 
     backend = "memory"
 
@@ -39,44 +60,97 @@ class MemoryStateStore:
         clock: Callable[[], float] = time.time,
         max_keys: int = 200_000,
     ) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
         self._conversation_ttl = conversation_idle_ttl_s
         self._done_ttl = done_ttl_s
         self._clock = clock
         self._max_keys = max_keys
-        self._data: dict[tuple[str, ...], _Entry] = {}
-        self._inbox: dict[CustomerRef, dict[str, InboundMessage]] = {}
+        self._next_sweep_at = 0.0
+        self._pinned: dict[Key, _Entry] = {}
+        self._conversations: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
+        self._ledger: OrderedDict[Key, _Entry] = OrderedDict()
+        self._inbox: OrderedDict[CustomerRef, dict[str, InboundMessage]] = OrderedDict()
+        self._inbox_size = 0  # messages in all inboxes
         self._kfs: dict[str, None] = {}
+
+    @property
+    def size(self) -> int:
+        """What counts against `max_keys`: conversations, message marks and pending messages."""
+        return len(self._conversations) + len(self._ledger) + self._inbox_size
 
     # --- plumbing -------------------------------------------------------------------------------------
 
-    def _get(self, key: tuple[str, ...]) -> object | None:
-        entry = self._data.get(key)
+    def _table(self, key: Key) -> dict[Key, _Entry]:
+        if key[0] in _PINNED_KINDS:
+            return self._pinned
+        return self._ledger if key[0] == _LEDGER_KIND else self._conversations
+
+    def _get(self, key: Key) -> object | None:
+        table = self._table(key)
+        entry = table.get(key)
         if entry is None:
             return None
         if entry.expires_at and entry.expires_at <= self._clock():
-            del self._data[key]
+            del table[key]
             return None
+        if isinstance(table, OrderedDict):
+            table.move_to_end(key)
         return entry.value
 
-    def _set(self, key: tuple[str, ...], value: object, ttl_s: float) -> None:
-        if len(self._data) >= self._max_keys and key not in self._data:
-            self._evict()
-        self._data[key] = _Entry(value, self._clock() + ttl_s if ttl_s > 0 else 0.0)
+    def _set(self, key: Key, value: object, ttl_s: float) -> None:
+        table = self._table(key)
+        if table is not self._pinned and key not in table:
+            self._make_room(1)
+        table.pop(key, None)  # (re)inserted last: the most recently used
+        table[key] = _Entry(value, self._clock() + ttl_s if ttl_s > 0 else 0.0)
 
-    def _add(self, key: tuple[str, ...], value: object, ttl_s: float) -> bool:
+    def _delete(self, key: Key) -> None:
+        self._table(key).pop(key, None)
+
+    def _add(self, key: Key, value: object, ttl_s: float) -> bool:
         if self._get(key) is not None:
             return False
         self._set(key, value, ttl_s)
         return True
 
-    def _evict(self) -> None:
-        """Bound memory like Memcached does: drop expired entries, then the oldest ones."""
+    def _make_room(self, count: int) -> None:
+        """Evict until `count` more fit: expired entries, then the least recently used conversations, then
+        the least recently used message marks, and only as a last resort the oldest pending message of the
+        least recently used inbox."""
+        if self.size + count <= self._max_keys:
+            return
         now = self._clock()
-        for key in [k for k, e in self._data.items() if e.expires_at and e.expires_at <= now]:
-            del self._data[key]
-        overflow = len(self._data) - int(self._max_keys * 0.9)
-        for key in list(self._data)[: max(overflow, 0)]:
-            del self._data[key]
+        if now >= self._next_sweep_at:
+            self._next_sweep_at = now + EXPIRY_SWEEP_INTERVAL_S
+            for table in (self._conversations, self._ledger):
+                for key in [k for k, e in table.items() if e.expires_at and e.expires_at <= now]:
+                    del table[key]
+        dropped: list[InboundMessage] = []
+        while self.size + count > self._max_keys:
+            if self._conversations:
+                self._conversations.popitem(last=False)
+            elif self._ledger:
+                self._ledger.popitem(last=False)
+            elif self._inbox:
+                customer, box = next(iter(self._inbox.items()))
+                oldest = min(box.values(), key=lambda m: m.send_time)
+                del box[oldest.msgid]
+                self._inbox_size -= 1
+                if not box:
+                    del self._inbox[customer]
+                dropped.append(oldest)
+            else:
+                break  # nothing evictable left
+        if dropped:
+            log.error(
+                "in-process store full (max_keys=%d): dropped %d pending message(s), the first of kf=%s "
+                "customer=%s; give it more room or use Memcached",
+                self._max_keys,
+                len(dropped),
+                dropped[0].open_kfid,
+                dropped[0].external_userid,
+            )
 
     # --- ConversationStore ----------------------------------------------------------------------------
 
@@ -92,31 +166,31 @@ class MemoryStateStore:
     async def delete_conversation(self, customer: CustomerRef) -> bool:
         key = ("conv", customer.open_kfid, customer.external_userid)
         existed = self._get(key) is not None
-        self._data.pop(key, None)
+        self._delete(key)
         return existed
 
     # --- MessageLedger --------------------------------------------------------------------------------
 
     async def begin(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
-        return self._add(("msg", key.open_kfid, key.msgid), ("busy", owner), lease_s)
+        return self._add((_LEDGER_KIND, key.open_kfid, key.msgid), ("busy", owner), lease_s)
 
     async def renew(self, key: DedupeKey, *, owner: str, lease_s: float) -> bool:
-        k = ("msg", key.open_kfid, key.msgid)
+        k = (_LEDGER_KIND, key.open_kfid, key.msgid)
         if self._get(k) != ("busy", owner):
             return False
         self._set(k, ("busy", owner), lease_s)
         return True
 
     async def finish(self, key: DedupeKey) -> None:
-        self._set(("msg", key.open_kfid, key.msgid), ("done", ""), self._done_ttl)
+        self._set((_LEDGER_KIND, key.open_kfid, key.msgid), ("done", ""), self._done_ttl)
 
     async def release(self, key: DedupeKey, *, owner: str) -> None:
-        k = ("msg", key.open_kfid, key.msgid)
+        k = (_LEDGER_KIND, key.open_kfid, key.msgid)
         if self._get(k) == ("busy", owner):
-            del self._data[k]
+            self._delete(k)
 
     async def state(self, key: DedupeKey) -> MessageState:
-        value = self._get(("msg", key.open_kfid, key.msgid))
+        value = self._get((_LEDGER_KIND, key.open_kfid, key.msgid))
         if value is None:
             return MessageState.NEW
         return MessageState.DONE if value[0] == "done" else MessageState.BUSY  # type: ignore[index]
@@ -128,11 +202,20 @@ class MemoryStateStore:
 
     async def record(self, messages: Sequence[InboundMessage]) -> None:
         for message in messages:
-            box = self._inbox.setdefault(message.customer, {})
-            box.setdefault(message.msgid, message)
+            box = self._inbox.get(message.customer)
+            if box is not None and message.msgid in box:
+                continue
+            self._make_room(1)
+            box = self._inbox.setdefault(message.customer, {})  # making room may have dropped it
+            box[message.msgid] = message
+            self._inbox.move_to_end(message.customer)
+            self._inbox_size += 1
 
     async def pending(self, customer: CustomerRef) -> list[InboundMessage]:
-        box = self._inbox.get(customer, {})
+        box = self._inbox.get(customer)
+        if box is None:
+            return []
+        self._inbox.move_to_end(customer)
         # Stable sort: equal send_times keep the order WeCom returned them in.
         return sorted(box.values(), key=lambda m: m.send_time)
 
@@ -140,7 +223,8 @@ class MemoryStateStore:
         box = self._inbox.get(customer)
         if box is None:
             return []
-        box.pop(msgid, None)
+        if box.pop(msgid, None) is not None:
+            self._inbox_size -= 1
         if not box:
             del self._inbox[customer]
         return await self.pending(customer)
@@ -177,7 +261,7 @@ class MemoryStateStore:
 
     async def release_pull(self, open_kfid: str, *, owner: str) -> None:
         if self._get(("pull", open_kfid)) == owner:
-            del self._data[("pull", open_kfid)]
+            self._delete(("pull", open_kfid))
 
     async def request_pull(self, open_kfid: str, token: str = "") -> None:
         count = self._get(("pullreq", open_kfid))
@@ -205,6 +289,11 @@ class MemoryStateStore:
         return True
 
     async def clear(self) -> None:
-        self._data.clear()
+        """Forget conversations, inboxes, cursors, pull requests and known kf accounts. Message marks (DONE
+        marks and leases) and pull leases are kept: see `StoreAdmin.clear`."""
+        self._conversations.clear()
         self._inbox.clear()
+        self._inbox_size = 0
         self._kfs.clear()
+        for key in [k for k in self._pinned if k[0] != "pull"]:
+            del self._pinned[key]

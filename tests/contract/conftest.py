@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Iterator
 
@@ -37,3 +38,15 @@ def memcached_pair() -> Iterator[tuple[MemcachedProcess, MemcachedProcess]]:
 def key_prefix() -> str:
     """A fresh namespace per test, so tests sharing a server never see each other's keys."""
     return f"test-{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture(scope="session")
+def unreachable_memcached() -> Iterator[tuple[str, int]]:
+    """An address where no memcached answers: a bound socket that never listens, so connecting is refused
+    at once and nobody else can take the port while the session runs."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        holder.bind(("127.0.0.1", 0))
+        yield holder.getsockname()
+    finally:
+        holder.close()

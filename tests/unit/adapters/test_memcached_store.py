@@ -302,10 +302,12 @@ class TestStoredValues:
             await store.record([message("m2")])
             await store.set_cursor(KF, "cur")
             await store.remember_kf(KF)
-            generation = int(raw.get(f"{namespace}:gen")[0])
+            ledger = int(raw.get(f"{namespace}:gen")[0])
+            generation = int(raw.get(f"{namespace}:data:gen")[0])
 
             def stored(kind: str, *parts: str) -> object:
-                value, flags = raw.get(build_key(namespace, generation, kind, *parts))
+                in_generation = ledger if kind in ("msg", "pull") else generation
+                value, flags = raw.get(build_key(namespace, in_generation, kind, *parts))
                 assert not value.startswith(b"\x80")  # pickle protocol 2+ starts with PROTO
                 assert flags == 0  # pymemcache's pickle serde would set FLAG_PICKLE
                 return json.loads(value)
@@ -345,14 +347,36 @@ class TestStoredValues:
         assert pending[0].msgid == "m0010"
         assert "is full" in caplog.text
 
+    async def test_marks_of_the_earlier_single_generation_layout_stay_valid_and_survive_clear(
+        self, server: MemcachedProcess
+    ) -> None:
+        """Before the data generation existed, everything lived under `{prefix}:gen`: instances of that
+        version and this one share the marks during a rolling upgrade."""
+        namespace = prefix()
+        raw = Client(server.server, default_noreply=False, connect_timeout=1, timeout=1)
+        store = MemcachedStateStore(servers=[server.server], prefix=namespace, **FAST)
+        try:
+            raw.set(f"{namespace}:gen", b"1718000000000")
+            raw.set(
+                build_key(namespace, 1718000000000, "msg", KF, "old"),
+                codec.encode_mark(codec.Mark(codec.DONE)),
+            )
+            assert await store.state(DedupeKey(KF, "old")) is MessageState.DONE
+            await store.clear()
+            assert await store.state(DedupeKey(KF, "old")) is MessageState.DONE
+            assert raw.get(f"{namespace}:gen") == b"1718000000000"
+        finally:
+            raw.close()
+            await store.aclose()
+
     async def test_unreadable_values_are_not_mistaken_for_absent_marks(
         self, server: MemcachedProcess, store: MemcachedStateStore
     ) -> None:
-        await store.finish(DedupeKey(KF, "m1"))  # creates the generation
+        await store.finish(DedupeKey(KF, "m1"))  # creates the generations
         raw = Client(server.server, default_noreply=False, connect_timeout=1, timeout=1)
         try:
-            generation = int(raw.get(f"{store._prefix}:gen"))
-            raw.set(build_key(store._prefix, generation, "msg", KF, "m2"), b"\x80garbage")
+            ledger = int(raw.get(f"{store._prefix}:gen"))
+            raw.set(build_key(store._prefix, ledger, "msg", KF, "m2"), b"\x80garbage")
         finally:
             raw.close()
         assert await store.state(DedupeKey(KF, "m2")) is MessageState.BUSY
@@ -566,9 +590,13 @@ class TestTwoServers:
     async def test_keys_on_a_dead_node_raise_and_never_read_as_new_or_missing(
         self, server: MemcachedProcess, second_server: MemcachedProcess
     ) -> None:
-        store = MemcachedStateStore(servers=[server.server, second_server.server], prefix=prefix(), **FAST)
+        servers = [server.server, second_server.server]
+        store = MemcachedStateStore(servers=servers, prefix=prefix(), **FAST)
+        while store._client.node_for(store._ledger_gen_key) != store._client.node_for(store._data_gen_key):
+            await store.aclose()  # both generations on one node, which we keep alive below
+            store = MemcachedStateStore(servers=servers, prefix=prefix(), **FAST)
         try:
-            await store.clear()  # puts the generation on a node we keep alive below
+            await store.clear()
             keys = [DedupeKey(KF, f"m{i}") for i in range(40)]
             customers = [CustomerRef(KF, f"wm{i}") for i in range(40)]
             for key, customer in zip(keys, customers, strict=True):

@@ -432,15 +432,28 @@ class TestRecovery:
         assert await store.get_conversation(ALICE) is None
         assert await store.get_cursor("wkB") == "new"
 
-    async def test_clear_clears_both(
+    async def test_clear_clears_both_and_both_keep_their_done_marks(
         self, store: FailoverStateStore, primary: SwitchableStore, fallback: MemoryStateStore, clock: Clock
     ) -> None:
         await self.go_down(store, primary, clock)
         await store.finish(DedupeKey(KF, "m1"))
+        await store.put_conversation(ALICE, Conversation("outage", 1.0, 1.0, 1))
         await self.recover(store, primary, clock)
+        await store.put_conversation(BOB, Conversation("shared", 1.0, 1.0, 1))
         await store.clear()
-        assert await store.state(DedupeKey(KF, "m1")) is MessageState.NEW
-        assert await fallback.state(DedupeKey(KF, "m1")) is MessageState.NEW
+        for side in (store, primary.inner, fallback):
+            assert await side.get_conversation(ALICE) is None
+            assert await side.get_conversation(BOB) is None
+            assert await side.state(DedupeKey(KF, "m1")) is MessageState.DONE
+
+    async def test_a_done_mark_of_the_outage_reaches_the_primary_despite_a_clear(
+        self, store: FailoverStateStore, primary: SwitchableStore, clock: Clock
+    ) -> None:
+        await self.go_down(store, primary, clock)
+        await store.finish(DedupeKey(KF, "m1"))
+        await store.clear()
+        await self.recover(store, primary, clock)
+        assert await primary.inner.state(DedupeKey(KF, "m1")) is MessageState.DONE
 
     async def test_when_the_write_through_fails_it_stays_degraded(
         self,
