@@ -228,7 +228,13 @@ class TestDifyMedia:
             return httpx.Response(200, headers={"Content-Type": "image/png"}, content=media_samples.png())
 
         client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        adapter = DifyChatEngine(base_url="http://dify.test/v1", api_key=KEY, client=client)
+        adapter = DifyChatEngine(
+            base_url="http://dify.test/v1",
+            api_key=KEY,
+            client=client,
+            file_client=client,
+            file_hosts=("cdn.example",),
+        )
         async with client:
             blob = await adapter.fetch_file("https://cdn.example/a.png?sig=1", max_bytes=1024 * 1024)
 
