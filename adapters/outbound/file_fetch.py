@@ -184,7 +184,7 @@ class _GuardedTransport(AiohttpTransport):
             limit=limit,
             limit_per_host=0,
             keepalive_timeout=self._limits.keepalive_expiry,
-            ssl=httpx.create_ssl_context(trust_env=False),
+            ssl=httpx.create_ssl_context(trust_env=True),  # SSL_CERT_FILE / SSL_CERT_DIR; no proxies
             resolver=self._resolver,
             use_dns_cache=False,
         )
