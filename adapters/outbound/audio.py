@@ -1,8 +1,15 @@
 """`AudioConverter` with ffmpeg: WeCom voice (AMR, 8 kHz) → 16 kHz mono WAV or MP3 for Dify's speech to text.
 
-Speech models behind Dify do not take AMR (specs/dify-api.md §6), so voice is transcoded first. ffmpeg runs as
-an asyncio subprocess on temporary files (never on the event loop's thread, never longer than `timeout_s`).
-The binary is the one on PATH, else the one the `imageio-ffmpeg` package ships.
+Speech models behind Dify do not take AMR (docs/dify.md, audio-to-text), so voice is transcoded first. ffmpeg
+runs as an asyncio subprocess on temporary files (never on the event loop's thread, never longer than
+`timeout_s`). The binary is the one on PATH, else the one the `imageio-ffmpeg` package ships.
+
+The voice file comes from the customer and is hostile until checked. ffmpeg probes its input and follows
+what it finds: an HLS playlist or a concat list names other files and URLs, which ffmpeg would read. So:
+- only AMR is taken, recognised by its magic (`#!AMR\n`); anything else is refused before ffmpeg starts;
+- the input format is forced (`-f amr`), so no probing, and only the `file` protocol is allowed;
+- the output is bounded while ffmpeg runs (`-fs` size, `-t` duration), not only after it exits, and is read
+  back in chunks, never more than the cap.
 """
 
 from __future__ import annotations
@@ -17,12 +24,16 @@ import tempfile
 from pathlib import Path
 
 from application.errors import AudioConversionError
-from domain.media import MediaBlob, bare_type, extension_for_type, sniff_type
+from domain.media import MediaBlob
 
 log = logging.getLogger("kfdify.audio")
 
 # 60 s of 16 kHz mono 16-bit WAV is 1.9 MB; anything far beyond means the input was not a voice message.
-MAX_OUTPUT_BYTES = 30 * 1024 * 1024  # Dify's /audio-to-text limit (spec §6)
+MAX_OUTPUT_BYTES = 30 * 1024 * 1024  # Dify's /audio-to-text limit (docs/dify.md)
+# WeCom voice messages last at most 60 s; the margin is for clock drift in the encoder, not longer speech.
+MAX_SECONDS = 120.0
+AMR_MAGIC = b"#!AMR\n"
+_READ_CHUNK = 256 * 1024
 _STDERR_TAIL = 400
 _FORMATS = {
     # format → (ffmpeg arguments, content type Dify accepts, extension)
@@ -53,13 +64,23 @@ class FfmpegAudioConverter:
     """Runs one short ffmpeg per voice message. Construction does no I/O beyond locating the binary."""
 
     def __init__(
-        self, *, executable: str | None, timeout_s: float = 30.0, output_format: str = "wav"
+        self,
+        *,
+        executable: str | None,
+        timeout_s: float = 30.0,
+        output_format: str = "wav",
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+        max_seconds: float = MAX_SECONDS,
     ) -> None:
         if output_format not in _FORMATS:
             raise ValueError(f"output_format must be one of {sorted(_FORMATS)}, not {output_format!r}")
+        if max_output_bytes <= 0 or max_seconds <= 0:
+            raise ValueError("max_output_bytes and max_seconds must be positive")
         self._exe = executable
         self._timeout_s = timeout_s
         self._format = output_format
+        self._max_output_bytes = max_output_bytes
+        self._max_seconds = max_seconds
 
     @classmethod
     def located(
@@ -78,10 +99,13 @@ class FfmpegAudioConverter:
     async def to_speech(self, audio: MediaBlob) -> MediaBlob:
         if self._exe is None:
             raise AudioConversionError("no ffmpeg: install it, or the imageio-ffmpeg package")
+        input_format = input_format_of(audio.data)
+        if input_format is None:
+            # Not even ffmpeg sees it: a playlist or list file would make ffmpeg open what it names.
+            raise AudioConversionError("voice is not AMR (no #!AMR magic); refused before conversion")
         args, content_type, extension = _FORMATS[self._format]
-        source_ext = extension_for_type(sniff_type(audio.data) or bare_type(audio.content_type)) or "bin"
         with tempfile.TemporaryDirectory(prefix="kfdify-voice-") as workdir:
-            source = Path(workdir) / f"in.{source_ext}"
+            source = Path(workdir) / f"in.{input_format}"
             target = Path(workdir) / f"out.{extension}"
             await asyncio.to_thread(source.write_bytes, audio.data)
             command = [
@@ -90,24 +114,33 @@ class FfmpegAudioConverter:
                 "-hide_banner",
                 "-loglevel",
                 "error",
-                "-y",
+                "-protocol_whitelist",
+                "file",
+                "-f",
+                input_format,
                 "-i",
                 str(source),
                 "-vn",
+                "-sn",
+                "-dn",
                 "-ac",
                 "1",
                 "-ar",
                 "16000",
+                "-t",
+                f"{self._max_seconds:g}",
+                # ffmpeg stops writing once the file reaches this size: one byte over the cap, so that a
+                # stopped conversion is told apart from one that fits exactly.
+                "-fs",
+                str(self._max_output_bytes + 1),
                 *args,
+                "-y",
                 str(target),
             ]
             await self._run(command)
-            size = await asyncio.to_thread(lambda: target.stat().st_size if target.exists() else -1)
-            if size <= 0:
-                raise AudioConversionError("ffmpeg produced no audio")
-            if size > MAX_OUTPUT_BYTES:
-                raise AudioConversionError(f"converted audio is {size} bytes, more than Dify takes")
-            data = await asyncio.to_thread(target.read_bytes)
+            data = await asyncio.to_thread(_read_capped, target, self._max_output_bytes)
+        if not data:
+            raise AudioConversionError("ffmpeg produced no audio")
         return MediaBlob(data=data, content_type=content_type, filename=f"voice.{extension}")
 
     async def _run(self, command: list[str]) -> None:
@@ -136,6 +169,27 @@ class FfmpegAudioConverter:
         if process.returncode != 0:
             tail = stderr.decode("utf-8", errors="replace").strip()[-_STDERR_TAIL:]
             raise AudioConversionError(f"ffmpeg exited with {process.returncode}: {tail}")
+
+
+def input_format_of(data: bytes) -> str | None:
+    """The ffmpeg demuxer for a customer's voice file, by its bytes alone; None for one we do not take."""
+    return "amr" if data.startswith(AMR_MAGIC) else None
+
+
+def _read_capped(path: Path, cap: int) -> bytes:
+    """The file's bytes, read in chunks; AudioConversionError as soon as it holds more than `cap`."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with path.open("rb") as file:
+            while chunk := file.read(_READ_CHUNK):
+                size += len(chunk)
+                if size > cap:
+                    raise AudioConversionError(f"converted audio is over {cap} bytes, more than Dify takes")
+                chunks.append(chunk)
+    except FileNotFoundError:
+        return b""
+    return b"".join(chunks)
 
 
 def _kill_group(process: asyncio.subprocess.Process) -> None:

@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urljoin
@@ -17,10 +17,11 @@ from urllib.parse import urljoin
 import anyio
 import httpx
 
+from adapters.outbound.file_fetch import AnswerFileFetcher
 from adapters.outbound.http_transport import async_client
-from application.errors import ChatEngineError, ConversationGone, MediaTooLarge
+from application.errors import ChatEngineError, ConversationGone
 from domain.chat import Answer, AnswerFile, AppInfo, AppParameters, Question
-from domain.media import MediaBlob, UploadedFile, extension_of, filename_from_disposition
+from domain.media import MediaBlob, UploadedFile, extension_of
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -88,7 +89,12 @@ class DifyChatEngine:
         total_timeout: float = 180,
         max_connections: int = 100,
         client: httpx.AsyncClient | None = None,
+        file_hosts: Sequence[str] = (),
+        file_client: httpx.AsyncClient | None = None,
     ) -> None:
+        """`file_hosts`: hosts (`host` or `host:port`) besides Dify's own origin that answer files may be
+        downloaded from (adapters/outbound/file_fetch.py); `file_client` replaces the downloads' guarded
+        client (tests only: it skips the address check)."""
         if response_mode not in ("streaming", "blocking"):
             raise ValueError(f"response_mode must be 'streaming' or 'blocking', not {response_mode!r}")
         self._base_url = base_url.rstrip("/")
@@ -116,8 +122,18 @@ class DifyChatEngine:
                 max_connections=max_connections, max_keepalive_connections=min(max_connections, 100)
             ),
         )
+        # Answer files: their own small pool and their own rules (origin allowlist, address check).
+        self._files = AnswerFileFetcher(
+            dify_base_url=self._base_url,
+            file_hosts=file_hosts,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            total_timeout=min(total_timeout, 60.0),
+            client=file_client,
+        )
 
     async def aclose(self) -> None:
+        await self._files.aclose()
         if self._owns_client:
             await self._client.aclose()
 
@@ -233,39 +249,8 @@ class DifyChatEngine:
         return text
 
     async def fetch_file(self, url: str, *, max_bytes: int) -> MediaBlob:
-        if not url.lower().startswith(("http://", "https://")):
-            raise ChatEngineError("bad_response", "file URL is not http(s)")
-        timeout = self._timeouts[False]
-        try:
-            with anyio.fail_after(self._total_timeout):
-                # No Authorization header: answer files are signed URLs, and may live on another host (a CDN)
-                # that must never see the app key.
-                # Storage backends may redirect to a signed object URL: follow (no credentials travel).
-                async with self._client.stream(
-                    "GET", url, timeout=timeout, follow_redirects=True
-                ) as response:
-                    if not response.is_success:
-                        raise ChatEngineError(
-                            f"http_{response.status_code}",
-                            f"GET file: HTTP {response.status_code}",
-                            status=response.status_code,
-                            retryable=response.status_code >= 500,
-                        )
-                    data = await _read_limited(response, max_bytes)
-                    name = filename_from_disposition(response.headers.get("content-disposition", ""))
-                    if not name:
-                        name = httpx.URL(url).path.rsplit("/", 1)[-1]
-                    return MediaBlob(
-                        data=data,
-                        content_type=response.headers.get("content-type", "application/octet-stream"),
-                        filename=name,
-                    )
-        except TimeoutError:
-            raise ChatEngineError(
-                "timeout", f"GET file: no answer within {self._total_timeout:g} s", retryable=True
-            ) from None
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, "GET file") from exc
+        # Only from Dify's origin and the listed file hosts, never with the app key (file_fetch.py).
+        return await self._files.fetch(url, max_bytes=max_bytes)
 
     # --- request building -------------------------------------------------------------------------------
 
@@ -701,22 +686,6 @@ async def _read_capped(response: httpx.Response) -> bytes:
             size += len(chunk)
             if size >= _MAX_ERROR_BODY:
                 break
-    return b"".join(chunks)
-
-
-async def _read_limited(response: httpx.Response, max_bytes: int) -> bytes:
-    """The body, streamed; MediaTooLarge as soon as it passes `max_bytes` (checks a declared length first)."""
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise MediaTooLarge(max_bytes, int(declared), what="file")
-    chunks: list[bytes] = []
-    size = 0
-    async with _closing(response.aiter_bytes()) as stream:
-        async for chunk in stream:
-            size += len(chunk)
-            if size > max_bytes:
-                raise MediaTooLarge(max_bytes, what="file")
-            chunks.append(chunk)
     return b"".join(chunks)
 
 

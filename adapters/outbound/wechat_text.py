@@ -17,10 +17,23 @@ Choices made for a customer reading on a phone:
 - Links read `text (url)`, or just the url when the text is empty or is the url; images `alt: url`.
 - Emphasis delimiters next to CJK text are accepted (as markdown-it-cjk-friendly does): under plain
   CommonMark, `**注意：**请` is not bold, and the customer would see the asterisks.
+
+Model output is hostile input too, and rendering runs on the event loop. markdown-it is quadratic for some
+inputs (unclosed `<div ` tags, `[a](` runs, unmatched emphasis, deep lists: each opener scans the rest of the
+text), so:
+- only what can be sent is rendered: the answer is cut to MAX_RENDERED_CHARS (5 messages of 2048 bytes, plus a
+  margin for markup) after reasoning is removed and before anything else;
+- every pattern here is bounded (a tag is at most _MAX_TAG characters, `[^<>]` stops at the next `<`), so
+  reasoning removal and tag stripping are linear;
+- a text whose markup would make markdown-it slow (openers × length of each part between blank lines, summed,
+  above MARKUP_BUDGET; or more than MAX_MARKDOWN_LINES lines) is not parsed: it gets a linear plain-text
+  cleanup instead (tags, emphasis runs, heading and list markers, links), which
+  reads a little rougher but costs at most a few milliseconds.
 """
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -31,9 +44,29 @@ from markdown_it.common.utils import isMdAsciiPunct, isPunctChar, isWhiteSpace
 from markdown_it.rules_inline.state_inline import Delimiter, StateInline
 from markdown_it.token import Token
 
-_REASONING_TAG = re.compile(r"<(/?)(thinking|think|details)\b[^>]*>", re.IGNORECASE)
+# What can be sent: 5 messages of 2048 bytes hold at most 10240 characters; the rest is margin for markup.
+MAX_RENDERED_CHARS = 5 * 2048 + 2048
+# Openers × length above which markdown-it is not used (about 50 ms of its worst case on a slow CPU).
+MARKUP_BUDGET = 1_000_000
+# Lines above which markdown-it is not used either: it spends 20-45 us on each (about 45 ms at the limit).
+MAX_MARKDOWN_LINES = 1000
+# A tag's attributes are at most this long: `[^<>]{0,N}` keeps each match bounded and the scans linear.
+_MAX_TAG = 512
+_REASONING_TAG = re.compile(rf"<(/?)(thinking|think|details)\b[^<>]{{0,{_MAX_TAG}}}>", re.IGNORECASE)
 # Reasoning tags never reach the customer, even ones that survive as text (`&lt;think&gt;`, unmatched tags).
-_THINK_TAG = re.compile(r"</?think(?:ing)?\b[^>]*>", re.IGNORECASE)
+_THINK_TAG = re.compile(rf"</?think(?:ing)?\b[^<>]{{0,{_MAX_TAG}}}>", re.IGNORECASE)
+# Characters at which markdown-it may scan ahead (links, images, HTML, emphasis, code spans, autolinks).
+_OPENERS = re.compile(r"[\[<*_`~!(&]|^[ \t]*(?:[-+*>]|\d{1,9}[.)])", re.MULTILINE)
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+_ANY_TAG = re.compile(rf"</?[A-Za-z][^<>\n]{{0,{_MAX_TAG}}}>|<!--[^<>]{{0,{_MAX_TAG}}}-->")
+_PLAIN_LINK = re.compile(r"!?\[([^\[\]\n]{0,500})\]\(([^()\s]{1,2000})\)")
+_PLAIN_MARKS = [
+    (re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+", re.MULTILINE), ""),
+    (re.compile(r"^[ \t]{0,3}(?:```|~~~)[^\n]{0,100}$", re.MULTILINE), ""),
+    (re.compile(r"^[ \t]{0,3}>[ \t]?", re.MULTILINE), "｜ "),
+    (re.compile(r"^([ \t]{0,12})[-+*][ \t]+", re.MULTILINE), r"\1• "),
+    (re.compile(r"\*\*|__|~~"), ""),
+]
 _WHITESPACE_RUN = re.compile(r"\s+")
 _BR_TAG = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _TASK_MARK = {"[ ]": "☐", "[x]": "☑", "[X]": "☑"}
@@ -53,13 +86,18 @@ class WeChatTextRenderer:
 
     def __call__(self, markdown: str) -> str:
         source = _remove_reasoning(markdown) if self._strip_reasoning else markdown
-        try:
-            text = self._blocks(_tree(self._md.parse(source)))
-        except Exception:  # a renderer bug must not cost the customer the answer
-            text = source
+        source = _cap(source)
+        if markup_cost(source) > MARKUP_BUDGET or source.count("\n") > MAX_MARKDOWN_LINES:
+            text = _plain(source)
+        else:
+            try:
+                text = self._blocks(_tree(self._md.parse(source)))
+            except Exception:  # a renderer bug must not cost the customer the answer
+                text = source
         if self._strip_reasoning:
             text = _THINK_TAG.sub("", text)
-        return _tidy(text)
+        # Tables can grow in rendering ("a: b" for "|b|"); what is past the limit could not be sent anyway.
+        return _tidy(text[: MAX_RENDERED_CHARS * 2])[:MAX_RENDERED_CHARS]
 
     def _blocks(self, nodes: list[_Node]) -> str:
         out: list[str] = []
@@ -216,6 +254,29 @@ def _tree(tokens: list[Token]) -> list[_Node]:
         else:
             stack[-1].append(_Node(token, _tree(token.children) if token.children else []))
     return root
+
+
+def markup_cost(text: str) -> int:
+    """How much scanning markdown-it may do on `text`, at most: openers × length, summed over the parts
+    between blank lines (no paragraph, inline run or HTML block that scans ahead crosses one)."""
+    return sum(len(_OPENERS.findall(part)) * len(part) for part in _BLANK_LINE.split(text))
+
+
+def _cap(text: str) -> str:
+    """`text` cut to what can be sent, at a line end when there is one in the last quarter."""
+    if len(text) <= MAX_RENDERED_CHARS:
+        return text
+    cut = text.rfind("\n", MAX_RENDERED_CHARS * 3 // 4, MAX_RENDERED_CHARS)
+    return text[: cut if cut > 0 else MAX_RENDERED_CHARS]
+
+
+def _plain(text: str) -> str:
+    """Linear cleanup for text too marked-up to parse: tags out, links as `text (url)`, markers simplified."""
+    text = _ANY_TAG.sub("", text)
+    text = _PLAIN_LINK.sub(lambda m: f"{m[1]} ({m[2]})" if m[1] else m[2], text)
+    for pattern, replacement in _PLAIN_MARKS:
+        text = pattern.sub(replacement, text)
+    return html.unescape(text)
 
 
 def _remove_reasoning(text: str) -> str:

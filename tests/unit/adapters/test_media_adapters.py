@@ -228,7 +228,13 @@ class TestDifyMedia:
             return httpx.Response(200, headers={"Content-Type": "image/png"}, content=media_samples.png())
 
         client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        adapter = DifyChatEngine(base_url="http://dify.test/v1", api_key=KEY, client=client)
+        adapter = DifyChatEngine(
+            base_url="http://dify.test/v1",
+            api_key=KEY,
+            client=client,
+            file_client=client,
+            file_hosts=("cdn.example",),
+        )
         async with client:
             blob = await adapter.fetch_file("https://cdn.example/a.png?sig=1", max_bytes=1024 * 1024)
 
@@ -287,8 +293,38 @@ class TestFfmpegAudioConverter:
     async def test_garbage_is_a_conversion_error(self, ffmpeg: str) -> None:
         converter = FfmpegAudioConverter(executable=ffmpeg)
 
-        with pytest.raises(AudioConversionError, match="ffmpeg exited"):
+        with pytest.raises(AudioConversionError, match="not AMR"):
             await converter.to_speech(MediaBlob(b"not audio at all" * 10, "audio/amr"))
+
+    async def test_garbage_behind_the_amr_magic_is_a_conversion_error(self, ffmpeg: str) -> None:
+        converter = FfmpegAudioConverter(executable=ffmpeg)
+
+        with pytest.raises(AudioConversionError, match="ffmpeg exited"):
+            await converter.to_speech(MediaBlob(b"#!AMR\n" + b"not audio at all" * 10, "audio/amr"))
+
+    @pytest.mark.parametrize(
+        "data",
+        [media_samples.png(), silent_wav(0.5), b"ID3\x04" + bytes(64), b"", b"#!AMR-WB\n" + bytes(64)],
+        ids=["png", "wav", "mp3", "empty", "amr-wb"],
+    )
+    async def test_only_amr_is_taken(self, tmp_path: Path, data: bytes) -> None:
+        ran = tmp_path / "ran"
+        fake = tmp_path / "ffmpeg"
+        fake.write_text(f"#!/bin/sh\ntouch {ran}\n")
+        fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+        converter = FfmpegAudioConverter(executable=str(fake))
+
+        with pytest.raises(AudioConversionError, match="not AMR"):
+            await converter.to_speech(MediaBlob(data, "audio/amr"))
+        assert not ran.exists()
+
+    async def test_a_long_clip_is_cut_to_the_duration_limit(self, ffmpeg: str) -> None:
+        converter = FfmpegAudioConverter(executable=ffmpeg, max_seconds=1)
+
+        speech = await converter.to_speech(MediaBlob(media_samples.synthetic_amr(3.0), "audio/amr"))
+
+        # 16 kHz mono 16-bit: 32000 bytes a second, plus the header.
+        assert 30000 < len(speech.data) < 34000
 
     async def test_a_hanging_ffmpeg_is_killed_after_the_timeout(self, tmp_path: Path) -> None:
         fake = tmp_path / "ffmpeg"

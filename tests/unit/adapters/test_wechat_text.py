@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.outbound.wechat_text import WeChatTextRenderer
+from adapters.outbound.wechat_text import MARKUP_BUDGET, MAX_RENDERED_CHARS, WeChatTextRenderer, markup_cost
 
 render = WeChatTextRenderer()
 
@@ -398,3 +398,76 @@ def test_any_text_renders_without_error_or_reasoning_tags(source: str) -> None:
 @given(st.text())
 def test_arbitrary_unicode_never_raises(source: str) -> None:
     assert isinstance(render(source), str)
+
+
+# Hostile sizes and shapes (rendering runs on the event loop)
+
+
+def test_an_answer_longer_than_can_be_sent_is_cut_at_a_line_end() -> None:
+    line = "这是一行很长的回答内容。" * 4
+    text = render("\n".join([line] * 2000))
+
+    assert len(text) <= MAX_RENDERED_CHARS
+    assert text.endswith(line)
+
+
+def test_a_long_reasoning_block_does_not_cost_the_answer_after_it() -> None:
+    thinking = "想一想。" * (MAX_RENDERED_CHARS * 2)
+
+    assert render(f"<think>{thinking}</think>\n\n**答案**：可以退款。") == "答案：可以退款。"
+
+
+def test_markup_markdown_it_would_be_slow_on_gets_a_plain_cleanup() -> None:
+    # 400 openers in one 12 KB paragraph: over the budget, so no markdown-it.
+    source = "## 说明\n\n" + "**注意** 请看[帮助](https://help.example/a)。" * 400 + "\n\n- 一\n> 引用"
+    assert markup_cost(source) > MARKUP_BUDGET
+
+    text = render(source)
+
+    assert text.startswith("说明\n\n注意 请看帮助 (https://help.example/a)。")
+    assert "**" not in text and "](" not in text
+    assert len(text) <= MAX_RENDERED_CHARS
+
+
+def test_the_plain_cleanup_keeps_list_and_quote_markers_readable() -> None:
+    source = "<b>粗体</b>\n" + "\n".join(f"- 第{i}项 &amp; 说明" for i in range(1200)) + "\n> 引用"
+
+    text = render(source)
+
+    assert text.startswith("粗体\n• 第0项 & 说明\n• 第1项 & 说明")
+    assert "<b>" not in text
+
+
+def test_an_ordinary_answer_stays_within_the_budget() -> None:
+    answer = "\n\n".join(
+        [
+            "## 退款说明",
+            "**注意**：请查看[帮助中心](https://help.example.com/a)了解详情。",
+            "- 一\n- 二\n- 三",
+        ]
+        * 60
+    )
+
+    assert markup_cost(answer) <= MARKUP_BUDGET
+    assert render(answer).startswith(
+        "退款说明\n\n注意：请查看帮助中心 (https://help.example.com/a)了解详情。"
+    )
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "<think" * 20000,
+        "<details>" * 20000,
+        "</think" * 20000,
+        "<div " * 20000,
+        "*a" * 50000,
+        "[a](" * 30000,
+        "`" * 100000,
+        "> " * 50000,
+        "- " * 50000,
+    ],
+    ids=["think", "details", "close-think", "div", "emphasis", "links", "backticks", "quotes", "lists"],
+)
+def test_pathological_markup_renders_to_a_bounded_text(source: str) -> None:
+    assert len(render(source)) <= MAX_RENDERED_CHARS

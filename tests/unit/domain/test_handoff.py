@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from domain.commands import DEFAULT_HANDOFF_WORDS, CommandKind, CommandSet
-from domain.handoff import DEFAULT_HANDOFF_MARKERS, take_handoff_marker
+from domain.handoff import DEFAULT_HANDOFF_MARKERS, NESTED_MARKERS_CAP, MarkedAnswer, take_handoff_marker
 
 
 @pytest.mark.parametrize("text", ["转人工", " 人工客服 ", "人工", "#转人工", "转人工！", "ＨＵＭＡＮ"])
@@ -79,3 +79,30 @@ def test_no_marker_is_left_even_from_pieces_of_markers(before: str, after: str, 
     marked = take_handoff_marker(before + marker + after)
     assert marked.handoff
     assert not take_handoff_marker(marked.text).handoff
+
+
+def test_deeply_nested_markers_are_unwound_in_one_pass() -> None:
+    depth = 4000  # 28K characters: under the cap
+    answer = "好的。" + "[[转人" * depth + "[[转人工]]" + "工]]" * depth + "稍等"
+
+    marked = take_handoff_marker(answer)
+
+    assert marked.handoff is True
+    assert marked.text == "好的。稍等"
+
+
+def test_nested_markers_in_a_huge_answer_leave_at_most_the_cap() -> None:
+    depth = 40_000
+    answer = "[[转人" * depth + "[[转人工]]" + "工]]" * depth
+
+    marked = take_handoff_marker(answer)
+
+    assert marked.handoff is True
+    assert len(marked.text) <= NESTED_MARKERS_CAP
+    assert "[[转人工]]" not in marked.text
+
+
+def test_an_unterminated_marker_run_is_not_a_handoff() -> None:
+    answer = "[[转人" * 50_000
+
+    assert take_handoff_marker(answer) == MarkedAnswer(answer, False)
