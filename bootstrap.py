@@ -95,6 +95,7 @@ def build_dify(
         idle_timeout=settings.dify_idle_timeout_s,
         total_timeout=settings.dify_total_timeout_s,
         max_connections=max(settings.dify_concurrency, 1) + 8,
+        file_hosts=settings.file_hosts,
     )
 
 

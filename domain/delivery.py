@@ -1,11 +1,13 @@
-"""What a `msg_send_fail` event means (spec §5.4), and who should not get proactive texts any more."""
+"""What a `msg_send_fail` event means (docs/wecom-kf.md §5.4), and who should not get proactive texts any
+more."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 # fail_type → meaning. 7 and 9 appear only in older transcriptions, 11 and 12 only in the 2024 one; 13 was
-# seen in the wild for a content-security block (field notes §1.12). Unknown values are reported generically.
+# seen in the wild for a content-security block (docs/wecom-kf.md §10.12). Unknown values are reported
+# generically.
 FAIL_TYPES: dict[int, str] = {
     0: "unknown reason",
     1: "kf account deleted",

@@ -1,7 +1,7 @@
 """Media in the bot's words: downloaded bytes, uploaded files, and the rules both sides put on them.
 
-Pure functions of bytes, names and settings (stdlib only). Limits come from specs/wecom-kf.md §5.2 and §7.4
-and specs/dify-api.md §5–§7.
+Pure functions of bytes, names and settings (stdlib only). Limits come from docs/wecom-kf.md §5.2 and §7.4
+and docs/dify.md §5–§7.
 """
 
 from __future__ import annotations

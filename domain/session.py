@@ -1,4 +1,5 @@
-"""Who owns a customer's kf session, and whether the bot may answer (WeCom `service_state`, spec §7.2).
+"""Who owns a customer's kf session, and whether the bot may answer (WeCom `service_state`, docs/wecom-kf.md
+§7.2).
 
 The bot answers only while WeCom lets the API own the session (states 0 and 1). While a human servicer
 owns it (3) or it waits in the queue (2) the bot stays silent. An ended session (4) is reopened by the
@@ -30,10 +31,10 @@ class SessionState(IntEnum):
             return None
 
 
-# States in which kf/send_msg is allowed (spec §6.1).
+# States in which kf/send_msg is allowed (docs/wecom-kf.md §6.1).
 SENDABLE = frozenset({SessionState.NEW, SessionState.BOT})
 
-# session_status_change `change_type` (spec §5.4) → the state it leaves the session in.
+# session_status_change `change_type` (docs/wecom-kf.md §5.4) → the state it leaves the session in.
 _CHANGE_TYPES: dict[int, SessionState] = {
     1: SessionState.HUMAN,  # picked up from the queue by a servicer
     2: SessionState.HUMAN,  # transferred to another servicer

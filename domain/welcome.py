@@ -1,7 +1,8 @@
 """The welcome a customer gets on entering a session (kf `send_msg_on_event` with the welcome_code).
 
 The configured text wins; otherwise the AI app's opening statement, with its suggested questions as a
-menu of click items the customer can tap (a tap arrives as an ordinary text message). Limits: spec §6.3
+menu of click items the customer can tap (a tap arrives as an ordinary text message). Limits:
+docs/wecom-kf.md §6.3
 (msgmenu head ≤1024 bytes, ≤10 items, click content ≤128 bytes; text ≤2048 bytes).
 """
 

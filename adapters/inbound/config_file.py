@@ -99,6 +99,8 @@ class Settings:
     pull_lease_s: float = 15.0
     # Media: image + text pairing, and the ffmpeg that turns voice into speech audio.
     image_text_window_s: float = 3.0
+    # Hosts (host or host:port) besides the Dify app's own origin that answer files may be fetched from.
+    file_hosts: tuple[str, ...] = ()
     ffmpeg: str = ""  # "" = ffmpeg on PATH, else the imageio-ffmpeg package's; "off" = no voice
     ffmpeg_timeout_s: float = 30.0
     voice_format: str = "wav"
@@ -226,6 +228,19 @@ def _admin_port(r: _Reader) -> int | None:
         r.problems.append(f"{r.where('SERVER', 'ADMIN_PORT')} = {port}: must differ from PORT")
         return None
     return port
+
+
+_FILE_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?")
+
+
+def _file_hosts(value: str) -> tuple[str, ...]:
+    """[BOT] FILE_HOSTS: `host`, `host:port`, `[v6]` or `[v6]:port`, separated by commas."""
+    hosts = _words(value)
+    for host in hosts:
+        match = _FILE_HOST.fullmatch(host)
+        if match is None or (match.group(1) is not None and not 0 < int(match.group(1)) < 65536):
+            raise ValueError(host)
+    return hosts
 
 
 def _words(value: str) -> tuple[str, ...]:
@@ -376,6 +391,7 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         image_text_window_s=r.typed(
             "BOT", "IMAGE_TEXT_WINDOW", 3.0, _positive_float, "seconds (0 = never wait for a text)"
         ),
+        file_hosts=r.typed("BOT", "FILE_HOSTS", (), _file_hosts, "host or host:port, separated by commas"),
         ffmpeg=r.text("BOT", "FFMPEG", ""),
         ffmpeg_timeout_s=max(1.0, r.typed("BOT", "FFMPEG_TIMEOUT", 30.0, _positive_float, "seconds ≥ 1")),
         voice_format=_voice_format(r),

@@ -66,6 +66,7 @@ MAX_LABEL_VALUES: Final = 200
 OTHER_LABEL_VALUE: Final = "other"
 
 _HELP: Final[Mapping[str, str]] = {
+    "cursors_dropped": "Stored kf/sync_msg cursors dropped after WeCom kept refusing them",
     "callbacks": "WeCom callbacks received",
     "messages_pulled": "Items read from kf/sync_msg",
     "answered": "Customer messages answered by Dify",

@@ -140,7 +140,7 @@ def _paths(include_metrics: bool) -> dict[str, Any]:
             "post": _admin(
                 {
                     "operationId": "clearState",
-                    "summary": "Forget all conversations, dedupe marks and cursors of this deployment",
+                    "summary": "Start all conversations over (answered messages stay answered)",
                     "responses": {
                         "200": _json_response(
                             "Cleared",

@@ -1,6 +1,6 @@
 """WeCom callback crypto (WXBizMsgCrypt scheme): signature, AES-256-CBC envelope, and the kf notice inside it.
 
-Reference: specs/wecom-kf.md §1.4-1.5 (algorithm), §2 (vectors), §3 (notice), §8 (codes).
+Reference: docs/wecom-kf.md §1.4-1.5 (algorithm), §2 (vectors), §3 (notice), §8 (codes).
 Pure: no I/O, no clock. Every refusal is a `CallbackRejected`; nothing else escapes for untrusted input.
 """
 
@@ -35,7 +35,7 @@ __all__ = [
     "parse_notice",
 ]
 
-# Library-local codes of Tencent's WXBizMsgCrypt samples (spec §8), kept so logs match their docs.
+# Library-local codes of Tencent's WXBizMsgCrypt samples (docs/wecom-kf.md §8), kept so logs match their docs.
 SIGNATURE_ERROR: Final = -40001
 PARSE_XML_ERROR: Final = -40002
 RECEIVE_ID_ERROR: Final = -40005
@@ -46,7 +46,7 @@ DECODE_BASE64_ERROR: Final = -40010
 # A kf envelope is a few hundred bytes; anything near this is not WeCom.
 MAX_BODY_BYTES: Final = 64 * 1024
 
-# WeCom pads to 32 bytes, not AES's 16 (spec §1.5: official vectors have pads of 22 and 30).
+# WeCom pads to 32 bytes, not AES's 16 (docs/wecom-kf.md §1.5: official vectors have pads of 22 and 30).
 _PAD_BLOCK: Final = 32
 _RANDOM_LEN: Final = 16
 _HEADER_LEN: Final = _RANDOM_LEN + 4
@@ -71,7 +71,8 @@ _XML_ERRORS: Final = (ParseError, DefusedXmlException, ValueError, LookupError)
 
 
 class CallbackRejected(Exception):
-    """A callback we refuse. `reason` is short and log-safe; `code` is the WXBizMsgCrypt code (spec §8)."""
+    """A callback we refuse. `reason` is short and log-safe; `code` is the WXBizMsgCrypt code
+    (docs/wecom-kf.md §8)."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(code, reason)
@@ -112,7 +113,8 @@ class WeComCrypto:
     def verify_url(self, *, msg_signature: str, timestamp: str, nonce: str, echostr: str) -> str:
         """GET verification: the plaintext to echo back as the response body."""
         if not self._signature_matches(msg_signature, timestamp, nonce, echostr):
-            # Some frameworks decode an unescaped '+' in the query string as a space (spec §1.2 note).
+            # Some frameworks decode an unescaped '+' in the query string as a space (docs/wecom-kf.md §1.2
+            # note).
             repaired = echostr.replace(" ", "+")
             if repaired == echostr or not self._signature_matches(msg_signature, timestamp, nonce, repaired):
                 raise CallbackRejected(SIGNATURE_ERROR, "signature mismatch")
@@ -156,7 +158,7 @@ class WeComCrypto:
         # compare_digest raises TypeError on non-ASCII str, so compare bytes.
         return hmac.compare_digest(expected, msg_signature.encode("utf-8", "surrogatepass"))
 
-    # IV is the first 16 bytes of the key, not carried in the message (spec §1.5).
+    # IV is the first 16 bytes of the key, not carried in the message (docs/wecom-kf.md §1.5).
     def _aes_encrypt(self, data: bytes) -> bytes:
         return bytes(AES.new(self._key, AES.MODE_CBC, iv=self._key[:16]).encrypt(data))
 
@@ -174,7 +176,7 @@ class WeComCrypto:
             raise CallbackRejected(DECRYPT_AES_ERROR, "bad ciphertext length")
         data = self._aes_decrypt(ciphertext)
 
-        # Tencent's sample trusts the pad byte; we check it fully (spec §1.5).
+        # Tencent's sample trusts the pad byte; we check it fully (docs/wecom-kf.md §1.5).
         pad = data[-1]
         if not 1 <= pad <= _PAD_BLOCK or pad > len(data) or data[-pad:] != bytes([pad]) * pad:
             raise CallbackRejected(DECRYPT_AES_ERROR, "bad padding")
@@ -195,7 +197,8 @@ class WeComCrypto:
 
 
 def parse_notice(xml: str) -> CallbackNotice:
-    """The decrypted callback XML as a notice (spec §3). Unknown events pass through for the caller."""
+    """The decrypted callback XML as a notice (docs/wecom-kf.md §3). Unknown events pass through for the
+    caller."""
     fields = _fields(xml, what="notice")
 
     def text(tag: str) -> str:

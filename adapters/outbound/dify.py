@@ -1,4 +1,4 @@
-"""DifyChatEngine: the ChatEngine port over Dify's service API (specs/dify-api.md)."""
+"""DifyChatEngine: the ChatEngine port over Dify's service API (docs/dify.md)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ _T = TypeVar("_T")
 _TRACE_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_MESSAGE_CHARS = 500
-# Dify follows a failed `workflow_finished` with the `error` event that explains it (spec §3.3); wait this
-# long for it so the application gets Dify's code, not just "workflow_failed".
+# Dify follows a failed `workflow_finished` with the `error` event that explains it (docs/dify.md §3.3); wait
+# this long for it so the application gets Dify's code, not just "workflow_failed".
 _FAILED_WORKFLOW_GRACE_S = 2.0
 # After message_end, how long to read the rest of a stream so its connection can be reused.
 _TAIL_READ_S = 0.1
@@ -112,7 +112,8 @@ class DifyChatEngine:
             streaming: httpx.Timeout(connect=connect_timeout, read=read, write=read, pool=connect_timeout)
             for streaming, read in ((True, idle_timeout), (False, read_timeout))
         }
-        # httpx defaults to 5 s for everything (spec §0 #9); every request below passes explicit timeouts.
+        # httpx defaults to 5 s for everything (docs/dify.md §0 #9); every request below passes explicit
+        # timeouts.
         self._client = client or async_client(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             headers={"User-Agent": "kf-dify"},
@@ -131,6 +132,11 @@ class DifyChatEngine:
             total_timeout=min(total_timeout, 60.0),
             client=file_client,
         )
+
+    @property
+    def file_hosts(self) -> frozenset[tuple[str, int | None]]:
+        """Hosts besides Dify's own origin that answer files may come from."""
+        return self._files.hosts
 
     async def aclose(self) -> None:
         await self._files.aclose()
@@ -182,8 +188,8 @@ class DifyChatEngine:
                         if not streaming and _refuses_blocking(error):
                             raise _BlockingRefused(error.code, error.message, status=error.status)
                         raise error
-                    # Dify 1.13.0 answers some blocking requests with SSE (spec §8.3 #32351): trust the
-                    # Content-Type, not the mode that was asked for.
+                    # Dify 1.13.0 answers some blocking requests with SSE (docs/dify.md §8.3 #32351): trust
+                    # the Content-Type, not the mode that was asked for.
                     if _is_event_stream(response):
                         return await self._read_stream(response, question)
                     return self._blocking_answer(await response.aread(), response.status_code, question)
@@ -218,7 +224,7 @@ class DifyChatEngine:
         )
 
     async def upload_file(self, user: str, filename: str, content_type: str, data: bytes) -> UploadedFile:
-        # The part's Content-Type is always explicit: without one Dify answers 415 (spec §5.1).
+        # The part's Content-Type is always explicit: without one Dify answers 415 (docs/dify.md §5.1).
         body = await self._post_multipart(
             "/files/upload", file=(filename, data, content_type), user=user, what="POST /files/upload"
         )
@@ -234,8 +240,8 @@ class DifyChatEngine:
         )
 
     async def transcribe(self, user: str, audio: bytes, content_type: str) -> str:
-        # Dify checks the part's Content-Type, not the file name (spec §6): audio/mp3 or audio/wav, never a
-        # guessed audio/mpeg or audio/x-wav.
+        # Dify checks the part's Content-Type, not the file name (docs/dify.md §6): audio/mp3 or audio/wav,
+        # never a guessed audio/mpeg or audio/x-wav.
         extension = content_type.split("/", 1)[-1].split(";", 1)[0].strip() or "wav"
         body = await self._post_multipart(
             "/audio-to-text",
@@ -264,7 +270,7 @@ class DifyChatEngine:
 
     def _headers(self, trace_id: str = "") -> dict[str, str]:
         headers = {"Authorization": f"Bearer {self._api_key}"}
-        # Dify accepts X-Trace-Id of 1-128 chars from [A-Za-z0-9_-] (spec §1).
+        # Dify accepts X-Trace-Id of 1-128 chars from [A-Za-z0-9_-] (docs/dify.md §1).
         safe = _TRACE_ID_UNSAFE.sub("", trace_id)[:128]
         if safe:
             headers["X-Trace-Id"] = safe
@@ -273,11 +279,11 @@ class DifyChatEngine:
     def _chat_payload(self, question: Question, *, streaming: bool) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "query": question.query,
-            "inputs": dict(question.inputs),  # required by Dify, even when empty (spec §2.1)
+            "inputs": dict(question.inputs),  # required by Dify, even when empty (docs/dify.md §2.1)
             "user": question.user,
             "response_mode": "streaming" if streaming else "blocking",
         }
-        if question.conversation_id:  # omitted and "" both start a new conversation (spec §2.1)
+        if question.conversation_id:  # omitted and "" both start a new conversation (docs/dify.md §2.1)
             payload["conversation_id"] = question.conversation_id
         if question.files:
             payload["files"] = [
@@ -371,7 +377,7 @@ class DifyChatEngine:
                     for line in batch:
                         event = _sse_event(line)
                         if event is None or event.get("event") == "ping":
-                            continue  # keep-alives do not count as progress (spec §0 #10)
+                            continue  # keep-alives do not count as progress (docs/dify.md §0 #10)
                         kind = event.get("event")
                         if pending_failure is not None:
                             if kind == "error":
@@ -425,10 +431,10 @@ class DifyChatEngine:
         if pending_failure is not None:
             raise pending_failure
         if had_conversation and not saw_content:
-            # Heuristic for Dify #38800 (spec §8.3): a well-formed but unknown conversation_id makes some 2026
-            # builds stream pings forever instead of answering 404. A ping-only stream on a request that
-            # carried a conversation id is therefore reported as ConversationGone, so the application starts
-            # a new conversation (once). The cost: a chatflow ping-only hang (#35611) also resets the
+            # Heuristic for Dify #38800 (docs/dify.md §8.3): a well-formed but unknown conversation_id makes
+            # some 2026 builds stream pings forever instead of answering 404. A ping-only stream on a request
+            # that carried a conversation id is therefore reported as ConversationGone, so the application
+            # starts a new conversation (once). The cost: a chatflow ping-only hang (#35611) also resets the
             # conversation, and the retry then fails with a plain idle_timeout.
             log.warning(
                 "Dify sent only pings for %g s to a request with a conversation id; treating it as gone",
@@ -449,7 +455,7 @@ class DifyChatEngine:
         message = _text(envelope.get("message")) if envelope is not None else ""
         delay = _retry_after_seconds(retry_after)
         if not code:
-            # Gateway pages (502/504 HTML, Cloudflare 524, nginx 413) carry no envelope (spec §4.1).
+            # Gateway pages (502/504 HTML, Cloudflare 524, nginx 413) carry no envelope (docs/dify.md §4.1).
             return self._classify(
                 f"http_{status}", message or f"HTTP {status} {reason}".strip(), status, False, delay
             )
@@ -502,7 +508,7 @@ class DifyChatEngine:
 
 
 class _AnswerAssembly:
-    """Builds one answer from stream events (spec §3.5)."""
+    """Builds one answer from stream events (docs/dify.md §3.5)."""
 
     def __init__(self, base_url: str) -> None:
         self._base_url = base_url + "/"
@@ -536,7 +542,7 @@ class _AnswerAssembly:
         elif kind == "message_file" and event.get("belongs_to", "assistant") == "assistant":
             self._add_file(event)
         elif kind == "message_end" and isinstance(event.get("files"), list):
-            # Newer builds repeat the answer's files in message_end (spec §3.3); keep each URL once.
+            # Newer builds repeat the answer's files in message_end (docs/dify.md §3.3); keep each URL once.
             for item in event["files"]:
                 if isinstance(item, Mapping) and item.get("belongs_to", "assistant") == "assistant":
                     self._add_file(item)
@@ -561,7 +567,7 @@ class _AnswerAssembly:
         url = _text(item.get("url")) or _text(item.get("remote_url"))
         if not url:
             return
-        # The URL may be relative to the Dify host (spec §3.3, not verified).
+        # The URL may be relative to the Dify host (docs/dify.md §3.3, not verified).
         absolute = urljoin(self._base_url, url)
         if all(f.url != absolute for f in self._files):
             self._files.append(AnswerFile(kind=_text(item.get("type")) or "custom", url=absolute))

@@ -46,7 +46,7 @@ def echo(question: Question, history: Sequence[Turn]) -> str:
 
 
 DEFAULT_TRANSCRIPT = "你好，我想问一下保修的事。"
-# /audio-to-text part types current Dify accepts (spec §6), also with upper-case extensions.
+# /audio-to-text part types current Dify accepts (docs/dify.md §6), also with upper-case extensions.
 SPEECH_TYPES = frozenset(
     [f"audio/{e}" for e in ("mp3", "m4a", "wav", "amr", "mpga")]
     + [f"audio/{e.upper()}" for e in ("mp3", "m4a", "wav", "amr", "mpga")]
@@ -62,7 +62,8 @@ class FakeConversation:
 
 
 class FakeChatEngine:
-    """Keeps conversations per user like Dify (spec §0 #4); answers through a programmable responder."""
+    """Keeps conversations per user like Dify (docs/dify.md §0 #4); answers through a programmable
+    responder."""
 
     def __init__(
         self,
@@ -83,7 +84,8 @@ class FakeChatEngine:
         self.transcriptions: list[tuple[str, str, bytes]] = []  # (user, content type, audio)
         # What `fetch_file` serves: URL → blob (answers' files).
         self.hosted: dict[str, MediaBlob] = {}
-        # Files the last questions carried that the app dropped because File Upload is off (spec §5.4 #2).
+        # Files the last questions carried that the app dropped because File Upload is off (docs/dify.md §5.4
+        # #2).
         self.ignored_files = 0
         self._failures: deque[ChatEngineError] = deque()
         self._replacements: deque[str] = deque()
@@ -138,7 +140,7 @@ class FakeChatEngine:
             await anyio.sleep(self.delay)
         if self._failures:
             raise self._failures.popleft()
-        # Dify's own request validation (spec §0 #3), so callers meet it in unit tests too.
+        # Dify's own request validation (docs/dify.md §0 #3), so callers meet it in unit tests too.
         if not question.user:
             raise ChatEngineError("invalid_param", "Arg user must be provided.", status=400)
         if not question.query:
@@ -179,7 +181,7 @@ class FakeChatEngine:
     async def upload_file(self, user: str, filename: str, content_type: str, data: bytes) -> UploadedFile:
         await anyio.lowlevel.checkpoint()
         self._take_media_failure("upload_file")
-        # Dify's own checks (spec §5.1, §5.3), in its order.
+        # Dify's own checks (docs/dify.md §5.1, §5.3), in its order.
         if not filename:
             raise ChatEngineError(
                 "filename_not_exists_error", "The specified filename does not exist.", status=400
@@ -220,7 +222,7 @@ class FakeChatEngine:
             raise ChatEngineError("audio_too_large", "Audio size larger than 30 mb", status=413)
         kind = bare_type(declared)
         if kind == "audio/amr" or (kind in ("audio/wav", "audio/mp3") and sniff_type(audio) != kind):
-            # What the speech model says to bytes it cannot decode (Whisper takes no AMR, spec §6).
+            # What the speech model says to bytes it cannot decode (Whisper takes no AMR, docs/dify.md §6).
             raise ChatEngineError(
                 "completion_request_error", "[openai] Error: Invalid file format.", status=400
             )
@@ -243,7 +245,8 @@ class FakeChatEngine:
             raise queue.popleft()
 
     def _check_files(self, user: str, files: Sequence[Attachment]) -> None:
-        """Dify's file factory (spec §5.4): ignored when File Upload is off, else own uploads of allowed and
+        """Dify's file factory (docs/dify.md §5.4): ignored when File Upload is off, else own uploads of
+        allowed and
         truthful types."""
         if not files:
             return
@@ -264,11 +267,13 @@ class FakeChatEngine:
                 )
 
     def _conversation_for(self, question: Question) -> FakeConversation:
-        if not question.conversation_id:  # Dify reads "" as "start a new conversation" too (spec §2.1)
+        # Dify reads "" as "start a new conversation" too (docs/dify.md §2.1)
+        if not question.conversation_id:
             conversation = FakeConversation(id=str(uuid.uuid4()), user=question.user)
             self.conversations[conversation.id] = conversation
             return conversation
-        # Unknown, malformed, forgotten or another user's id: Dify says 404 / invalid UUID (spec §4.2).
+        # Unknown, malformed, forgotten or another user's id: Dify says 404 / invalid UUID (docs/dify.md
+        # §4.2).
         found = self.conversations.get(question.conversation_id)
         if found is None or found.user != question.user:
             raise ConversationGone("Conversation Not Exists.", status=404)

@@ -237,6 +237,11 @@ class AnswerFileFetcher:
             )
         self._client = client
 
+    @property
+    def hosts(self) -> frozenset[tuple[str, int | None]]:
+        """The listed hosts ([BOT] FILE_HOSTS) as (host, port or None for the scheme's default)."""
+        return self._hosts
+
     async def aclose(self) -> None:
         if self._owns_client:
             await self._client.aclose()

@@ -74,14 +74,14 @@ async def test_a_file_on_an_internal_server_is_never_requested_and_the_text_stil
             )
         )
     )
-    stack.wecom.add_customer_text(KF, "wmSsrf", "给我看图")
+    stack.wecom.world.add_customer_text(KF, "wmSsrf", "给我看图")
 
     assert (await stack.callback()).status_code == 200
     await stack.settle(30)
 
     assert internal.requests == []
     assert stack.replies_to("wmSsrf")[0] == "答：给我看图"
-    assert stack.wecom.sent_media == []
+    assert stack.wecom.world.sent_media == []
 
 
 async def test_dify_own_origin_on_loopback_is_fetched(servers: Servers) -> None:

@@ -166,7 +166,7 @@ async def test_healthz_keeps_answering_while_a_pathological_answer_is_handled(
     stack: Stack, query: str
 ) -> None:
     customer = f"wmPatho{query}"
-    stack.wecom.add_customer_text(KF, customer, query)
+    stack.wecom.world.add_customer_text(KF, customer, query)
     monitor = LoopMonitor()
     answered = 0
     in_progress = True

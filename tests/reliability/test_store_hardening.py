@@ -15,7 +15,8 @@ import pytest
 from dependency_injector import providers
 
 from adapters.outbound.fake_dify import FakeChatEngine
-from adapters.outbound.fake_wecom import ERR_INVALID_PARAM, KfWorld
+from adapters.outbound.fake_wecom import KfWorld
+from adapters.outbound.fake_wecom.rules import ERR_INVALID_PARAM
 from adapters.outbound.memcached_store import MemcachedStateStore
 from adapters.outbound.memory_store import MemoryStateStore
 from application.ports import MessageState, StateStore

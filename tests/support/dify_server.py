@@ -1,4 +1,4 @@
-"""FakeDifyServer: a Starlette app speaking Dify's service API (specs/dify-api.md), programmable by tests."""
+"""FakeDifyServer: a Starlette app speaking Dify's service API (docs/dify.md), programmable by tests."""
 
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ _EVENT_STREAM = "text/event-stream"
 MB = 1024 * 1024
 DEFAULT_TRANSCRIPT = "你好，我想问一下保修的事。"
 
-# Dify's extension lists decide an upload's size category and its detected type (spec §5.1, §5.4 #3).
+# Dify's extension lists decide an upload's size category and its detected type (docs/dify.md §5.1, §5.4 #3).
 _IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "svg"}
 _VIDEO_EXTS = {"mp4", "mov", "mpeg", "webm"}
 _AUDIO_EXTS = {"mp3", "m4a", "wav", "amr", "mpga"}
 _DOCUMENT_EXTS = {"txt", "markdown", "md", "mdx", "pdf", "html", "htm", "xlsx", "xls", "docx", "csv", "vtt"}
-# /audio-to-text part types of current Dify (spec §6): audio/<ext>, also with upper-case extensions.
+# /audio-to-text part types of current Dify (docs/dify.md §6): audio/<ext>, also with upper-case extensions.
 _SPEECH_TYPES = {f"audio/{e}" for e in ("mp3", "m4a", "wav", "amr", "mpga")}
 _SPEECH_TYPES |= {f"audio/{e.upper()}" for e in ("mp3", "m4a", "wav", "amr", "mpga")}
 SPEECH_LIMIT = 30 * MB
@@ -99,7 +99,7 @@ class Fault:
     unknown_event: bool = False
     # A ping (`event: ping`, no data) before every event.
     pings_between: bool = False
-    # Dify 1.13.0 (spec §8.3 #32351): a blocking request is answered with text/event-stream.
+    # Dify 1.13.0 (docs/dify.md §8.3 #32351): a blocking request is answered with text/event-stream.
     sse_for_blocking: bool = False
     # Dify #21568: the stream stays open (pinging) after the terminal event.
     keep_open_after_end: bool = False
@@ -129,7 +129,7 @@ class _Conversation:
 
 @dataclass(frozen=True)
 class StoredUpload:
-    """A file uploaded through /files/upload: it belongs to `user` (spec §0 #8)."""
+    """A file uploaded through /files/upload: it belongs to `user` (docs/dify.md §0 #8)."""
 
     id: str
     name: str
@@ -211,9 +211,10 @@ class FakeDifyServer:
                 "workflow_file_upload_limit": 10,
             }
         )
-        # Flask's hint appended to 404 messages in some versions (spec §8.3 #28481).
+        # Flask's hint appended to 404 messages in some versions (docs/dify.md §8.3 #28481).
         self.not_found_suffix = not_found_suffix
-        # Dify #38800 (spec §8.3): streaming with an unknown conversation id pings forever instead of 404.
+        # Dify #38800 (docs/dify.md §8.3): streaming with an unknown conversation id pings forever instead of
+        # 404.
         self.hang_on_unknown_conversation = hang_on_unknown_conversation
         self.transcribe = transcribe
         self.uploads: dict[str, StoredUpload] = {}
@@ -267,7 +268,7 @@ class FakeDifyServer:
 
     def host_file(self, data: bytes, content_type: str, extension: str) -> str:
         """Serve `data` like a tool-generated file; returns the signed, host-relative URL Dify would put in a
-        `message_file` event (spec §3.3)."""
+        `message_file` event (docs/dify.md §3.3)."""
         name = f"{uuid.uuid4()}.{extension}"
         self.hosted[name] = HostedFile(data, content_type)
         return f"/files/tools/{name}?timestamp={int(time.time())}&nonce=n0&sign=s1g"
@@ -288,7 +289,7 @@ class FakeDifyServer:
         user = body.get("user")
         if not isinstance(user, str) or not user:
             return _error(400, "invalid_param", "Arg user must be provided.")
-        response_mode = body.get("response_mode") or "blocking"  # omitted means blocking (spec §0 #2)
+        response_mode = body.get("response_mode") or "blocking"  # omitted means blocking (docs/dify.md §0 #2)
         if response_mode not in ("blocking", "streaming"):
             return _error(400, "invalid_param", "response_mode must be 'blocking' or 'streaming'")
         if not isinstance(body.get("inputs"), dict):
@@ -303,7 +304,7 @@ class FakeDifyServer:
         if not isinstance(files, list) or not all(_is_file_reference(f) for f in files):
             return _error(400, "invalid_param", "Invalid upload file id format")
         if files and not self._file_upload_on():
-            self.ignored_files += len(files)  # Chatbot/Agent silently drop files (spec §5.4 #2)
+            self.ignored_files += len(files)  # Chatbot/Agent silently drop files (docs/dify.md §5.4 #2)
         elif files and (refused := self._check_files(files, user)) is not None:
             return refused
         if (refused := self._nonconforming("POST /chat-messages", body)) is not None:
@@ -408,7 +409,8 @@ class FakeDifyServer:
         )
 
     async def _files_upload(self, request: Request) -> Response:
-        """POST /files/upload (spec §5.1–5.3): one `file` part with a name, an extension and a type."""
+        """POST /files/upload (docs/dify.md §5.1–5.3): one `file` part with a name, an extension and a
+        type."""
         await self._record(request)
         if (denied := self._auth(request)) is not None:
             return denied
@@ -463,7 +465,7 @@ class FakeDifyServer:
         )
 
     async def _audio_to_text(self, request: Request) -> Response:
-        """POST /audio-to-text (spec §6): judged by the part's Content-Type, never the file name."""
+        """POST /audio-to-text (docs/dify.md §6): judged by the part's Content-Type, never the file name."""
         await self._record(request)
         if (denied := self._auth(request)) is not None:
             return denied
@@ -483,7 +485,7 @@ class FakeDifyServer:
         if len(audio.data) > SPEECH_LIMIT:
             return _error(413, "audio_too_large", "Audio size larger than 30 mb")
         if not _looks_like(declared, audio.data):
-            # What the speech model says to bytes it cannot decode (Whisper lists no AMR, spec §6).
+            # What the speech model says to bytes it cannot decode (Whisper lists no AMR, docs/dify.md §6).
             return _error(400, "completion_request_error", "[openai] Error: Invalid file format.")
         return JSONResponse({"text": self.transcribe(audio.data, declared)})
 
@@ -535,7 +537,8 @@ class FakeDifyServer:
         )
 
     def _check_files(self, files: list[dict[str, Any]], user: str) -> Response | None:
-        """Dify's file factory (spec §5.4): own uploads of allowed, truthful types, within the counts."""
+        """Dify's file factory (docs/dify.md §5.4): own uploads of allowed, truthful types, within the
+        counts."""
         legacy = self.file_upload.get("image")
         allowed = set(self.file_upload.get("allowed_file_types") or [])
         if isinstance(legacy, Mapping) and legacy.get("enabled") is True:
@@ -726,7 +729,8 @@ class FakeDifyServer:
                 end_files.append(file_event)
             else:
                 steps.append(event("message_file", **file_event))
-        if self.mode == "agent":  # New Agent closes with one `message` repeating the full answer (spec §3.3)
+        # New Agent closes with one `message` repeating the full answer (docs/dify.md §3.3)
+        if self.mode == "agent":
             steps.append(event("message", id=message_id, answer=text))
         if fault.replace_with is not None:
             steps.append(event("message_replace", answer=fault.replace_with, reason="moderation"))
@@ -775,7 +779,7 @@ class FakeDifyServer:
                     self.pings_sent += 1
                     yield PING
                 elif isinstance(step, _Sleep):
-                    # Dify pings every 10 s while the app runs (spec §3.1): pings fill every wait.
+                    # Dify pings every 10 s while the app runs (docs/dify.md §3.1): pings fill every wait.
                     end = anyio.current_time() + step.seconds
                     while (now := anyio.current_time()) < end:
                         if now >= last_ping + self.ping_interval:
@@ -950,7 +954,7 @@ def _looks_like(content_type: str, data: bytes) -> bool:
     if kind == "audio/mp3":
         return data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
     if kind == "audio/amr":
-        return False  # Dify's gate accepts AMR, the speech model does not (spec §6)
+        return False  # Dify's gate accepts AMR, the speech model does not (docs/dify.md §6)
     return bool(data)
 
 

@@ -259,7 +259,8 @@ class TestStreaming:
 
         assert answer.text == "答：保修期多久？"
         assert time.monotonic() - started < 1.5
-        with anyio.fail_after(2):  # and the stream was closed, freeing Dify's concurrency slot (spec §8.1)
+        # and the stream was closed, freeing Dify's concurrency slot (docs/dify.md §8.1)
+        with anyio.fail_after(2):
             while dify.active_streams:
                 await anyio.sleep(0.02)
 

@@ -1,4 +1,5 @@
-"""WeCom callback crypto against the official vectors (spec §2) and every way a callback can be malformed."""
+"""WeCom callback crypto against the official vectors (docs/wecom-kf.md §2) and every way a callback can be
+malformed."""
 
 from __future__ import annotations
 
@@ -131,7 +132,8 @@ C3_ENCRYPT = (
 )
 C3_SIGNATURE = "407518b7649e86ef23978113f92d27afa9296533"
 
-# Vector D: a kf notice under vector A's credentials (spec §2, derived, cross-checked with wechatpy).
+# Vector D: a kf notice under vector A's credentials (docs/wecom-kf.md §2, derived, cross-checked with
+# wechatpy).
 D_TIMESTAMP = "1700000000"
 D_NONCE = "1234567"
 D_PLAINTEXT = (

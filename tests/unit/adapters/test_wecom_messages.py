@@ -1,4 +1,5 @@
-"""sync_msg items → domain messages (spec §5.2–5.4), including odd shapes WeCom and SDKs have shown."""
+"""sync_msg items → domain messages (docs/wecom-kf.md §5.2–5.4), including odd shapes WeCom and SDKs have
+shown."""
 
 from __future__ import annotations
 
