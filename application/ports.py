@@ -198,10 +198,25 @@ class StateStore(
 # --- Dify ------------------------------------------------------------------------------------------------
 
 
+class AnswerProgress(Protocol):
+    """What the caller hears while an answer is on its way (both calls are quick and never raise)."""
+
+    def accepted(self) -> None:
+        """The app took the request (Dify answered 200): the answer is being produced. Called at most once,
+        before any `streamed()`."""
+        ...
+
+    def streamed(self, text: str) -> None:
+        """The whole answer text so far (raw: Markdown, reasoning blocks and markers still in it), each time
+        it changed. It may shrink or change entirely when output moderation replaces the answer."""
+        ...
+
+
 class ChatEngine(Protocol):
-    async def ask(self, question: Question) -> Answer:
+    async def ask(self, question: Question, progress: AnswerProgress | None = None) -> Answer:
         """Ask the AI app. Raises ConversationGone when the conversation id is unusable, ChatEngineError
-        otherwise (with Dify's code and whether a retry may help)."""
+        otherwise (with Dify's code and whether a retry may help). `progress` hears when the app took the
+        request and the text as it streams."""
         ...
 
     async def info(self) -> AppInfo: ...

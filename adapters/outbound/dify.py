@@ -20,6 +20,7 @@ import httpx
 from adapters.outbound.file_fetch import AnswerFileFetcher
 from adapters.outbound.http_transport import async_client
 from application.errors import ChatEngineError, ConversationGone
+from application.ports import AnswerProgress
 from domain.chat import Answer, AnswerFile, AppInfo, AppParameters, Question
 from domain.media import MediaBlob, UploadedFile, extension_of
 
@@ -145,10 +146,10 @@ class DifyChatEngine:
 
     # --- the port ---------------------------------------------------------------------------------------
 
-    async def ask(self, question: Question) -> Answer:
+    async def ask(self, question: Question, progress: AnswerProgress | None = None) -> Answer:
         streaming = self._response_mode == "streaming"
         try:
-            return await self._ask(question, streaming=streaming)
+            return await self._ask(question, progress, streaming=streaming)
         except _BlockingRefused as refused:
             # The app only streams (Agent, New Agent): ask again at once in streaming mode, and keep doing so
             # for this app. The customer notices nothing; the operator is told once which setting is wrong.
@@ -161,9 +162,9 @@ class DifyChatEngine:
                     refused.message,
                     _RESPONSE_MODE_SETTING,
                 )
-            return await self._ask(question, streaming=True)
+            return await self._ask(question, progress, streaming=True)
 
-    async def _ask(self, question: Question, *, streaming: bool) -> Answer:
+    async def _ask(self, question: Question, progress: AnswerProgress | None, *, streaming: bool) -> Answer:
         # Streaming: pings arrive every 10 s, so httpx's read timer only fires when the server is silent;
         # the idle guard in _read_stream is what catches ping-only hangs.
         timeout = self._timeouts[streaming]
@@ -188,11 +189,16 @@ class DifyChatEngine:
                         if not streaming and _refuses_blocking(error):
                             raise _BlockingRefused(error.code, error.message, status=error.status)
                         raise error
+                    if progress is not None:
+                        progress.accepted()
                     # Dify 1.13.0 answers some blocking requests with SSE (docs/dify.md §8.3 #32351): trust
                     # the Content-Type, not the mode that was asked for.
                     if _is_event_stream(response):
-                        return await self._read_stream(response, question)
-                    return self._blocking_answer(await response.aread(), response.status_code, question)
+                        return await self._read_stream(response, question, progress)
+                    answer = self._blocking_answer(await response.aread(), response.status_code, question)
+                    if progress is not None and answer.text:
+                        progress.streamed(answer.text)
+                    return answer
         except TimeoutError:
             raise ChatEngineError(
                 "timeout", f"no answer within {self._total_timeout:g} s", retryable=True
@@ -344,7 +350,9 @@ class DifyChatEngine:
             message_id=_text(body.get("message_id")) or _text(body.get("id")),
         )
 
-    async def _read_stream(self, response: httpx.Response, question: Question) -> Answer:
+    async def _read_stream(
+        self, response: httpx.Response, question: Question, progress: AnswerProgress | None
+    ) -> Answer:
         assembly = _AnswerAssembly(self._base_url)
         had_conversation = bool(question.conversation_id)
         saw_content = False
@@ -357,6 +365,7 @@ class DifyChatEngine:
         # Re-armed `slack` beyond what progress asks, so a fast stream re-arms it once, not per event; a
         # silence is cut after between idle_timeout and idle_timeout + slack.
         slack = self._idle_timeout / 20
+        streamed = ""  # the text `progress` last heard
         try:
             async with idle, _closing(_sse_lines(response)) as batches:
                 while True:
@@ -390,6 +399,9 @@ class DifyChatEngine:
                         if kind == "error":
                             raise self._stream_error(event, had_conversation)
                         assembly.feed(event)
+                        if progress is not None and kind in _TEXT_EVENTS and assembly.text != streamed:
+                            streamed = assembly.text
+                            progress.streamed(streamed)
                         if kind == "message_end" or kind in _PAUSE_EVENTS:
                             # message_end: chatflow then sends workflow_finished, and some versions never
                             # close (Dify #21568): the answer is complete here. A pause (Human Input node:
@@ -589,6 +601,8 @@ class _AnswerAssembly:
         )
 
 
+# Events that can change the answer text.
+_TEXT_EVENTS = frozenset({"message", "agent_message", "message_replace"})
 _KNOWN_EVENTS = frozenset(
     {"message", "agent_message", "message_replace", "message_file", "message_end", "workflow_finished"}
     | {"error", "ping"}

@@ -12,6 +12,7 @@ import anyio
 import anyio.lowlevel
 
 from application.errors import ChatEngineError, ConversationGone, MediaTooLarge
+from application.ports import AnswerProgress
 from domain.chat import Answer, AnswerFile, AppInfo, AppParameters, Attachment, Question
 from domain.media import (
     DIFY_SPEECH_LIMIT_BYTES,
@@ -134,7 +135,7 @@ class FakeChatEngine:
 
     # --- the port ---------------------------------------------------------------------------------------
 
-    async def ask(self, question: Question) -> Answer:
+    async def ask(self, question: Question, progress: AnswerProgress | None = None) -> Answer:
         self.questions.append(question)
         if self.delay:
             await anyio.sleep(self.delay)
@@ -147,6 +148,8 @@ class FakeChatEngine:
             raise ChatEngineError("invalid_param", "query is required", status=400)
         self._check_files(question.user, question.files)
         conversation = self._conversation_for(question)
+        if progress is not None:
+            progress.accepted()
         message_id = str(uuid.uuid4())
         if self._pauses:  # the run stops before the app answers; Dify keeps no turn for it
             return Answer(
@@ -160,7 +163,11 @@ class FakeChatEngine:
             reply = await reply
         if not isinstance(reply, FakeReply):
             reply = FakeReply(reply)
+        if progress is not None and reply.text:
+            progress.streamed(reply.text)
         text = self._replacements.popleft() if self._replacements else reply.text
+        if progress is not None and text != reply.text:
+            progress.streamed(text)  # output moderation replaced what was streamed
         if reply.needs_human_input:
             return Answer(
                 text=text,

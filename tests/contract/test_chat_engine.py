@@ -217,6 +217,22 @@ async def harness(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIt
         await engine.aclose()
 
 
+class RecordedProgress:
+    """An AnswerProgress that writes down what it hears."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def accepted(self) -> None:
+        self.events.append("accepted")
+
+    def streamed(self, text: str) -> None:
+        self.events.append(f"text:{text}")
+
+    def texts(self) -> list[str]:
+        return [event.removeprefix("text:") for event in self.events if event.startswith("text:")]
+
+
 def remember_everything(query: str, history: Sequence[tuple[str, str]]) -> str:
     return " | ".join([*(q for q, _ in history), query])
 
@@ -472,6 +488,36 @@ class TestChatEngineContract:
             Question(user="wm-alice", query="还在吗", conversation_id=answer.conversation_id)
         )
         assert (after.text, after.needs_human_input) == ("答：还在吗", "")
+
+    async def test_progress_hears_the_acceptance_then_the_text_as_it_grows(self, harness: Harness) -> None:
+        progress = RecordedProgress()
+
+        answer = await harness.engine.ask(Question(user="wm-alice", query="你好"), progress)
+
+        assert progress.events[0] == "accepted"
+        assert progress.events.count("accepted") == 1
+        texts = progress.texts()
+        assert texts and texts[-1] == answer.text == "答：你好"
+        assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:], strict=False))
+
+    async def test_progress_hears_nothing_when_the_app_refuses(self, harness: Harness) -> None:
+        progress = RecordedProgress()
+
+        with pytest.raises(ChatEngineError):
+            await harness.engine.ask(Question(user="wm-alice", query=""), progress)
+
+        assert progress.events == []
+
+    @pytest.mark.parametrize("mode", ["chat", "agent"])
+    async def test_progress_hears_moderations_replacement_last(self, harness: Harness, mode: str) -> None:
+        harness.set_mode(mode)
+        harness.moderate_next("已屏蔽")
+        progress = RecordedProgress()
+
+        answer = await harness.engine.ask(Question(user="wm-alice", query="说点什么"), progress)
+
+        assert answer.text == "已屏蔽"
+        assert progress.texts()[-1] == "已屏蔽"
 
     async def test_info_names_the_app_and_its_mode(self, harness: Harness) -> None:
         info = await harness.engine.info()
