@@ -27,6 +27,7 @@ from application.session_state import SessionStates
 from application.telemetry import Telemetry
 from domain.commands import CommandKind, CommandSet
 from domain.handoff import take_handoff_marker
+from domain.message_text import question_for
 from domain.messages import InboundMessage, Kind
 from domain.rate_limit import RateDecision
 from domain.session import SessionState, bot_may_answer
@@ -93,6 +94,14 @@ class AnswerCustomerMessage:
         decision = self._rate_limiter.check(message.customer)
         if decision is not RateDecision.ALLOW:
             return await self._over_limit(route, replies, decision)
+        # A card, link, location ... with meaning in words is asked as such; never parsed as a command.
+        described = question_for(message, route.texts.message_templates)
+        if described is not None:
+            self._telemetry.count_labelled("described_messages", message.msgtype)
+            log.info("non-text message asked in words msgtype=%s chars=%d", message.msgtype, len(described))
+            return await self._answer_with_dify(
+                message, route, replies, PreparedQuestion(query=described), interim=not refusing
+            )
         prepared = await self._media.prepare(message, route)
         if prepared.as_text:  # a voice transcript is answered exactly as if typed, commands included
             typed = replace(message, msgtype=Kind.TEXT.value, text=prepared.query)
@@ -198,6 +207,8 @@ class AnswerCustomerMessage:
                 return Outcome.SILENT
             await self._handoff(message, route, replies, trigger="marker")
             return Outcome.HANDOFF
+        if asked.answer.needs_human_input:
+            return await self._paused(text, route, replies)
         if not text.strip():
             log.warning("dify answered with nothing")
             self._telemetry.count("empty_answers")
@@ -210,3 +221,14 @@ class AnswerCustomerMessage:
         await self._media.deliver(asked.answer, route, replies)
         self._telemetry.count("answered")
         return Outcome.ANSWERED
+
+    async def _paused(self, text: str, route: KfRoute, replies: ReplySession) -> Outcome:
+        """The workflow waits for a human (Dify's human-input node; the adapter logged which node): the
+        answer so far, then the `needs_human_input` text, never the fallback."""
+        self._telemetry.count("needs_human_input")
+        if text.strip():
+            await replies.send_answer(text, route.texts, reserve=1)
+        if replies.human_owns_session:
+            return Outcome.SILENT
+        sent = await replies.send(route.texts.needs_human_input)
+        return Outcome.ANSWERED if sent or replies.delivered else Outcome.SILENT

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from domain.commands import DEFAULT_HANDOFF_WORDS, DEFAULT_RESET_WORDS
 from domain.handoff import DEFAULT_HANDOFF_MARKERS
+from domain.message_text import DEFAULT_MESSAGE_TEMPLATES
 from domain.replies import DEFAULT_TRUNCATION_NOTICE
 
 
@@ -34,6 +35,22 @@ class ReplyTexts:
     voice_failed: str = "抱歉，没能听清这条语音，请再说一遍或改用文字。"
     # Heads the links to files in an answer that cannot be sent as images.
     answer_files: str = "相关文件："
+    # A paused workflow (Dify's human-input node): the turn ends with this, after any answer text.
+    needs_human_input: str = "您的问题需要人工确认，我们会尽快回复您。"
+    # Non-text messages asked in words (domain/message_text.py); "" = the `unsupported` reply.
+    msg_location: str = DEFAULT_MESSAGE_TEMPLATES["msg_location"]
+    msg_link: str = DEFAULT_MESSAGE_TEMPLATES["msg_link"]
+    msg_business_card: str = DEFAULT_MESSAGE_TEMPLATES["msg_business_card"]
+    msg_miniprogram: str = DEFAULT_MESSAGE_TEMPLATES["msg_miniprogram"]
+    msg_channels_shop_product: str = DEFAULT_MESSAGE_TEMPLATES["msg_channels_shop_product"]
+    msg_channels_shop_order: str = DEFAULT_MESSAGE_TEMPLATES["msg_channels_shop_order"]
+    msg_merged_msg: str = DEFAULT_MESSAGE_TEMPLATES["msg_merged_msg"]
+    msg_channels: str = DEFAULT_MESSAGE_TEMPLATES["msg_channels"]
+
+    @property
+    def message_templates(self) -> dict[str, str]:
+        """`msg_<msgtype>` → template, for `domain.message_text.question_for`."""
+        return {key: getattr(self, key) for key in DEFAULT_MESSAGE_TEMPLATES}
 
 
 @dataclass(frozen=True, slots=True)

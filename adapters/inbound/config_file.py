@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+from domain.message_text import DEFAULT_MESSAGE_TEMPLATES, template_problem
+
 T = TypeVar("T")
+
+# [TEXTS] msg_<msgtype>: how a non-text message is asked in words; an EMPTY value is a setting of its own
+# (that msgtype gets the `unsupported` reply), not "unset".
+MESSAGE_TEMPLATE_KEYS = tuple(DEFAULT_MESSAGE_TEMPLATES)
 
 ENV_PREFIX = "KFDIFY_"
 MAIN = "CONFIG"
@@ -133,6 +139,8 @@ TEXT_KEYS = (
     "file_type_not_accepted",
     "voice_failed",
     "answer_files",
+    "needs_human_input",
+    *MESSAGE_TEMPLATE_KEYS,
 )
 
 
@@ -344,6 +352,8 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
             )
 
     texts = {k: v for k in TEXT_KEYS if (v := r.raw("TEXTS", k)) is not None}
+    texts.update(_switched_off_templates(r))
+    _check_templates(r, "[TEXTS]", texts)
     settings = Settings(
         corp_id=corp_id,
         corp_secret=corp_secret,
@@ -456,6 +466,30 @@ def _routes(r: _Reader, default_key: str) -> tuple[KfRouteSettings, ...]:
             except ValueError:
                 r.problems.append(f"[{section}] DIFY_API_BASE = {base!r}: expected an http(s) URL")
         texts = {k: r.parser.get(section, k).strip() for k in TEXT_KEYS if r.parser.has_option(section, k)}
+        _check_templates(r, f"[{section}]", texts)
         servicer = r.parser.get(section, "SERVICER_USERID", fallback="").strip()
         routes.append(KfRouteSettings(open_kfid, base, key or default_key, texts, servicer))
     return tuple(routes)
+
+
+def _switched_off_templates(r: _Reader) -> dict[str, str]:
+    """The msg_* keys of [TEXTS] set to nothing (in the file, or by an environment variable that is set
+    but empty): "" switches that msgtype back to the `unsupported` reply."""
+    off = {}
+    for key in MESSAGE_TEMPLATE_KEYS:
+        if r.raw("TEXTS", key) is not None:
+            continue
+        in_env = any(name in r.environ for name in r.env_names("TEXTS", key))
+        if in_env or r.parser.has_option("TEXTS", key):
+            off[key] = ""
+    return off
+
+
+def _check_templates(r: _Reader, where: str, texts: Mapping[str, str]) -> None:
+    """A message template the bot could not render is refused at start, not found out by a customer."""
+    for key in MESSAGE_TEMPLATE_KEYS:
+        template = texts.get(key)
+        if template:
+            problem = template_problem(key, template.replace("\\n", "\n"))
+            if problem is not None:
+                r.problems.append(f"{where} {problem}")
