@@ -19,6 +19,7 @@ import httpx
 
 from adapters.outbound.file_fetch import AnswerFileFetcher
 from adapters.outbound.http_transport import async_client
+from adapters.outbound.outside_text import escape_outside_text
 from application.errors import ChatEngineError, ConversationGone
 from application.ports import AnswerProgress
 from domain.chat import Answer, AnswerFile, AppInfo, AppParameters, Question
@@ -420,7 +421,7 @@ class DifyChatEngine:
                                 log.warning(
                                     "Dify paused the chatflow for human input at node %r: the turn ends "
                                     "without an answer from the app",
-                                    answer.needs_human_input,
+                                    escape_outside_text(answer.needs_human_input),
                                 )
                             return answer
                         if kind == "workflow_finished":
@@ -491,6 +492,7 @@ class DifyChatEngine:
         retry_after_s: float | None = None,
     ) -> ChatEngineError:
         message = self._scrub(message)
+        code = escape_outside_text(code, 80)
         # Spec §4.2: these three mean "drop the stored id and ask again without it". The Conversation Not
         # Exists message may carry a Flask suffix (#28481), hence the prefix match.
         if code == "not_found" and message.lower().startswith("conversation not exists"):
@@ -515,8 +517,10 @@ class DifyChatEngine:
         return ChatEngineError("unreachable", detail, retryable=True)
 
     def _scrub(self, text: str) -> str:
+        """Outside text for an exception or log line: bounded, no API key, control characters escaped."""
         text = text[:_MAX_MESSAGE_CHARS]
-        return text.replace(self._api_key, "***") if self._api_key else text
+        text = text.replace(self._api_key, "***") if self._api_key else text
+        return escape_outside_text(text, _MAX_MESSAGE_CHARS)
 
 
 class _AnswerAssembly:
@@ -559,7 +563,7 @@ class _AnswerAssembly:
                 if isinstance(item, Mapping) and item.get("belongs_to", "assistant") == "assistant":
                     self._add_file(item)
         elif kind not in _INFORMATIONAL_EVENTS and kind not in _KNOWN_EVENTS:
-            log.debug("ignoring unknown Dify stream event %r", _text(kind)[:40])
+            log.debug("ignoring unknown Dify stream event %r", escape_outside_text(_text(kind), 40))
 
     def _add_message(self, delta: str) -> None:
         if self._replaced:

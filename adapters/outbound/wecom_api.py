@@ -19,6 +19,7 @@ import anyio
 import httpx
 
 from adapters.outbound.http_transport import async_client
+from adapters.outbound.outside_text import escape_outside_text as escape_outside_text
 from adapters.outbound.wecom_messages import parse_sync_item
 from adapters.outbound.wecom_paths import (
     CGI_BIN,
@@ -43,9 +44,6 @@ MAX_CONNECTIONS = 32
 # media/get answers an error as JSON (application/json or text/plain) without Content-Disposition, where a
 # download always names its file (docs/wecom-kf.md, media/get): the headers decide, never the body's look.
 _MEDIA_ERROR_TYPES = frozenset({"application/json", "text/plain"})
-# Outside text (errmsg) kept in exceptions and log lines: at most this many characters, control characters
-# escaped.
-_MAX_OUTSIDE_TEXT = 300
 
 # Refresh this long before WeCom's `expires_in` runs out (but keep at least half the lifetime).
 TOKEN_REFRESH_MARGIN_S = 300.0
@@ -442,16 +440,6 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
-
-
-def escape_outside_text(text: str, limit: int = _MAX_OUTSIDE_TEXT) -> str:
-    """Text from outside made safe for one log line or exception: control characters (CR, LF, ESC, ...) and
-    line/paragraph separators become visible escapes, and the text is cut at `limit` characters."""
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _as_str(value: object) -> str:
