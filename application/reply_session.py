@@ -93,12 +93,17 @@ class ReplySession:
         self.used += 1
         msgid = outbound_msgid(self._key, part)
         attempts = 1 + (max(self._options.send_retries, 0) if self._retry else 0)
+        may_have_landed = False  # an earlier attempt of this msgid timed out or failed on the way
         for attempt in range(attempts):
             started = time.monotonic()
             try:
                 await send(msgid)
             except WeComError as exc:
                 self._telemetry.observe(t.SEND, time.monotonic() - started)
+                if may_have_landed and refuses_repeated_msgid(exc):
+                    self._landed_before(kind, part, size, exc)
+                    return True
+                may_have_landed = may_have_landed or exc.errcode is None
                 if not await self._may_resend(exc, kind, part, last=attempt + 1 >= attempts):
                     return False
                 # Same outbound msgid on the retry: WeCom refuses a repeat if the first one did land.
@@ -131,6 +136,37 @@ class ReplySession:
         # Sending through the API hands the session to the bot (docs/wecom-kf.md).
         self._sessions.learn(self._message.customer, SessionState.BOT)
         log.info("reply sent part=%d %s bytes=%d in %.0f ms", part, kind, size, elapsed * 1000)
+
+    def _landed_before(self, kind: str, part: int, size: int, exc: WeComError) -> None:
+        """A resend refused as a repeat: the attempt whose answer was lost did land. Delivered, once."""
+        self._telemetry.count("resend_already_delivered")
+        self._telemetry.count("replies_sent" if kind == "text" else f"{kind}_replies_sent")
+        self._telemetry.reachability("wecom", True)
+        self.delivered += 1
+        self._sessions.learn(self._message.customer, SessionState.BOT)
+        log.info(
+            "reply part=%d %s bytes=%d already delivered: the resend was refused as a repeat (errcode=%s)",
+            part,
+            kind,
+            size,
+            exc.errcode,
+        )
+
+
+# WeCom's refusal of a msgid it has seen (docs/wecom-kf.md §6.2): NOT VERIFIED against real WeCom. 95033 is
+# what peers report; 40058 is the generic "invalid parameter", so it counts only when its errmsg names the
+# msgid or a repeat.
+DUPLICATE_MSGID_ERRCODE = 95033
+_INVALID_PARAMETER = 40058
+_REPEAT_WORDS = ("msgid", "duplicate", "重复")
+
+
+def refuses_repeated_msgid(exc: WeComError) -> bool:
+    """Whether `exc` is WeCom refusing a send because its msgid was used already."""
+    if exc.errcode == DUPLICATE_MSGID_ERRCODE:
+        return True
+    errmsg = exc.errmsg.lower()
+    return exc.errcode == _INVALID_PARAMETER and any(word in errmsg for word in _REPEAT_WORDS)
 
 
 def backoff(base_s: float, attempt: int) -> float:

@@ -14,8 +14,10 @@ import pytest
 
 from adapters.outbound.fake_wecom import FakeKfChannel, KfWorld, SentMedia
 from adapters.outbound.wecom_api import WeComKfChannel
+from adapters.outbound.wecom_paths import SEND_MSG, SEND_MSG_ON_EVENT
 from application.errors import MediaTooLarge, WeComError
 from application.ports import KfChannel, ServiceState
+from application.reply_session import refuses_repeated_msgid
 from domain.messages import CustomerRef, InboundMessage, KfEvent, Origin, SyncPage
 from tests.support import media_samples
 from tests.support.http_server import serve
@@ -591,3 +593,54 @@ class TestMedia:
         with pytest.raises(WeComError) as caught:
             await channel.send_image(ALICE, media_id, msgid="i0")
         assert caught.value.errcode == WeComError.SESSION_NOT_SENDABLE
+
+
+class TestLostAnswers:
+    """`world.lose_response_next`: the call takes effect but its answer never arrives (a timeout, a cut
+    connection). A resend of the same msgid is then refused as a repeat, which the reply session reads as
+    "it did land" (application/reply_session.py; the errcode is NOT VERIFIED, docs/wecom-kf.md §6.2)."""
+
+    async def test_a_text_whose_answer_is_lost_was_delivered(self, kf: KfHarness, channel: KfChannel) -> None:
+        kf.customer_says(ALICE, "hi")
+        kf.world.lose_response_next(SEND_MSG)
+
+        with pytest.raises(WeComError) as lost:
+            await channel.send_text(ALICE, "您好", msgid="lost_0")
+        assert lost.value.errcode is None and lost.value.is_transient
+        assert [(s.text, s.msgid) for s in kf.world.sent] == [("您好", "lost_0")]
+
+        with pytest.raises(WeComError) as repeat:
+            await channel.send_text(ALICE, "您好", msgid="lost_0")
+        assert refuses_repeated_msgid(repeat.value)
+        assert [s.text for s in kf.world.sent] == ["您好"]
+
+    async def test_only_the_next_answer_is_lost(self, kf: KfHarness, channel: KfChannel) -> None:
+        kf.customer_says(ALICE, "hi")
+        kf.world.lose_response_next(SEND_MSG)
+
+        with pytest.raises(WeComError):
+            await channel.send_text(ALICE, "一", msgid="part_0")
+        assert await channel.send_text(ALICE, "二", msgid="part_1") == "part_1"
+        assert [s.text for s in kf.world.sent] == ["一", "二"]
+
+    async def test_an_event_message_whose_answer_is_lost_was_delivered(
+        self, kf: KfHarness, channel: KfChannel
+    ) -> None:
+        _, code = kf.world.add_enter_session(KF, ALICE.external_userid)
+        kf.world.lose_response_next(SEND_MSG_ON_EVENT)
+
+        with pytest.raises(WeComError) as lost:
+            await channel.send_on_event(code, "欢迎光临", msgid="welcome_1")
+        assert lost.value.errcode is None
+        assert [s.text for s in kf.world.sent_on_event] == ["欢迎光临"]
+
+    async def test_a_failed_call_loses_nothing(self, kf: KfHarness, channel: KfChannel) -> None:
+        kf.world.lose_response_next(SEND_MSG)
+
+        with pytest.raises(WeComError) as refused:  # no customer message: outside the 48 h window
+            await channel.send_text(ALICE, "您好", msgid="early_0")
+        assert refused.value.errcode not in (None, 0)
+        kf.customer_says(ALICE, "hi")
+        with pytest.raises(WeComError) as lost:
+            await channel.send_text(ALICE, "您好", msgid="later_0")
+        assert lost.value.errcode is None

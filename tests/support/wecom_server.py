@@ -11,7 +11,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -19,7 +19,7 @@ from urllib.parse import quote
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from adapters.outbound.fake_wecom import KfWorld, media_filename
@@ -292,6 +292,8 @@ class FakeWeComServer:
             except WeComError as exc:
                 answer = _error(exc)
             self._record(api, request.method, token, body, answer["errcode"])
+            if answer["errcode"] == 0 and self.world.take_lost_response(api):
+                return _dropped_connection()
             return JSONResponse(answer)
 
         return endpoint
@@ -413,3 +415,18 @@ def _int_field(api: str, body: dict[str, Any], name: str, *, default: int) -> in
     if isinstance(value, bool) or not isinstance(value, int):
         raise WeComError(40058, f"invalid parameter: {name} must be an integer", api=api)
     return value
+
+
+class _AnswerLost(Exception):
+    """Raised mid-body so that uvicorn closes the connection: the call took effect, its answer is lost."""
+
+
+def _dropped_connection() -> Response:
+    """A response that starts and then breaks off: the client sees the connection closed before the body
+    it was promised (httpx: RemoteProtocolError), as when a timeout or a proxy cuts an answer."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"errcode":'
+        raise _AnswerLost("answer lost on purpose (world.lose_response_next)")
+
+    return StreamingResponse(body(), media_type="application/json", headers={"content-length": "64"})

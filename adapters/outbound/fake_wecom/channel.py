@@ -10,8 +10,8 @@ import anyio.lowlevel
 from adapters.outbound.fake_wecom.records import media_filename
 from adapters.outbound.fake_wecom.world import KfWorld
 from adapters.outbound.wecom_messages import parse_sync_item
-from adapters.outbound.wecom_paths import GETTOKEN
-from application.errors import MediaTooLarge
+from adapters.outbound.wecom_paths import GETTOKEN, SEND_MSG, SEND_MSG_ON_EVENT
+from application.errors import MediaTooLarge, WeComError
 from application.ports import ServiceState
 from domain.media import MediaBlob
 from domain.messages import CustomerRef, SyncPage
@@ -35,9 +35,10 @@ class FakeKfChannel:
 
     async def send_text(self, customer: CustomerRef, text: str, *, msgid: str) -> str:
         await anyio.lowlevel.checkpoint()
-        return self.world.send_msg(
+        sent = self.world.send_msg(
             customer.open_kfid, customer.external_userid, "text", {"content": text}, msgid=msgid
         )
+        return self._answer_or_lost(SEND_MSG, sent)
 
     async def get_service_state(self, customer: CustomerRef) -> ServiceState:
         await anyio.lowlevel.checkpoint()
@@ -58,8 +59,10 @@ class FakeKfChannel:
                 "head_content": text,
                 "list": [{"type": "click", "click": {"id": i, "content": c}} for i, c in menu],
             }
-            return self.world.send_on_event(code, "msgmenu", body, msgid=msgid)
-        return self.world.send_on_event(code, "text", {"content": text}, msgid=msgid)
+            sent = self.world.send_on_event(code, "msgmenu", body, msgid=msgid)
+        else:
+            sent = self.world.send_on_event(code, "text", {"content": text}, msgid=msgid)
+        return self._answer_or_lost(SEND_MSG_ON_EVENT, sent)
 
     async def check_access(self) -> None:
         await anyio.lowlevel.checkpoint()
@@ -78,6 +81,14 @@ class FakeKfChannel:
 
     async def send_image(self, customer: CustomerRef, media_id: str, *, msgid: str) -> str:
         await anyio.lowlevel.checkpoint()
-        return self.world.send_msg(
+        sent = self.world.send_msg(
             customer.open_kfid, customer.external_userid, "image", {"media_id": media_id}, msgid=msgid
         )
+        return self._answer_or_lost(SEND_MSG, sent)
+
+    def _answer_or_lost(self, api: str, msgid: str) -> str:
+        """The call took effect; `world.lose_response_next` makes its answer a transport failure, as the
+        real adapter reports a timeout or a dropped connection."""
+        if self.world.take_lost_response(api):
+            raise WeComError(None, f"{api} unreachable: ReadTimeout", api=api)
+        return msgid

@@ -31,7 +31,7 @@ from adapters.outbound.fake_wecom.rules import (
     WELCOME_CODE_TTL_S,
 )
 from adapters.outbound.wecom_messages import parse_sync_item, to_sync_item
-from adapters.outbound.wecom_paths import APIS
+from adapters.outbound.wecom_paths import APIS, SEND_MSG, SEND_MSG_ON_EVENT
 from application.errors import WeComError
 from domain.messages import CustomerRef, InboundMessage
 
@@ -68,6 +68,7 @@ class KfState:
         self._codes: dict[str, EventCode] = {}
         self._outbound_msgids: dict[str, set[str]] = {}
         self._failures: dict[str, list[tuple[int, str]]] = {}
+        self._lost_responses: dict[str, int] = {}
 
     # --- seeding (tests) -------------------------------------------------------------------------------
 
@@ -234,6 +235,26 @@ class KfState:
             raise ValueError(f"unknown api {api!r}; one of {APIS}")
         with self._lock:
             self._failures.setdefault(api, []).extend([(errcode, errmsg)] * times)
+
+    def lose_response_next(self, api: str, times: int = 1) -> None:
+        """The next `times` successful calls of `api` (send_msg or send_msg_on_event) take effect (the text is
+        delivered, the msgid used) but their answer is lost on the way back: the caller sees a transport
+        failure (`FakeKfChannel`) or a dropped connection (the HTTP emulator), as after a timeout."""
+        if api not in (SEND_MSG, SEND_MSG_ON_EVENT):
+            raise ValueError(
+                f"lost responses are simulated for {SEND_MSG} and {SEND_MSG_ON_EVENT}, not {api!r}"
+            )
+        with self._lock:
+            self._lost_responses[api] = self._lost_responses.get(api, 0) + times
+
+    def take_lost_response(self, api: str) -> bool:
+        """For the faces, after a call of `api` succeeded: True when its answer must be lost."""
+        with self._lock:
+            left = self._lost_responses.get(api, 0)
+            if left <= 0:
+                return False
+            self._lost_responses[api] = left - 1
+            return True
 
     def messages(self, open_kfid: str) -> list[dict[str, Any]]:
         """A copy of the kf account's message log (WeCom JSON items)."""
