@@ -159,9 +159,8 @@ async def test_lost_dify_conversation_is_restarted_transparently(stack: Stack) -
 
 
 async def test_non_text_messages_get_the_please_type_reply(stack: Stack) -> None:
-    stack.wecom.world.add_customer_message(
-        KF, "wmI", "location", {"latitude": 1.0, "longitude": 2.0, "name": "x"}
-    )
+    # A location is asked in words now (tests/e2e/test_message_types.py); a video still is not.
+    stack.wecom.world.add_customer_message(KF, "wmI", "video", {"media_id": "MEDIA_VIDEO_1"})
     await stack.callback()
     await stack.settle()
     assert len(stack.replies_to("wmI")) == 1
