@@ -43,6 +43,7 @@ LABEL_NAMES: Final[Mapping[str, str]] = {
     "rate_limited": "decision",
     "send_failures": "fail_type",
     "welcomes_skipped": "reason",
+    "described_messages": "msgtype",
 }
 DEFAULT_LABEL: Final = "label"
 
