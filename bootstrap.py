@@ -167,6 +167,12 @@ def shared_with_instances(store: StateStore) -> StateStore | None:
     return store if is_persistent(store.backend) else None
 
 
+def drains_per_instance(options: BotOptions, store_backend: str) -> int:
+    """Customers one instance drains at once when instances share the store: as many as it may ask Dify at
+    once, so a burst pulled by one instance is left for the others beyond that (0: no limit, one instance)."""
+    return options.dify_concurrency if is_persistent(store_backend) else 0
+
+
 def accepting_flag(lifecycle: Lifecycle) -> Callable[[], bool]:
     """The webhook's "are we accepting callbacks" question, answered by the lifecycle."""
 
@@ -302,6 +308,7 @@ class Application(containers.DeclarativeContainer):
         options=options,
         telemetry=telemetry,
         owner=owner,
+        max_drains=providers.Callable(drains_per_instance, options, adapters.store.provided.backend),
     )
     lifecycle = providers.Singleton(
         Lifecycle,
