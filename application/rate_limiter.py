@@ -96,7 +96,7 @@ class CustomerRateLimiter:
         # Two slots must be readable: a counter lives two windows (and a second of memcached clock tick).
         count = await counters.increment(customer, current, ttl_s=2 * window_s + 1)
         (previous,) = await counters.counts(customer, [f"rate:{slot - 1}"])
-        if count + math.floor(previous * inside) <= self._rule.limit:
+        if count + previous * inside <= self._rule.limit:
             return RateDecision.ALLOW
         await counters.decrement(customer, current)  # refused messages do not count
         first = await notes.add_note(customer, NOTICE_TOPIC, str(now), ttl_s=window_s)

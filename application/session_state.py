@@ -82,6 +82,9 @@ class SessionStates:
         self._lookup_failed.pop(customer, None)
         if self._writer is not None:
             self._writer.put(customer, SESSION_TOPIC, _encode(entry), ttl_s=self._ttl)
+            if len(self._checked) >= self._max_entries:
+                self._checked = {c: t for c, t in self._checked.items() if now - t < self._shared_check_s}
+            self._checked[customer] = now  # ours is the newest: the store is read again after shared_check_s
         return entry
 
     @property
