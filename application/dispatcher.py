@@ -135,6 +135,7 @@ class Dispatcher:
         """Start draining `customer` if this instance has room; False when it was left for later (or for
         another instance)."""
         if _running(self._drains.get(customer)):
+            self.drain(customer)  # it may be about to find the inbox empty: make it look once more
             return True
         if not self._room.has_room(len(self._drains)):
             return False
