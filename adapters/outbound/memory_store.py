@@ -3,13 +3,14 @@
 It is the store for a single instance without Memcached, and the fake for tests; both pass the same
 contract suite as the Memcached store (tests/contract/test_state_store.py).
 
-Memory is bounded by `max_keys`, counted over customer notes and counters, conversations, message marks (leases
-and DONE marks) and pending inbox messages. Notes and counters (advisory, short-lived) are evicted first. Eviction never touches what keeps the service going: cursors, pull leases, pull requests and
-tokens, and known kf accounts (a handful per kf account). When full, it drops what has expired, then the least
+Memory is bounded by `max_keys`, counted over customer notes and counters, conversations, message marks
+(leases and DONE marks) and pending inbox messages. Notes and counters (advisory, short-lived) are evicted
+first. Eviction never touches what keeps the service going: cursors, pull leases, pull requests and tokens,
+and known kf accounts (a handful per kf account). When full, it drops what has expired, then the least
 recently used conversations (the customer's next message starts a new one), then -- kept as long as that
-allows -- the least recently used message marks (a lost DONE mark matters only if the history is pulled
-again, which a kept cursor avoids), and only as a last resort a pending message (never answered: logged as
-an error). Reads count as use.
+allows -- the least recently used message marks (a lost DONE mark matters only if the history is pulled again,
+which a kept cursor avoids), and only as a last resort a pending message (never answered: logged as an error).
+Reads count as use.
 """
 
 from __future__ import annotations
