@@ -49,7 +49,7 @@ from application.handoff import HandOffToHuman
 from application.lifecycle import Lifecycle
 from application.media import MediaSupport
 from application.options import BotOptions
-from application.ports import ChatEngine, Clock
+from application.ports import ChatEngine, Clock, StateStore
 from application.pull_messages import PullMessages
 from application.rate_limiter import CustomerRateLimiter
 from application.rejections import RejectedCustomers
@@ -161,6 +161,18 @@ def is_persistent(store_backend: str) -> bool:
     return store_backend != "memory"
 
 
+def shared_with_instances(store: StateStore) -> StateStore | None:
+    """The store, when several instances share it (Memcached): then the rate limit, session owners and
+    refusals are shared through it. None for the in-process store: those stay in this instance's memory."""
+    return store if is_persistent(store.backend) else None
+
+
+def drains_per_instance(options: BotOptions, store_backend: str) -> int:
+    """Customers one instance drains at once when instances share the store: as many as it may ask Dify at
+    once, so a burst pulled by one instance is left for the others beyond that (0: no limit, one instance)."""
+    return options.dify_concurrency if is_persistent(store_backend) else 0
+
+
 def accepting_flag(lifecycle: Lifecycle) -> Callable[[], bool]:
     """The webhook's "are we accepting callbacks" question, answered by the lifecycle."""
 
@@ -207,14 +219,20 @@ class Application(containers.DeclarativeContainer):
         clock=adapters.clock,
         telemetry=telemetry,
         ttl_s=options.provided.session_state_ttl_s,
+        notes=providers.Callable(shared_with_instances, adapters.store),
     )
     rejections = providers.Singleton(
-        RejectedCustomers, clock=adapters.clock, memory_s=options.provided.rejection_memory_s
+        RejectedCustomers,
+        clock=adapters.clock,
+        memory_s=options.provided.rejection_memory_s,
+        notes=providers.Callable(shared_with_instances, adapters.store),
     )
     rate_limiter = providers.Singleton(
         CustomerRateLimiter,
         rule=providers.Callable(settings_map.rate_limit_rule, options),
         clock=adapters.clock,
+        counters=providers.Callable(shared_with_instances, adapters.store),
+        notes=providers.Callable(shared_with_instances, adapters.store),
     )
     handoff = providers.Singleton(
         HandOffToHuman, channel=adapters.channel, sessions=sessions, telemetry=telemetry
@@ -290,6 +308,7 @@ class Application(containers.DeclarativeContainer):
         options=options,
         telemetry=telemetry,
         owner=owner,
+        max_drains=providers.Callable(drains_per_instance, options, adapters.store.provided.backend),
     )
     lifecycle = providers.Singleton(
         Lifecycle,

@@ -73,7 +73,7 @@ class AnswerCustomerMessage:
         """`attached`: images the customer sent just before this text, asked together with it (drain)."""
         route = self._routing.for_kf(message.open_kfid)
         # A customer who refused our messages gets no interim text and no resends, until they write again.
-        refusing = self._rejections.applies(message.customer, message_time=message.send_time)
+        refusing = await self._rejections.refusing(message.customer, message_time=message.send_time)
         replies = ReplySession(
             channel=self._channel,
             message=message,
@@ -91,7 +91,7 @@ class AnswerCustomerMessage:
             )
 
         # Media counts against the fair-use limit before anything is downloaded, converted or transcribed.
-        decision = self._rate_limiter.check(message.customer)
+        decision = await self._rate_limiter.admit(message.customer)
         if decision is not RateDecision.ALLOW:
             return await self._over_limit(route, replies, decision)
         # A card, link, location ... with meaning in words is asked as such; never parsed as a command.
@@ -137,7 +137,7 @@ class AnswerCustomerMessage:
             await replies.send(route.texts.reset_done)
             return Outcome.RESET
         if not counted:
-            decision = self._rate_limiter.check(message.customer)
+            decision = await self._rate_limiter.admit(message.customer)
             if decision is not RateDecision.ALLOW:
                 return await self._over_limit(route, replies, decision)
         prepared = PreparedQuestion(query=message.text)

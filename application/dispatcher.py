@@ -7,11 +7,17 @@ Pull coordination across instances (store-side counter + lease):
 - the lease holder reads the counter before pulling and again after releasing the lease, and pulls again
   when it changed. Either the holder sees a request made meanwhile, or the requester's lease attempt comes
   after the release and succeeds: a callback never goes unanswered, and pulls never pile up.
+
+Sharing the work (application/work_sharing.py): whoever pulled, every instance answers what waits in the
+shared inbox. Each instance starts drains only while it has room (`max_drains`, and the answering side's
+`capacity`), scans the kf account's pending customers after its pulls, when a callback arrives while another
+instance pulls, and as its drains finish while customers are left; one scan loop per kf account at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Coroutine
@@ -23,6 +29,13 @@ from application.options import BotOptions
 from application.ports import Inbox, KfRegistry, PullCoordination
 from application.pull_messages import PullMessages
 from application.telemetry import Telemetry, correlation_id
+from application.work_sharing import (
+    SCAN_INTERVAL_S,
+    SCAN_LINGER_S,
+    BusyElsewhere,
+    Capacity,
+    DrainRoom,
+)
 from domain.messages import CallbackNotice, CustomerRef
 
 log = logging.getLogger("kfdify.dispatch")
@@ -48,7 +61,11 @@ class Dispatcher:
         options: BotOptions,
         telemetry: Telemetry,
         owner: str,
+        max_drains: int = 0,
+        capacity: Capacity | None = None,
     ) -> None:
+        """`max_drains`: customers drained at once by this instance (0: no limit, the single-instance
+        default); `capacity`: whether the answering side has room now (None: always)."""
         self._store = store
         self._pull = pull
         self._drain = drain
@@ -62,6 +79,11 @@ class Dispatcher:
         self._pull_started: dict[str, float] = {}
         self._drains: dict[CustomerRef, asyncio.Task[None]] = {}
         self._drain_again: set[CustomerRef] = set()
+        self._room = DrainRoom(max_drains=max_drains, capacity=capacity)
+        self._room_freed = asyncio.Event()
+        self._elsewhere = BusyElsewhere()
+        self._scans: dict[str, asyncio.Task[None]] = {}
+        self._scan_again: set[str] = set()
         self._recovery: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -99,6 +121,27 @@ class Dispatcher:
             return
         self._drains[customer] = self._spawn(self._drain_loop(customer), self._drains, customer)
 
+    def scan(self, open_kfid: str) -> None:
+        """Look for customers of `open_kfid` waiting in the shared inbox and take those this instance has
+        room for. Coalesced: one scan loop per kf account; a request meanwhile makes it look once more."""
+        if self._closing or not open_kfid:
+            return
+        if _running(self._scans.get(open_kfid)):
+            self._scan_again.add(open_kfid)
+            return
+        self._scans[open_kfid] = self._spawn(self._scan_loop(open_kfid), self._scans, open_kfid)
+
+    def _offer(self, customer: CustomerRef) -> bool:
+        """Start draining `customer` if this instance has room; False when it was left for later (or for
+        another instance)."""
+        if _running(self._drains.get(customer)):
+            self.drain(customer)  # it may be about to find the inbox empty: make it look once more
+            return True
+        if not self._room.has_room(len(self._drains)):
+            return False
+        self.drain(customer)
+        return True
+
     async def start(self) -> None:
         self._recovery = asyncio.create_task(self._recovery_loop())
 
@@ -108,7 +151,7 @@ class Dispatcher:
         self._closing = True
         if self._recovery is not None:
             self._recovery.cancel()
-        tasks = [*self._pulls.values(), *self._drains.values()]
+        tasks = [*self._pulls.values(), *self._drains.values(), *self._scans.values()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace_s)
         else:
@@ -123,12 +166,17 @@ class Dispatcher:
 
     @property
     def busy(self) -> bool:
-        return bool(self._pulls or self._drains)
+        return bool(self._pulls or self._drains or self._scans)
+
+    @property
+    def draining(self) -> int:
+        """Customers this instance drains now."""
+        return len(self._drains)
 
     async def idle(self) -> None:
-        """Wait until no pull or drain runs (tests and benchmarks)."""
-        while self._pulls or self._drains:
-            await asyncio.wait([*self._pulls.values(), *self._drains.values()])
+        """Wait until no pull, scan or drain runs (tests and benchmarks)."""
+        while self._pulls or self._drains or self._scans:
+            await asyncio.wait([*self._pulls.values(), *self._drains.values(), *self._scans.values()])
             await asyncio.sleep(0)  # let the done callbacks forget the finished tasks
 
     # --- loops --------------------------------------------------------------------------------------------
@@ -147,6 +195,8 @@ class Dispatcher:
             self._tasks.discard(finished)
             if registry is not None and registry.get(key) is finished:
                 del registry[key]
+                if registry is self._drains:
+                    self._room_freed.set()
 
         task.add_done_callback(done)
         return task
@@ -190,6 +240,8 @@ class Dispatcher:
             not await self._store.renew_pull(open_kfid, owner=self._owner, lease_s=lease)
         ):
             self._telemetry.count("pulls_elsewhere")
+            # The holder pulls; what it records, any instance may answer: look at what waits.
+            self.scan(open_kfid)
             # The holder will see our request when it finishes. Only a local callback that came in while
             # we asked warrants another try, after a short pause.
             if open_kfid in self._pull_again:
@@ -202,18 +254,73 @@ class Dispatcher:
         finally:
             await self._store.release_pull(open_kfid, owner=self._owner)
         self._telemetry.count("pulls")
-        for customer in result.customers:
-            self.drain(customer)
+        left = [customer for customer in result.customers if not self._offer(customer)]
+        if left or self._room.limited:
+            self.scan(open_kfid)  # the rest as room frees (or for another instance), and pages recorded since
         after, _ = await self._store.pull_requests(open_kfid)
         return after != before or open_kfid in self._pull_again
 
     async def _drain_recorded(self, open_kfid: str) -> None:
         """Pages recorded before a pull failed are answered now, not at the next recovery pass."""
-        try:
-            for customer in await self._store.customers_with_pending(open_kfid):
-                self.drain(customer)
-        except Exception:
-            log.exception("listing pending customers of kf=%s failed", open_kfid)
+        self.scan(open_kfid)
+
+    async def _scan_loop(self, open_kfid: str) -> None:
+        loop = asyncio.get_running_loop()
+        linger_until = loop.time() + SCAN_LINGER_S
+        while not self._closing:
+            self._scan_again.discard(open_kfid)
+            started = loop.time()
+            try:
+                pending = await self._store.customers_with_pending(open_kfid)
+            except Exception:
+                log.exception("listing pending customers of kf=%s failed", open_kfid)
+                return
+            # Instances scanning at once start from different customers; each customer's order is the drain's.
+            random.shuffle(pending)
+            now = loop.time()
+            left = took = 0
+            for customer in pending:
+                if _running(self._drains.get(customer)) or self._elsewhere.skips(customer, now=now):
+                    continue
+                if self._offer(customer):
+                    took += 1
+                else:
+                    left += 1
+            recheck = self._elsewhere.next_recheck(open_kfid, set(pending))
+            if took:
+                linger_until = loop.time() + SCAN_LINGER_S
+            again = open_kfid in self._scan_again
+            lingering = now < linger_until
+            if not (left or recheck is not None or again or lingering):
+                return
+            await asyncio.sleep(max(SCAN_INTERVAL_S - (loop.time() - started), 0.0))
+            if again or self._closing:
+                continue
+            if left:
+                await self._room_to_spare(recheck, linger_until)
+            elif not lingering and recheck is not None:
+                # Only customers busy elsewhere remain: look again when the first is due (or when asked).
+                await self._asked_to_scan(open_kfid, until=recheck)
+
+    async def _asked_to_scan(self, open_kfid: str, *, until: float) -> None:
+        loop = asyncio.get_running_loop()
+        while open_kfid not in self._scan_again and not self._closing and loop.time() < until:
+            await asyncio.sleep(min(SCAN_INTERVAL_S, max(until - loop.time(), 0.0)))
+
+    async def _room_to_spare(self, recheck: float | None, linger_until: float) -> None:
+        """Wait until a drain of ours finishes (room to spare), a customer busy elsewhere is due again, or the
+        linger time is over, whichever comes first (and at most one second: the answering side's room may
+        free without a drain finishing)."""
+        loop = asyncio.get_running_loop()
+        deadline = min(loop.time() + 1.0, max(linger_until, loop.time()))
+        if recheck is not None:
+            deadline = min(deadline, recheck)
+        self._room_freed.clear()
+        if self._room.has_room(len(self._drains)):
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
+                await self._room_freed.wait()
 
     async def _drain_loop(self, customer: CustomerRef) -> None:
         wait = self._options.busy_poll_s
@@ -227,9 +334,16 @@ class Dispatcher:
             if self._closing:
                 return
             if outcome is DrainOutcome.WAITING:
+                if self._room.limited:
+                    # Another instance holds the customer's oldest message and goes on with the rest: stop and
+                    # free the room; a scan looks again after a back-off, in case that instance died.
+                    self._elsewhere.note(customer, now=asyncio.get_running_loop().time())
+                    self.scan(customer.open_kfid)
+                    return
                 await asyncio.sleep(wait * (1 + random.random() / 2))
                 wait = min(wait * 1.5, 5.0)
                 continue
+            self._elsewhere.clear(customer)
             if customer not in self._drain_again:
                 return
 
@@ -248,6 +362,9 @@ class Dispatcher:
 
     async def recover(self) -> None:
         for open_kfid in await self._store.known_kfs():
-            for customer in await self._store.customers_with_pending(open_kfid):
-                self.drain(customer)
+            if self._room.limited:
+                self.scan(open_kfid)
+            else:
+                for customer in await self._store.customers_with_pending(open_kfid):
+                    self.drain(customer)
             self.notify(open_kfid)

@@ -35,6 +35,8 @@ After recovery the fallback is still consulted, so nothing done during the outag
     - `get_cursor()` prefers a cursor written during the outage that is not yet written through;
     - `pending()` and `customers_with_pending()` merge both (deduplicated by msgid / customer), `remove()`
       and `complete()` remove from both (and return both's remaining messages), `known_kfs()` merges both;
+    - notes and counters (rate windows, session owners, refusals) are served by whichever store answers and
+      never written through: during an outage each instance counts and notes for itself;
     - `clear()` clears both (each keeps its message marks, leases and pull leases: `StoreAdmin.clear`).
 """
 
@@ -420,6 +422,54 @@ class FailoverStateStore:
         return await self._route(
             lambda: self._primary.pull_requests(open_kfid), lambda: self._fallback.pull_requests(open_kfid)
         )
+
+    # --- CustomerCounters and CustomerNotes ------------------------------------------------------------
+    #
+    # Short-lived and advisory (rate windows, session owners, refusals): served by whichever store answers,
+    # never written through. During an outage each instance counts and notes for itself, as it would alone.
+
+    async def increment(self, customer: CustomerRef, counter: str, *, ttl_s: float) -> int:
+        return await self._route(
+            lambda: self._primary.increment(customer, counter, ttl_s=ttl_s),
+            lambda: self._fallback.increment(customer, counter, ttl_s=ttl_s),
+        )
+
+    async def decrement(self, customer: CustomerRef, counter: str) -> None:
+        await self._route(
+            lambda: self._primary.decrement(customer, counter),
+            lambda: self._fallback.decrement(customer, counter),
+        )
+
+    async def counts(self, customer: CustomerRef, counters: Sequence[str]) -> list[int]:
+        return await self._route(
+            lambda: self._primary.counts(customer, counters),
+            lambda: self._fallback.counts(customer, counters),
+        )
+
+    async def put_note(self, customer: CustomerRef, topic: str, value: str, *, ttl_s: float) -> None:
+        await self._route(
+            lambda: self._primary.put_note(customer, topic, value, ttl_s=ttl_s),
+            lambda: self._fallback.put_note(customer, topic, value, ttl_s=ttl_s),
+        )
+
+    async def add_note(self, customer: CustomerRef, topic: str, value: str, *, ttl_s: float) -> bool:
+        return await self._route(
+            lambda: self._primary.add_note(customer, topic, value, ttl_s=ttl_s),
+            lambda: self._fallback.add_note(customer, topic, value, ttl_s=ttl_s),
+        )
+
+    async def get_notes(self, customer: CustomerRef, topics: Sequence[str]) -> dict[str, str]:
+        return await self._route(
+            lambda: self._primary.get_notes(customer, topics),
+            lambda: self._fallback.get_notes(customer, topics),
+        )
+
+    async def delete_note(self, customer: CustomerRef, topic: str) -> None:
+        async def on_primary() -> None:
+            await self._primary.delete_note(customer, topic)
+            await self._fallback.delete_note(customer, topic)  # one written during an outage goes too
+
+        await self._route(on_primary, lambda: self._fallback.delete_note(customer, topic))
 
     # --- KfRegistry -----------------------------------------------------------------------------------
 

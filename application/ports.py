@@ -180,6 +180,46 @@ class MessageHandling(Protocol):
         ...
 
 
+class CustomerCounters(Protocol):
+    """The rate limiter: "how many messages of this customer did the service answer in this window?" One count
+    per customer and counter name for all instances, so N instances count like one. A counter expires by
+    itself `ttl_s` after it was created (increments do not extend it)."""
+
+    async def increment(self, customer: CustomerRef, counter: str, *, ttl_s: float) -> int:
+        """Atomically add one (creating the counter at 0 first) and return the new count."""
+        ...
+
+    async def decrement(self, customer: CustomerRef, counter: str) -> None:
+        """Take one back (a refused message does not count); never below zero, harmless when absent."""
+        ...
+
+    async def counts(self, customer: CustomerRef, counters: Sequence[str]) -> list[int]:
+        """The current value of each counter, in order, read in one go (0 when absent or expired)."""
+        ...
+
+
+class CustomerNotes(Protocol):
+    """What the instances tell each other about a customer for a while, by topic: who owns their kf session,
+    whether they refuse our messages, whether they were told they write too often. A note expires by itself
+    after its `ttl_s`; values are short strings the writer encodes."""
+
+    async def put_note(self, customer: CustomerRef, topic: str, value: str, *, ttl_s: float) -> None:
+        """Write (or overwrite) the note."""
+        ...
+
+    async def add_note(self, customer: CustomerRef, topic: str, value: str, *, ttl_s: float) -> bool:
+        """Write the note only when there is none: True for exactly one writer across all instances."""
+        ...
+
+    async def get_notes(self, customer: CustomerRef, topics: Sequence[str]) -> dict[str, str]:
+        """The customer's live notes among `topics` (absent ones left out), read in one go."""
+        ...
+
+    async def delete_note(self, customer: CustomerRef, topic: str) -> None:
+        """Forget the note (harmless when absent)."""
+        ...
+
+
 class StateStore(
     ConversationStore,
     MessageLedger,
@@ -189,6 +229,8 @@ class StateStore(
     PullCoordination,
     KfRegistry,
     StoreAdmin,
+    CustomerCounters,
+    CustomerNotes,
     Protocol,
 ):
     """Every role at once: what one store class provides (in-process, Memcached, failover), and what code

@@ -61,7 +61,7 @@ class WelcomeCustomer:
         budget = min(self._options.welcome_deadline_s, self._options.welcome_max_age_s - age)
         if budget <= 0:
             return self._skip(message, "stale", f"event is {age:.0f} s old")
-        if self._rejections.applies(message.customer):
+        if await self._rejections.refusing(message.customer):
             return self._skip(message, "rejected", "the customer refuses our messages")
         route = self._routing.for_kf(message.open_kfid)
         try:

@@ -254,6 +254,10 @@ class MemcacheClient:
     async def incr(self, key: str, delta: int) -> int | None:
         return await self._call(self.node_for(key), b"incr %b %d\r\n" % (_key(key), delta), _INCR)
 
+    async def decr(self, key: str, delta: int) -> int | None:
+        """Memcached's `decr`: the new value (never below 0), None when the key is absent."""
+        return await self._call(self.node_for(key), b"decr %b %d\r\n" % (_key(key), delta), _INCR)
+
     async def version(self, node: str) -> str:
         return await self._call(node, b"version\r\n", _VERSION)
 

@@ -36,6 +36,8 @@ Keys
 | `pullreq`   | decimal counter (`incr`)               | none                                                |
 | `pulltoken` | newest callback token                  | 600 s (the callback token's lifetime)               |
 | `kfs`       | list of open_kfids                     | none                                                |
+| `note`      | a customer's note (string) per topic   | the note's `ttl_s`                                  |
+| `count`     | a customer's decimal counter (`incr`)  | `ttl_s` from its creation (`incr` keeps it)         |
 
 "None" means memcached may still evict the key under memory pressure (LRU): give memcached enough memory
 (`-m`) for the working set. A lost cursor means a re-pull (dedupe marks absorb it); a lost mark after its
@@ -613,6 +615,52 @@ class MemcachedStateStore:
             token = ""
         return count, token
 
+    # --- CustomerCounters -----------------------------------------------------------------------------
+
+    async def increment(self, customer: CustomerRef, counter: str, *, ttl_s: float) -> int:
+        key = await self._key("count", customer.open_kfid, customer.external_userid, counter)
+        expire = expire_for(ttl_s, now=time.time())
+        for _ in range(CAS_ATTEMPTS):
+            value = await self._client.incr(key, 1)
+            if value is not None:
+                return value
+            # First count in this window: create it. Losing this race to another instance is fine, both incr.
+            await self._client.add(key, b"0", expire)
+        raise StoreUnavailable("memcached keeps losing a customer counter")
+
+    async def decrement(self, customer: CustomerRef, counter: str) -> None:
+        key = await self._key("count", customer.open_kfid, customer.external_userid, counter)
+        await self._client.decr(key, 1)  # absent: nothing to take back
+
+    async def counts(self, customer: CustomerRef, counters: Sequence[str]) -> list[int]:
+        keys = [await self._key("count", customer.open_kfid, customer.external_userid, c) for c in counters]
+        found = await self._client.get_many(keys)
+        return [_count(found.get(key)) for key in keys]
+
+    # --- CustomerNotes --------------------------------------------------------------------------------
+
+    async def put_note(self, customer: CustomerRef, topic: str, value: str, *, ttl_s: float) -> None:
+        key = await self._key("note", customer.open_kfid, customer.external_userid, topic)
+        await self._client.set(key, codec.encode_str(value), expire_for(ttl_s, now=time.time()))
+
+    async def add_note(self, customer: CustomerRef, topic: str, value: str, *, ttl_s: float) -> bool:
+        key = await self._key("note", customer.open_kfid, customer.external_userid, topic)
+        return await self._client.add(key, codec.encode_str(value), expire_for(ttl_s, now=time.time()))
+
+    async def get_notes(self, customer: CustomerRef, topics: Sequence[str]) -> dict[str, str]:
+        keys = {await self._key("note", customer.open_kfid, customer.external_userid, t): t for t in topics}
+        notes: dict[str, str] = {}
+        for key, raw in (await self._client.get_many(keys)).items():
+            try:
+                notes[keys[key]] = codec.decode_str(raw)
+            except codec.UndecodableValue:
+                log.warning("ignoring an undecodable note %s", key)
+        return notes
+
+    async def delete_note(self, customer: CustomerRef, topic: str) -> None:
+        key = await self._key("note", customer.open_kfid, customer.external_userid, topic)
+        await self._client.delete(key)
+
     # --- KfRegistry -----------------------------------------------------------------------------------
 
     async def remember_kf(self, open_kfid: str) -> None:
@@ -638,8 +686,8 @@ class MemcachedStateStore:
 
     async def clear(self) -> None:
         """A new data generation: conversations, inboxes, cursors, pull requests and known kf accounts become
-        unreachable; message marks and leases and pull leases (the ledger generation) stay (see
-        `StoreAdmin.clear`)."""
+        unreachable, and so do notes and counters; message marks and leases and pull leases (the ledger
+        generation) stay (see `StoreAdmin.clear`)."""
         for _ in range(CAS_ATTEMPTS):
             generation = await self._client.incr(self._data_gen_key, 1)
             if generation is not None:
@@ -656,6 +704,13 @@ class MemcachedStateStore:
         self._generation_read_at = time.monotonic()
         self._inbox_reads.clear()
         self._conversation_reads.clear()
+
+
+def _count(raw: bytes | None) -> int:
+    try:
+        return max(int(raw or 0), 0)
+    except ValueError:
+        return 0
 
 
 def _message_state(raw: bytes | None) -> MessageState:

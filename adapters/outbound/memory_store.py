@@ -3,13 +3,14 @@
 It is the store for a single instance without Memcached, and the fake for tests; both pass the same
 contract suite as the Memcached store (tests/contract/test_state_store.py).
 
-Memory is bounded by `max_keys`, counted over conversations, message marks (leases and DONE marks) and pending
-inbox messages. Eviction never touches what keeps the service going: cursors, pull leases, pull requests and
-tokens, and known kf accounts (a handful per kf account). When full, it drops what has expired, then the least
+Memory is bounded by `max_keys`, counted over customer notes and counters, conversations, message marks
+(leases and DONE marks) and pending inbox messages. Notes and counters (advisory, short-lived) are evicted
+first. Eviction never touches what keeps the service going: cursors, pull leases, pull requests and tokens,
+and known kf accounts (a handful per kf account). When full, it drops what has expired, then the least
 recently used conversations (the customer's next message starts a new one), then -- kept as long as that
-allows -- the least recently used message marks (a lost DONE mark matters only if the history is pulled
-again, which a kept cursor avoids), and only as a last resort a pending message (never answered: logged as
-an error). Reads count as use.
+allows -- the least recently used message marks (a lost DONE mark matters only if the history is pulled again,
+which a kept cursor avoids), and only as a last resort a pending message (never answered: logged as an error).
+Reads count as use.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ EXPIRY_SWEEP_INTERVAL_S = 60.0
 # Never evicted: losing one stops or repeats work (a lost cursor re-pulls the whole history).
 _PINNED_KINDS = frozenset({"cursor", "pull", "pullreq", "pulltoken"})
 _LEDGER_KIND = "msg"
+# Notes and counters about customers (CustomerNotes, CustomerCounters): short-lived, evicted first.
+_SHARED_KINDS = frozenset({"note", "count"})
 
 
 @dataclass(slots=True)
@@ -70,20 +73,24 @@ class MemoryStateStore:
         self._pinned: dict[Key, _Entry] = {}
         self._conversations: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
         self._ledger: OrderedDict[Key, _Entry] = OrderedDict()
+        self._notes: OrderedDict[Key, _Entry] = OrderedDict()  # notes and counters, least recently used first
         self._inbox: OrderedDict[CustomerRef, dict[str, InboundMessage]] = OrderedDict()
         self._inbox_size = 0  # messages in all inboxes
         self._kfs: dict[str, None] = {}
 
     @property
     def size(self) -> int:
-        """What counts against `max_keys`: conversations, message marks and pending messages."""
-        return len(self._conversations) + len(self._ledger) + self._inbox_size
+        """What counts against `max_keys`: notes and counters, conversations, message marks and pending
+        messages."""
+        return len(self._notes) + len(self._conversations) + len(self._ledger) + self._inbox_size
 
     # --- plumbing -------------------------------------------------------------------------------------
 
     def _table(self, key: Key) -> dict[Key, _Entry]:
         if key[0] in _PINNED_KINDS:
             return self._pinned
+        if key[0] in _SHARED_KINDS:
+            return self._notes
         return self._ledger if key[0] == _LEDGER_KIND else self._conversations
 
     def _get(self, key: Key) -> object | None:
@@ -123,12 +130,14 @@ class MemoryStateStore:
         now = self._clock()
         if now >= self._next_sweep_at:
             self._next_sweep_at = now + EXPIRY_SWEEP_INTERVAL_S
-            for table in (self._conversations, self._ledger):
+            for table in (self._notes, self._conversations, self._ledger):
                 for key in [k for k, e in table.items() if e.expires_at and e.expires_at <= now]:
                     del table[key]
         dropped: list[InboundMessage] = []
         while self.size + count > self._max_keys:
-            if self._conversations:
+            if self._notes:
+                self._notes.popitem(last=False)
+            elif self._conversations:
                 self._conversations.popitem(last=False)
             elif self._ledger:
                 self._ledger.popitem(last=False)
@@ -239,6 +248,43 @@ class MemoryStateStore:
     async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]:
         return [c for c, box in self._inbox.items() if c.open_kfid == open_kfid and box]
 
+    # --- CustomerCounters -----------------------------------------------------------------------------
+
+    async def increment(self, customer: CustomerRef, counter: str, *, ttl_s: float) -> int:
+        key = ("count", customer.open_kfid, customer.external_userid, counter)
+        current = self._get(key)
+        if not isinstance(current, int):
+            self._set(key, 1, ttl_s)
+            return 1
+        entry = self._notes[key]  # keeps its expiry: increments do not extend a counter
+        entry.value = current + 1
+        return current + 1
+
+    async def decrement(self, customer: CustomerRef, counter: str) -> None:
+        key = ("count", customer.open_kfid, customer.external_userid, counter)
+        current = self._get(key)
+        if isinstance(current, int) and current > 0:
+            self._notes[key].value = current - 1
+
+    async def counts(self, customer: CustomerRef, counters: Sequence[str]) -> list[int]:
+        values = [self._get(("count", customer.open_kfid, customer.external_userid, c)) for c in counters]
+        return [value if isinstance(value, int) else 0 for value in values]
+
+    # --- CustomerNotes --------------------------------------------------------------------------------
+
+    async def put_note(self, customer: CustomerRef, topic: str, value: str, *, ttl_s: float) -> None:
+        self._set(("note", customer.open_kfid, customer.external_userid, topic), value, ttl_s)
+
+    async def add_note(self, customer: CustomerRef, topic: str, value: str, *, ttl_s: float) -> bool:
+        return self._add(("note", customer.open_kfid, customer.external_userid, topic), value, ttl_s)
+
+    async def get_notes(self, customer: CustomerRef, topics: Sequence[str]) -> dict[str, str]:
+        found = {t: self._get(("note", customer.open_kfid, customer.external_userid, t)) for t in topics}
+        return {topic: value for topic, value in found.items() if isinstance(value, str)}
+
+    async def delete_note(self, customer: CustomerRef, topic: str) -> None:
+        self._delete(("note", customer.open_kfid, customer.external_userid, topic))
+
     # --- CursorStore ----------------------------------------------------------------------------------
 
     async def get_cursor(self, open_kfid: str) -> str | None:
@@ -289,9 +335,10 @@ class MemoryStateStore:
         return True
 
     async def clear(self) -> None:
-        """Forget conversations, inboxes, cursors, pull requests and known kf accounts. Message marks (DONE
-        marks and leases) and pull leases are kept: see `StoreAdmin.clear`."""
+        """Forget conversations, notes and counters, inboxes, cursors, pull requests and known kf accounts.
+        Message marks (DONE marks and leases) and pull leases are kept: see `StoreAdmin.clear`."""
         self._conversations.clear()
+        self._notes.clear()
         self._inbox.clear()
         self._inbox_size = 0
         self._kfs.clear()

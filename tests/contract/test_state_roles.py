@@ -14,6 +14,8 @@ from application.failover_store import FailoverStateStore
 from application.ports import (
     ConversationStore,
     CursorStore,
+    CustomerCounters,
+    CustomerNotes,
     Inbox,
     KfRegistry,
     MessageHandling,
@@ -32,6 +34,8 @@ ROLES: tuple[type[Any], ...] = (
     PullCoordination,
     KfRegistry,
     StoreAdmin,
+    CustomerCounters,
+    CustomerNotes,
 )
 STORES: tuple[type[Any], ...] = (MemoryStateStore, MemcachedStateStore, FailoverStateStore)
 
@@ -46,8 +50,10 @@ def _every_role_of(store: MemoryStateStore | MemcachedStateStore | FailoverState
     pulls: PullCoordination = store
     kfs: KfRegistry = store
     admin: StoreAdmin = store
+    counters: CustomerCounters = store
+    notes: CustomerNotes = store
     everything: StateStore = store
-    return [conversations, ledger, inbox, handling, cursors, pulls, kfs, admin, everything]
+    return [conversations, ledger, inbox, handling, cursors, pulls, kfs, admin, counters, notes, everything]
 
 
 def _members(role: type[Any]) -> list[str]:

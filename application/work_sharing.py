@@ -1,0 +1,93 @@
+"""How several instances share the customers waiting in one kf account's inbox.
+
+The instance that holds a kf account's pull lease records what it pulled in the shared inbox; every instance
+may answer it. Each instance takes customers only while it has room (`DrainRoom`), so the puller does not
+hog a burst: what it cannot start yet stays visible in the inbox for the others. An instance looks at the
+inbox (`Inbox.customers_with_pending`) after its own pull, when a callback arrives while another instance
+pulls, and at the recovery pass; while customers are left that it had no room for, it looks again as its
+drains finish (at most every `SCAN_INTERVAL_S`), and it lingers `SCAN_LINGER_S` after the last customer it
+took, because the puller may still be recording pages.
+
+Exactly once and order need nothing new: a drain claims a customer's messages one at a time in send order
+(`application/drain_customer.py`), and a claim succeeds on exactly one instance. A drain that finds the
+customer's oldest message claimed by another instance stops (that instance goes on with the customer's next
+messages), and the customer is looked at again after a back-off (`BusyElsewhere`), in case that instance
+died and its lease expires.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from domain.messages import CustomerRef
+
+# Scans of one kf account's inbox start at least this far apart (per instance).
+SCAN_INTERVAL_S = 0.2
+# After a scan that found nothing to take, keep looking this long: the puller may still be recording pages.
+SCAN_LINGER_S = 1.0
+# A customer whose oldest message another instance holds is looked at again after this back-off (growing).
+ELSEWHERE_FIRST_S = 0.5
+ELSEWHERE_MAX_S = 5.0
+
+
+class Capacity(Protocol):
+    """Whether the answering side can take one more question now (e.g. the adaptive Dify limiter)."""
+
+    def has_room(self) -> bool: ...
+
+
+class DrainRoom:
+    """How many customers this instance drains at once: at most `max_drains` (0: no limit), and none more
+    while `capacity` says there is no room."""
+
+    def __init__(self, *, max_drains: int = 0, capacity: Capacity | None = None) -> None:
+        self._max_drains = max(max_drains, 0)
+        self._capacity = capacity
+
+    @property
+    def limited(self) -> bool:
+        return bool(self._max_drains) or self._capacity is not None
+
+    def has_room(self, draining: int) -> bool:
+        if self._max_drains and draining >= self._max_drains:
+            return False
+        if self._capacity is None:
+            return True
+        try:
+            return self._capacity.has_room()
+        except Exception:
+            return draining == 0  # a broken gauge must not stop all work
+
+
+class BusyElsewhere:
+    """Customers whose oldest pending message another instance holds: skipped by scans until their recheck
+    time, which backs off from `ELSEWHERE_FIRST_S` to `ELSEWHERE_MAX_S` while they stay busy elsewhere."""
+
+    def __init__(self, *, max_entries: int = 100_000) -> None:
+        self._until: dict[CustomerRef, tuple[float, float]] = {}  # customer → (recheck at, back-off)
+        self._max_entries = max_entries
+
+    def note(self, customer: CustomerRef, *, now: float) -> None:
+        _, previous = self._until.get(customer, (0.0, 0.0))
+        backoff = min(max(previous * 2, ELSEWHERE_FIRST_S), ELSEWHERE_MAX_S)
+        if len(self._until) >= self._max_entries and customer not in self._until:
+            self._until = {c: u for c, u in self._until.items() if u[0] > now}
+        self._until[customer] = (now + backoff, backoff)
+
+    def clear(self, customer: CustomerRef) -> None:
+        self._until.pop(customer, None)
+
+    def skips(self, customer: CustomerRef, *, now: float) -> bool:
+        entry = self._until.get(customer)
+        return entry is not None and entry[0] > now
+
+    def next_recheck(self, open_kfid: str, pending: set[CustomerRef]) -> float | None:
+        """The earliest recheck time among this kf account's customers still pending; forgets the others."""
+        earliest: float | None = None
+        for customer in [c for c in self._until if c.open_kfid == open_kfid]:
+            if customer not in pending:
+                del self._until[customer]
+                continue
+            at = self._until[customer][0]
+            earliest = at if earliest is None else min(earliest, at)
+        return earliest

@@ -1,0 +1,153 @@
+"""Two application instances over one shared store object act as one bot: a burst is split between them,
+every message is answered exactly once and in order, and a customer's rate limit is the limit, not twice it.
+
+Each instance has its own engine, clock, telemetry and dispatcher; they share the WeCom fake (one kf
+account, one callback URL) and the in-process store object (standing in for Memcached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import bootstrap
+from adapters.outbound.fake_dify import FakeChatEngine
+from adapters.outbound.fake_wecom import KfWorld
+from adapters.outbound.memory_store import MemoryStateStore
+from application.ports import AnswerProgress
+from domain.chat import Answer, Question
+from domain.messages import CustomerRef
+from domain.session import SessionState
+from tests.support.containers import FakeAdapters, fake_application, unit_settings
+
+pytestmark = pytest.mark.anyio
+KF = "wkTwoInstances"
+
+
+class GatedEngine(FakeChatEngine):
+    """The fake engine, holding every question until the gate opens; counts those waiting. Both instances'
+    engines are one Dify app: they share its conversations."""
+
+    def __init__(self, gate: asyncio.Event, app: FakeChatEngine) -> None:
+        super().__init__()
+        self.conversations = app.conversations
+        self.gate = gate
+        self.waiting = 0
+
+    async def ask(self, question: Question, progress: AnswerProgress | None = None) -> Answer:
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+        return await super().ask(question, progress)
+
+
+def instance(
+    store: MemoryStateStore, world: KfWorld, engine: FakeChatEngine, *, max_drains: int, **settings: Any
+) -> bootstrap.Application:
+    def share(adapters: FakeAdapters) -> None:
+        adapters.store.override(store)
+        adapters.world.override(world)
+        adapters.engine.override(engine)
+
+    app = fake_application(unit_settings(**settings), customize=share)
+    app.dispatcher.add_kwargs(max_drains=max_drains)
+    # The in-process store object stands in for Memcached: share the rate limit and notes through it.
+    app.rate_limiter.add_kwargs(counters=store, notes=store)
+    app.sessions.add_kwargs(notes=store)
+    app.rejections.add_kwargs(notes=store)
+    return app
+
+
+async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def test_a_burst_is_split_answered_exactly_once_and_in_order() -> None:
+    store, world, gate = MemoryStateStore(), KfWorld(), asyncio.Event()
+    dify = FakeChatEngine()
+    engines = (GatedEngine(gate, dify), GatedEngine(gate, dify))
+    apps = [instance(store, world, engine, max_drains=3, rate_limit=0) for engine in engines]
+    dispatchers = [app.dispatcher() for app in apps]
+    customers, turns = 30, 3
+    for turn in range(turns):
+        for c in range(customers):
+            world.add_customer_text(KF, f"wm{c:02d}", f"q{turn}")
+    # Callbacks spread over both instances: the first pulls, the second arrives while it pulls.
+    dispatchers[0].notify(KF, "t")
+    dispatchers[1].notify(KF, "t")
+    # Neither takes more than its room: each holds 3 questions, the other 24 customers wait in the inbox.
+    await until(lambda: all(engine.waiting == 3 for engine in engines))
+    assert [d.draining for d in dispatchers] == [3, 3]
+    assert len(await store.customers_with_pending(KF)) == customers
+
+    gate.set()
+    await until(lambda: len(world.sent) >= customers * turns)
+    for dispatcher in dispatchers:
+        await dispatcher.idle()
+
+    replies = Counter((s.customer.external_userid, s.text) for s in world.sent)
+    assert len(world.sent) == customers * turns
+    assert set(replies.values()) == {1}  # exactly once
+    for c in range(customers):
+        texts = [s.text for s in world.sent if s.customer.external_userid == f"wm{c:02d}"]
+        assert texts == [f"答：q{turn}" for turn in range(turns)]  # in the order sent
+    asked = [len(engine.questions) for engine in engines]
+    assert sum(asked) == customers * turns
+    assert all(0.25 <= n / sum(asked) <= 0.75 for n in asked), asked
+    assert not await store.customers_with_pending(KF)
+
+
+async def test_the_rate_limit_is_shared_one_limit_one_notice() -> None:
+    store, world, gate = MemoryStateStore(), KfWorld(), asyncio.Event()
+    gate.set()
+    dify = FakeChatEngine()
+    engines = (GatedEngine(gate, dify), GatedEngine(gate, dify))
+    apps = [
+        instance(store, world, engine, max_drains=2, rate_limit=4, rate_limit_window_s=3600)
+        for engine in engines
+    ]
+    dispatchers = [app.dispatcher() for app in apps]
+    # One customer writes 7 times, one message after the other; each callback lands on the other instance,
+    # which pulls the message and answers it itself.
+    for n in range(7):
+        world.add_customer_text(KF, "wmBusy", f"m{n}")
+        dispatchers[n % 2].notify(KF, "t")
+        await until(lambda: not any(d.busy for d in dispatchers))
+
+    texts = [s.text for s in world.sent if s.customer.external_userid == "wmBusy"]
+    notice = apps[0].options().texts.rate_limited
+    assert [len(engine.questions) for engine in engines] == [2, 2]  # both answered, together the limit
+    assert texts.count(notice) == 1
+    assert [t for t in texts if t != notice] == [f"答：m{n}" for n in range(4)]
+
+
+async def test_what_one_instance_learns_about_a_session_the_other_knows() -> None:
+    store, world = MemoryStateStore(), KfWorld()
+    dify = FakeChatEngine()
+    apps = [instance(store, world, GatedEngine(asyncio.Event(), dify), max_drains=2) for _ in range(2)]
+    first, second = (app.sessions() for app in apps)
+    rejections = [app.rejections() for app in apps]
+    alice = CustomerRef(KF, "wmAlice")
+    first.learn(alice, SessionState.HUMAN, servicer_userid="zhangsan")
+    rejections[0].remember(alice, at=100.0)
+    for part in (first, rejections[0]):
+        writer = part.writer
+        assert writer is not None
+        await writer.flush()
+    known = await second._shared(alice)  # noqa: SLF001  (the read the answering path makes)
+    assert known is not None and known.state is SessionState.HUMAN and known.servicer_userid == "zhangsan"
+    assert await rejections[1].refusing(alice)
+    # Their own later message lifts the refusal for everyone.
+    assert not await rejections[1].refusing(alice, message_time=200.0)
+    writer = rejections[1].writer
+    assert writer is not None
+    await writer.flush()
+    assert await store.get_notes(alice, ["refused"]) == {}
