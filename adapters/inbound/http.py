@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from adapters.inbound.admin_api import AdminApi
+from adapters.inbound.console_api import ConsoleApi
 from adapters.inbound.openapi import openapi_document
 from adapters.inbound.wecom_webhook import WeComWebhook
 
@@ -47,6 +48,20 @@ def lifespan_for(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaita
     return lifespan
 
 
+def _closing(lifespan: Lifespan, close: Callable[[], Awaitable[None]]) -> Lifespan:
+    """`lifespan`, then `close()` once it ended."""
+
+    @asynccontextmanager
+    async def closing(app: Starlette) -> AsyncIterator[None]:
+        try:
+            async with lifespan(app):
+                yield
+        finally:
+            await close()
+
+    return closing
+
+
 def create_app(
     *,
     webhook: WeComWebhook,
@@ -55,6 +70,7 @@ def create_app(
     lifespan: Lifespan | None = None,
     extra_routes: list[Any] | None = None,
     version: str = "unknown",
+    console: ConsoleApi | None = None,
 ) -> Starlette:
     guard = admin.guarded
     # Shapes only, no configuration or state: open like the health checks (on the admin listener only
@@ -80,6 +96,9 @@ def create_app(
         # with `authorization: {credentials: ...}` in its scrape config).
         routes.append(Route("/metrics", guard(metrics), methods=["GET"]))
     routes.extend(extra_routes or [])
+    if console is not None:  # the operator console and its admin endpoints (adapters/inbound/console_api.py)
+        routes.extend(console.routes())
+        lifespan = _closing(lifespan or _no_lifespan, console.aclose)
     return Starlette(
         routes=routes,
         lifespan=lifespan or _no_lifespan,
