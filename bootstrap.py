@@ -305,11 +305,15 @@ class Application(containers.DeclarativeContainer):
         telemetry=telemetry,
         owner=owner,
     )
+    # The console's try-it chats: stopped with the service.
+    try_sessions = providers.Singleton(TrySessions, providers.Callable(try_chat_factory, settings))
     lifecycle = providers.Singleton(
         Lifecycle,
         dispatcher=dispatcher,
         grace_s=settings.provided.shutdown_grace_s,
-        closers=providers.Callable(closers_of, observer, adapters.channel, adapters.store, routing=routing),
+        closers=providers.Callable(
+            closers_of, observer, adapters.channel, adapters.store, try_sessions, routing=routing
+        ),
         start_notes=providers.Callable(
             settings_map.start_notes, settings, adapters.store.provided.backend, VERSION
         ),
@@ -348,7 +352,7 @@ class Application(containers.DeclarativeContainer):
         insights=insights,
         conversations=conversation_admin,
         sessions=sessions,
-        try_sessions=providers.Singleton(TrySessions, providers.Callable(try_chat_factory, settings)),
+        try_sessions=try_sessions,
         kf_accounts=providers.Callable(settings_map.configured_kfs, settings),
     )
     app = providers.Singleton(

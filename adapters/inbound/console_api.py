@@ -239,9 +239,6 @@ class ConsoleApi:
             Route("/admin/try/reset", guard(self.try_reset), methods=["POST"]),
         ]
 
-    async def aclose(self) -> None:
-        await self._try.aclose()
-
     # --- static -------------------------------------------------------------------------------------------
 
     async def page(self, request: Request) -> Response:

@@ -48,20 +48,6 @@ def lifespan_for(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaita
     return lifespan
 
 
-def _closing(lifespan: Lifespan, close: Callable[[], Awaitable[None]]) -> Lifespan:
-    """`lifespan`, then `close()` once it ended."""
-
-    @asynccontextmanager
-    async def closing(app: Starlette) -> AsyncIterator[None]:
-        try:
-            async with lifespan(app):
-                yield
-        finally:
-            await close()
-
-    return closing
-
-
 def create_app(
     *,
     webhook: WeComWebhook,
@@ -98,7 +84,6 @@ def create_app(
     routes.extend(extra_routes or [])
     if console is not None:  # the operator console and its admin endpoints (adapters/inbound/console_api.py)
         routes.extend(console.routes())
-        lifespan = _closing(lifespan or _no_lifespan, console.aclose)
     return Starlette(
         routes=routes,
         lifespan=lifespan or _no_lifespan,
