@@ -19,7 +19,7 @@ function frame(container, title, maxValue, minutes) {
     svg.append(el("line", { x1: PAD.left, x2: W - PAD.right, y1: y, y2: y, class: "grid" }));
     const label = maxValue * fraction;
     svg.append(el("text", { x: PAD.left - 4, y: y + 4, class: "axis", "text-anchor": "end" },
-      Number.isInteger(label) ? String(label) : label.toFixed(label < 10 ? 1 : 0)));
+      Number.isInteger(label) ? String(label) : label.toFixed(label < 1 ? 2 : label < 10 ? 1 : 0)));
   }
   const first = minutes[0];
   const last = minutes[minutes.length - 1];
