@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh machine: installs memcached and chromium (Debian) and the Python
-# dependencies
-# into .venv, then lints and runs pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k webhook).
+# dependencies into .venv, then lints and runs pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k webhook).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
