@@ -565,6 +565,11 @@ _SCHEMAS: Final = {
             "latency_s": {"type": "object"},
             "in_flight": {"type": "integer"},
             "known_kfs": {"type": "array", "items": {"type": "string"}},
+            "instance": {
+                "type": "string",
+                "description": "This instance (the console's history is per instance)",
+            },
+            "windows": {"type": "object", "description": "Today's and the last hour's console counters"},
         },
     },
     "Readiness": {

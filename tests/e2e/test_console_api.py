@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from adapters.inbound.console_api import ASSETS
@@ -232,3 +233,16 @@ def test_the_console_is_small_and_loads_nothing_from_elsewhere() -> None:
         text = f.read_text(encoding="utf-8")
         assert "http://" not in text.replace("http://www.w3.org/", "") and "https://" not in text
         assert "innerHTML" not in text and "eval(" not in text
+
+
+async def test_with_an_admin_port_the_console_is_served_there_only(stack: Stack) -> None:
+    from adapters.inbound.server import split_by_port
+
+    app = split_by_port(stack.app, admin_port=9001)
+    for port, expected in ((9001, 200), (8000, 404)):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=f"http://kf-dify.test:{port}") as client:
+            assert (await client.get("/console")).status_code == expected
+            assert (await client.get("/console/console.js")).status_code == expected
+            overview = await client.get("/admin/overview", headers=stack.admin_headers())
+            assert overview.status_code == expected
