@@ -47,7 +47,9 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"{reason} not available: browser tests skipped (scripts/test.sh installs it)")
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: sync Playwright runs an event loop on this thread while it is open, and the
+# asyncio tests of the other modules need the thread to themselves.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     executable = chromium_path()
     if executable is None:

@@ -246,3 +246,23 @@ async def test_with_an_admin_port_the_console_is_served_there_only(stack: Stack)
             assert (await client.get("/console/console.js")).status_code == expected
             overview = await client.get("/admin/overview", headers=stack.admin_headers())
             assert overview.status_code == expected
+
+
+def test_every_text_of_the_console_is_in_its_one_translation_file() -> None:
+    import re
+
+    han = re.compile(r"[\u4e00-\u9fff]")
+    for name in ASSETS:
+        if name != "i18n.js":
+            assert not han.search((CONSOLE_DIR / name).read_text(encoding="utf-8")), name
+    source = (CONSOLE_DIR / "i18n.js").read_text(encoding="utf-8")
+    zh_part, en_part = source.split("\n  en: {", 1)
+    keys = re.compile(r"^    (\w+): ", re.MULTILINE)
+    zh_keys, en_keys = (
+        keys.findall(zh_part.split("\n  zh: {", 1)[1]),
+        keys.findall(en_part.split("\n};", 1)[0]),
+    )
+    assert zh_keys and sorted(zh_keys) == sorted(en_keys)
+    used = set(re.findall(r'data-i18n(?:-placeholder)?="(\w+)"', (CONSOLE_DIR / "index.html").read_text()))
+    used |= set(re.findall(r'\bt\("(\w+)"', (CONSOLE_DIR / "console.js").read_text()))
+    assert used and used <= set(zh_keys)
