@@ -310,7 +310,7 @@ async function loadProblems() {
       node("time", {}, when(p.at)),
       p.customer ? node("code", {}, p.customer) : null,
     ),
-    node("p", {}, p.summary),
+    node("p", { title: p.summary }, t(`s_${p.kind}`, { code: p.code })),
     node("p", { className: "hint" }, `${t("hint")}: ${p.hint}`),
   ))));
 }
