@@ -25,6 +25,7 @@ from dependency_injector import containers, providers
 from adapters.inbound import settings as settings_map
 from adapters.inbound.admin_api import AdminApi
 from adapters.inbound.config_file import ConfigError, Settings, load_settings
+from adapters.inbound.console_api import Bubble, ConsoleApi, TryChat, TrySessions
 from adapters.inbound.http import create_app, lifespan_for
 from adapters.inbound.log_setup import configure_logging
 from adapters.inbound.metrics import PrometheusMetrics
@@ -46,6 +47,7 @@ from application.ask_dify import AskDify
 from application.dispatcher import Dispatcher
 from application.drain_customer import DrainCustomer
 from application.handoff import HandOffToHuman
+from application.insights import Insights
 from application.lifecycle import Lifecycle
 from application.media import MediaSupport
 from application.options import BotOptions
@@ -182,6 +184,18 @@ def accepting_flag(lifecycle: Lifecycle) -> Callable[[], bool]:
     return accepting
 
 
+def build_insights(telemetry: Telemetry, instance: str) -> Insights:
+    """The console's per-instance history, fed by every counted event (application/insights.py)."""
+    insights = Insights(instance=instance)
+    telemetry.listeners.append(insights)
+    return insights
+
+
+def try_chat_factory(settings: Settings) -> Callable[[str | None], TryChat]:
+    """The console's try-it chats: `simulate`'s parts, for the default app or a kf account's app."""
+    return partial(build_try_chat, settings)
+
+
 # --- containers ----------------------------------------------------------------------------------------
 
 
@@ -310,11 +324,15 @@ class Application(containers.DeclarativeContainer):
         owner=owner,
         max_drains=providers.Callable(drains_per_instance, options, adapters.store.provided.backend),
     )
+    # The console's try-it chats: stopped with the service.
+    try_sessions = providers.Singleton(TrySessions, providers.Callable(try_chat_factory, settings))
     lifecycle = providers.Singleton(
         Lifecycle,
         dispatcher=dispatcher,
         grace_s=settings.provided.shutdown_grace_s,
-        closers=providers.Callable(closers_of, observer, adapters.channel, adapters.store, routing=routing),
+        closers=providers.Callable(
+            closers_of, observer, adapters.channel, adapters.store, try_sessions, routing=routing
+        ),
         start_notes=providers.Callable(
             settings_map.start_notes, settings, adapters.store.provided.backend, VERSION
         ),
@@ -331,7 +349,14 @@ class Application(containers.DeclarativeContainer):
         store=adapters.store,
         configured_kfs=providers.Callable(settings_map.configured_kfs, settings),
     )
-    status = providers.Singleton(StatusReport, store=adapters.store, telemetry=telemetry, version=VERSION)
+    insights = providers.Singleton(build_insights, telemetry, owner)
+    status = providers.Singleton(
+        StatusReport,
+        store=adapters.store,
+        telemetry=telemetry,
+        version=VERSION,
+        extra=insights.provided.status_section,
+    )
     admin = providers.Singleton(
         AdminApi,
         admin_token=settings.provided.admin_token,
@@ -339,6 +364,16 @@ class Application(containers.DeclarativeContainer):
         status=status,
     )
     metrics = providers.Singleton(PrometheusMetrics, telemetry)
+    console = providers.Singleton(
+        ConsoleApi,
+        admin=admin,
+        status=status,
+        insights=insights,
+        conversations=conversation_admin,
+        sessions=sessions,
+        try_sessions=try_sessions,
+        kf_accounts=providers.Callable(settings_map.configured_kfs, settings),
+    )
     app = providers.Singleton(
         create_app,
         webhook=webhook,
@@ -346,6 +381,7 @@ class Application(containers.DeclarativeContainer):
         metrics=metrics.provided.endpoint,
         lifespan=providers.Callable(lifespan_for, lifecycle.provided.start, lifecycle.provided.stop),
         version=VERSION,
+        console=console,
     )
 
 
@@ -403,9 +439,11 @@ SIMULATED_KF = "wk-simulate"
 SIMULATED_CUSTOMER = "wm-operator"
 
 
-def build_simulation(settings: Settings) -> SimulationParts:
+def build_simulation(
+    settings: Settings, *, channel: FakeKfChannel | None = None, kf: str = SIMULATED_KF
+) -> SimulationParts:
     simulated = replace(settings, memcache=None)  # state in memory
-    channel = FakeKfChannel()
+    channel = channel or FakeKfChannel()
     container = build_container(simulated, Adapters(settings=simulated, channel=providers.Object(channel)))
     container.lifecycle.override(
         providers.Singleton(
@@ -418,17 +456,65 @@ def build_simulation(settings: Settings) -> SimulationParts:
     dispatcher, lifecycle = container.dispatcher(), container.lifecycle()
 
     def push_text(text: str) -> None:
-        channel.world.add_customer_text(SIMULATED_KF, SIMULATED_CUSTOMER, text)
+        channel.world.add_customer_text(kf, SIMULATED_CUSTOMER, text)
 
     return SimulationParts(
         push_text=push_text,
-        sent_texts=partial(channel.world.texts_sent_to, CustomerRef(SIMULATED_KF, SIMULATED_CUSTOMER)),
-        notify=partial(dispatcher.notify, SIMULATED_KF),
+        sent_texts=partial(channel.world.texts_sent_to, CustomerRef(kf, SIMULATED_CUSTOMER)),
+        notify=partial(dispatcher.notify, kf),
         idle=dispatcher.idle,
         start=lifecycle.start,
         stop=lifecycle.stop,
         app_label=settings.dify_api_base,
     )
+
+
+class ConsoleTryChat:
+    """The console's try-it chat (adapters/inbound/console_api.py): `simulate`'s parts, plus the welcome a
+    customer entering the session gets and the suggestion menus, as WeChat would show them."""
+
+    def __init__(self, settings: Settings, open_kfid: str | None) -> None:
+        self._kf = open_kfid or SIMULATED_KF
+        self._channel = FakeKfChannel()
+        self._parts = build_simulation(settings, channel=self._channel, kf=self._kf)
+        own = [r.dify_api_base for r in settings.kf_routes if r.open_kfid == self._kf and r.dify_api_base]
+        self.app_label = own[0] if own else settings.dify_api_base
+
+    def push_text(self, text: str) -> None:
+        self._parts.push_text(text)
+
+    def notify(self) -> None:
+        self._parts.notify()
+
+    async def idle(self) -> None:
+        await self._parts.idle()
+
+    async def start(self) -> None:
+        await self._parts.start()
+        # The customer enters the session first: the welcome (and its suggestion menu) comes before any
+        # answer, as in WeChat.
+        self._channel.world.add_enter_session(self._kf, SIMULATED_CUSTOMER)
+        self._parts.notify()
+        await self._parts.idle()
+
+    async def stop(self) -> None:
+        await self._parts.stop()
+
+    def sent(self) -> list[Bubble]:
+        world = self._channel.world
+        customer = CustomerRef(self._kf, SIMULATED_CUSTOMER)
+        menus = [(e.text, e.menu) for e in world.sent_on_event if e.customer == customer and e.menu]
+        bubbles = []
+        for text in world.texts_sent_to(customer):
+            if menus and menus[0][0] == text:
+                bubbles.append(Bubble("menu", text, menus.pop(0)[1]))
+            else:
+                bubbles.append(Bubble("text", text))
+        return bubbles
+
+
+def build_try_chat(settings: Settings, open_kfid: str | None) -> TryChat:
+    return ConsoleTryChat(settings, open_kfid)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

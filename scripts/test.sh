@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run the whole test suite on a fresh machine: installs memcached (Debian) and the Python dependencies
-# into .venv, then lints and runs pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k webhook).
+# Run the whole test suite on a fresh machine: installs memcached and chromium (Debian) and the Python
+# dependencies into .venv, then lints and runs pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k webhook).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,15 @@ if ! command -v memcached >/dev/null 2>&1 && [ ! -x /usr/bin/memcached ]; then
     if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq memcached >/dev/null
+fi
+
+# The console's browser tests drive Debian's Chromium (Playwright without its own browser download).
+if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
+    echo "test.sh: installing chromium from Debian's packages" >&2
+    SUDO=""
+    if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
 PY="${PYTHON:-python3}"

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from adapters.inbound.admin_api import AdminApi
+from adapters.inbound.console_api import ConsoleApi
 from adapters.inbound.openapi import openapi_document
 from adapters.inbound.wecom_webhook import WeComWebhook
 
@@ -55,6 +56,7 @@ def create_app(
     lifespan: Lifespan | None = None,
     extra_routes: list[Any] | None = None,
     version: str = "unknown",
+    console: ConsoleApi | None = None,
 ) -> Starlette:
     guard = admin.guarded
     # Shapes only, no configuration or state: open like the health checks (on the admin listener only
@@ -80,6 +82,8 @@ def create_app(
         # with `authorization: {credentials: ...}` in its scrape config).
         routes.append(Route("/metrics", guard(metrics), methods=["GET"]))
     routes.extend(extra_routes or [])
+    if console is not None:  # the operator console and its admin endpoints (adapters/inbound/console_api.py)
+        routes.extend(console.routes())
     return Starlette(
         routes=routes,
         lifespan=lifespan or _no_lifespan,

@@ -238,6 +238,7 @@ def _paths(include_metrics: bool) -> dict[str, Any]:
             )
         },
     }
+    paths.update(_console_paths())
     if include_metrics:
         paths["/metrics"] = {
             "get": _admin(
@@ -251,7 +252,267 @@ def _paths(include_metrics: bool) -> dict[str, Any]:
     return paths
 
 
+def _path(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+def _html_response(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
+
+
+def _object(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+_TRY_SESSION: Final = {"type": "string", "pattern": "^[A-Za-z0-9_-]{8,64}$", "minLength": 8, "maxLength": 64}
+
+
+def _console_paths() -> dict[str, Any]:
+    """The operator console (adapters/inbound/console_api.py): its page, open like the health checks (it
+    holds no data: every number comes from the admin operations below, with the token)."""
+    page = {
+        "get": _open(
+            {
+                "operationId": "console",
+                "summary": "The operator console (a static page; signs in with the admin token)",
+                "responses": {"200": _html_response("The page")},
+            },
+            "console",
+        )
+    }
+    return {
+        "/console": page,
+        "/console/": {
+            "get": _open(
+                {
+                    "operationId": "consoleSlash",
+                    "summary": "Redirects to /console",
+                    "responses": {"308": {"description": "Redirect to /console"}},
+                },
+                "console",
+            )
+        },
+        "/console/{name}": {
+            "get": _open(
+                {
+                    "operationId": "consoleAsset",
+                    "summary": "One of the console's static files (script, style sheet, icon)",
+                    "parameters": [_path("name", "console.js, i18n.js, charts.js, console.css, icon.svg")],
+                    "responses": {
+                        "200": {"description": "The file"},
+                        "404": _error_response("No such file"),
+                    },
+                },
+                "console",
+            )
+        },
+        "/admin/overview": {
+            "get": _admin(
+                {
+                    "operationId": "consoleOverview",
+                    "summary": "Health, today's and the last hour's counters, per-minute series, Dify apps",
+                    "responses": {
+                        "200": _json_response("Overview", {"$ref": "#/components/schemas/Overview"})
+                    },
+                }
+            )
+        },
+        "/admin/customers": {
+            "get": _admin(
+                {
+                    "operationId": "consoleCustomers",
+                    "summary": "This instance's most recently active customers, newest first",
+                    "parameters": [
+                        _query("q", "Only customer ids (or nicknames) containing this", required=False),
+                        _query("limit", "At most this many (1 to 200, default 50)", required=False),
+                    ],
+                    "responses": {
+                        "200": _json_response(
+                            "Customers",
+                            _object(
+                                ["instance", "customers"],
+                                {
+                                    "instance": {"type": "string"},
+                                    "query": {"type": "string"},
+                                    "customers": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/CustomerRow"},
+                                    },
+                                },
+                            ),
+                        ),
+                        "400": _error_response("limit is not a number"),
+                    },
+                }
+            )
+        },
+        "/admin/customers/{open_kfid}/{external_userid}": {
+            "get": _admin(
+                {
+                    "operationId": "consoleCustomer",
+                    "summary": "One customer: conversation, session owner, entry, recent outcomes",
+                    "parameters": [
+                        _path("open_kfid", "The kf account (wk…)"),
+                        _path("external_userid", "The customer (wm…)"),
+                    ],
+                    "responses": {
+                        "200": _json_response("The customer", {"type": "object"}),
+                        "400": _error_response("Not WeCom ids"),
+                        "404": _error_response("Not seen by this instance and no conversation stored"),
+                    },
+                }
+            )
+        },
+        "/admin/problems": {
+            "get": _admin(
+                {
+                    "operationId": "consoleProblems",
+                    "summary": "The last 200 problems this instance met, newest first, each with a hint",
+                    "responses": {
+                        "200": _json_response(
+                            "Problems",
+                            _object(
+                                ["instance", "problems"],
+                                {
+                                    "instance": {"type": "string"},
+                                    "problems": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Problem"},
+                                    },
+                                },
+                            ),
+                        )
+                    },
+                }
+            )
+        },
+        "/admin/try": {
+            "post": _admin(
+                {
+                    "operationId": "consoleTry",
+                    "summary": "Say something to the Dify app through the real core, as simulate does "
+                    "(nothing reaches WeCom); the bubbles the customer would see",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            _JSON: {
+                                "schema": _object(
+                                    ["text", "session"],
+                                    {
+                                        "text": {"type": "string", "minLength": 1, "maxLength": 2000},
+                                        "session": _TRY_SESSION,
+                                        "open_kfid": {"type": "string"},
+                                    },
+                                )
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json_response(
+                            "The bot's messages",
+                            _object(
+                                ["session", "bubbles"],
+                                {
+                                    "session": {"type": "string"},
+                                    "app": {"type": "string"},
+                                    "bubbles": {"type": "array", "items": {"type": "object"}},
+                                },
+                            ),
+                        ),
+                        "400": _error_response("Body missing, not JSON, or bad fields"),
+                        "502": _error_response("The simulation failed"),
+                        "504": _error_response("The bot did not finish in time"),
+                    },
+                }
+            )
+        },
+        "/admin/try/reset": {
+            "post": _admin(
+                {
+                    "operationId": "consoleTryReset",
+                    "summary": "Forget a try-it chat (its conversation and session)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {_JSON: {"schema": _object(["session"], {"session": _TRY_SESSION})}},
+                    },
+                    "responses": {
+                        "200": _json_response(
+                            "Forgotten",
+                            _object(
+                                ["session", "reset"],
+                                {"session": {"type": "string"}, "reset": {"type": "boolean"}},
+                            ),
+                        ),
+                        "400": _error_response("Body missing, not JSON, or bad fields"),
+                    },
+                }
+            )
+        },
+    }
+
+
 _SCHEMAS: Final = {
+    "Overview": {
+        "type": "object",
+        "required": ["instance", "status", "store", "windows", "per_minute"],
+        "properties": {
+            "instance": {"type": "string"},
+            "status": {"type": "string", "enum": ["ok", "degraded"]},
+            "version": {"type": "string"},
+            "uptime_s": {"type": "number"},
+            "store": {"type": "object"},
+            "wecom": {"type": ["object", "null"]},
+            "dify": {"type": ["object", "null"]},
+            "windows": {"type": "object"},
+            "per_minute": {"type": "array", "items": {"type": "object"}},
+            "in_flight": {"type": "integer"},
+            "dify_apps": {"type": "object"},
+            "kf_accounts": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "CustomerRow": {
+        "type": "object",
+        "required": ["open_kfid", "customer", "last_message_at", "turns", "session_owner"],
+        "properties": {
+            "open_kfid": {"type": "string"},
+            "customer": {"type": "string"},
+            "nickname": {"type": "string"},
+            "last_message_at": {"type": "number"},
+            "messages": {"type": "integer"},
+            "turns": {"type": "integer"},
+            "session_owner": {"type": "string", "enum": ["bot", "queue", "human", "ended", "unknown"]},
+            "last_outcome": {"type": "string"},
+        },
+    },
+    "Problem": {
+        "type": "object",
+        "required": ["at", "kind", "summary", "hint"],
+        "properties": {
+            "at": {"type": "number"},
+            "kind": {
+                "type": "string",
+                "enum": [
+                    "dify_error",
+                    "wecom_errcode",
+                    "send_failure",
+                    "handoff_refused",
+                    "media_failure",
+                    "store_degraded",
+                ],
+            },
+            "code": {"type": "string"},
+            "open_kfid": {"type": "string"},
+            "customer": {"type": "string"},
+            "summary": {"type": "string"},
+            "hint": {"type": "string"},
+        },
+    },
     "Error": {
         "type": "object",
         "required": ["error"],
@@ -304,6 +565,11 @@ _SCHEMAS: Final = {
             "latency_s": {"type": "object"},
             "in_flight": {"type": "integer"},
             "known_kfs": {"type": "array", "items": {"type": "string"}},
+            "instance": {
+                "type": "string",
+                "description": "This instance (the console's history is per instance)",
+            },
+            "windows": {"type": "object", "description": "Today's and the last hour's console counters"},
         },
     },
     "Readiness": {
