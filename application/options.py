@@ -34,6 +34,8 @@ class ReplyTexts:
     voice_failed: str = "抱歉，没能听清这条语音，请再说一遍或改用文字。"
     # Heads the links to files in an answer that cannot be sent as images.
     answer_files: str = "相关文件："
+    # Heads the menu of questions the AI app suggests after an answer (each one can be tapped).
+    suggestions_head: str = "您可能还想问："
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +85,6 @@ class BotOptions:
     busy_poll_s: float = 0.5
     # An image followed by a text within this many seconds is asked as one question (0 = never wait).
     image_text_window_s: float = 3.0
+    # Offer the questions the AI app suggests after an answer as a tappable menu, when the app has the
+    # feature on (`suggested_questions_after_answer`); False: never.
+    suggestions: bool = True

@@ -15,6 +15,7 @@ from typing import Any
 from adapters.outbound.fake_wecom.records import (
     EventCode,
     SentMedia,
+    SentMenu,
     SentOnEvent,
     SentText,
     Session,
@@ -55,6 +56,7 @@ class KfState:
         # Every text (send_msg and send_msg_on_event alike) in the order WeCom accepted them.
         self._texts_sent: list[tuple[CustomerRef, str]] = []
         self.sent_media: list[SentMedia] = []
+        self.sent_menus: list[SentMenu] = []
         self.media: dict[str, StoredMedia] = {}
         self.sync_requests: list[SyncRequest] = []
         self.servicers: dict[str, int] = {}
