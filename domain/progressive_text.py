@@ -22,8 +22,9 @@ _REASONING_TAG = re.compile(rf"<(/?)(thinking|think|details)\b[^<>]{{0,{_MAX_TAG
 _FENCE = re.compile(r"[ \t]{0,3}(`{3,}|~{3,})")
 # A line that may continue the block before a blank line: indented, or a list item.
 _CONTINUES = re.compile(r"[ \t]|[-+*](?:[ \t]|$)|\d{1,9}[.)](?:[ \t]|$)")
-# A line this long (or ended) shows whether it starts a list item.
+# A line this long (or ended, or not starting like one) shows whether it starts a list item.
 _LINE_KNOWN = 12
+_MAY_START_ITEM = frozenset(" \t-+*0123456789")
 
 
 def shown_until(text: str, start: int = 0, markers: Iterable[str] = DEFAULT_HANDOFF_MARKERS) -> int | None:
@@ -51,7 +52,7 @@ def shown_until(text: str, start: int = 0, markers: Iterable[str] = DEFAULT_HAND
                 and not fence
                 and not in_reasoning
                 and pos > start
-                and (newline >= 0 or len(line) >= _LINE_KNOWN)
+                and (newline >= 0 or len(line) >= _LINE_KNOWN or line[0] not in _MAY_START_ITEM)
                 and not _CONTINUES.match(line)
             ):
                 best = pos
