@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixtures come from test_kf_channel.py and are named as parameters)
 """The `KfChannel` contract for `send_menu` (a msgmenu of click items through `kf/send_msg`): the fake and the
 real adapter over HTTP against the emulator behave the same (docs/wecom-kf.md §6.3)."""
 
