@@ -162,7 +162,14 @@ class _Ping:
     pass
 
 
-_Step = Mapping[str, Any] | _Sleep | _Call | _Ping
+@dataclass
+class _Wait:
+    """The stream waits (pinging) until `until()` holds, at most `hang_limit`."""
+
+    until: Callable[[], bool]
+
+
+_Step = Mapping[str, Any] | _Sleep | _Call | _Ping | _Wait
 
 
 class FakeDifyServer:
@@ -233,6 +240,9 @@ class FakeDifyServer:
         # "Suggested questions after answer": on when set; the questions for (query, answer).
         self.suggest: Callable[[str, str], Sequence[str]] | None = None
         self.answered: dict[str, tuple[str, str, str]] = {}  # message id → (user, query, answer)
+        # (chunk index, condition): streams wait before that answer chunk until the condition holds (what the
+        # client did meanwhile, e.g. a part of the answer already reached the customer).
+        self.hold: tuple[int, Callable[[], bool]] | None = None
         self._app = Starlette(
             routes=[
                 Route("/v1/chat-messages", self._chat_messages, methods=["POST"]),
@@ -732,6 +742,8 @@ class FakeDifyServer:
                 break
             if index and self.chunk_delay:
                 steps.append(_Sleep(self.chunk_delay))
+            if self.hold is not None and index == self.hold[0]:
+                steps.append(_Wait(self.hold[1]))
             extra = {"from_variable_selector": ["llm", "text"]} if chatflow else {}
             steps.append(event(delta_event, id=message_id, answer=chunk, **extra))
             if fault.tts:
@@ -804,6 +816,10 @@ class FakeDifyServer:
             for step in steps:
                 if isinstance(step, _Call):
                     step.action()
+                elif isinstance(step, _Wait):
+                    give_up = anyio.current_time() + self.hang_limit
+                    while not step.until() and anyio.current_time() < give_up:
+                        await anyio.sleep(0.005)
                 elif isinstance(step, _Ping):
                     self.pings_sent += 1
                     yield PING
