@@ -17,7 +17,7 @@ a different answer after the first one (application/ask_dify.py does not retry t
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -53,10 +53,10 @@ class ProgressiveReplies:
         render: Callable[[str], str],
         markers: tuple[str, ...],
         telemetry: Telemetry,
-        allowed: Awaitable[bool] | None = None,
+        allowed: Callable[[], Awaitable[bool]] | None = None,
         keep_free: int = KEEP_FREE,
     ) -> None:
-        """`allowed`: resolves to whether this app may answer progressively (read while Dify thinks)."""
+        """`allowed`: whether this app may answer progressively (asked once, when the answer streams)."""
         self._replies = replies
         self._render = render
         self._markers = markers
@@ -99,9 +99,13 @@ class ProgressiveReplies:
         """The answer is complete (or failed): no more parts; returns once a part on its way was sent."""
         self._closed = True
         self._wake.set()
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await self._task
+        if self._task is None:
+            return
+        if not self.committed:  # nothing on its way (maybe still reading the app's parameters): stop now
+            self._task.cancel()
+        await asyncio.wait({self._task})  # its outcome is its own; a cancellation of ours still ends us
+        if not self._task.cancelled() and self._task.exception() is not None:
+            log.warning("progressive replies stopped: %r", self._task.exception())
 
     def abandon(self) -> None:
         """The answer was abandoned (shutdown): stop at once."""
@@ -123,7 +127,7 @@ class ProgressiveReplies:
     # --- the worker -------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        if self._allowed is not None and not await self._allowed:
+        if self._allowed is not None and not await self._allowed():
             self._stopped = True
             return
         while not self._closed and not self._stopped:
@@ -189,7 +193,7 @@ class ProgressiveAnswers:
             render=self._render,
             markers=self._options.handoff_markers,
             telemetry=self._telemetry,
-            allowed=self._allowed(route),
+            allowed=functools.partial(self._allowed, route),
         )
 
     async def _allowed(self, route: KfRoute) -> bool:
