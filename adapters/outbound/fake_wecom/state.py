@@ -248,6 +248,11 @@ class KfState:
         with self._lock:
             return [text for to, text in self._texts_sent if to == customer]
 
+    def menus_sent_to(self, customer: CustomerRef) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+        """Every msgmenu the customer got through send_msg, in order: (head, (id, content) click items)."""
+        with self._lock:
+            return [(m.head, m.menu) for m in self.sent_menus if m.customer == customer]
+
     def code_is_usable(self, code: str) -> bool:
         with self._lock:
             return self._usable_code(code) is not None
