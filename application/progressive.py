@@ -28,9 +28,9 @@ from application.ports import AnswerProgress
 from application.reply_session import ReplySession
 from application.routing import KfRoute
 from application.telemetry import Telemetry
-from domain.handoff import take_handoff_marker
+from domain.handoff import marker_start, take_handoff_marker
 from domain.progressive_text import shown_until
-from domain.replies import TEXT_LIMIT_BYTES, take_full_part
+from domain.replies import TEXT_LIMIT_BYTES, take_full_part, utf8_len
 
 log = logging.getLogger("kfdify.answer")
 
@@ -151,7 +151,7 @@ class ProgressiveReplies:
             self._pending = "\n\n".join(p for p in (self._pending.strip(), rendered) if p)
             self._shown = text[:boundary]
         while not self._closed and not self._stopped:
-            taken = take_full_part(self._pending)
+            taken = take_full_part(self._pending) or self._part_before(text[len(self._shown) :])
             if taken is None:
                 return
             if self._replies.remaining - 1 < self._keep_free or self._replies.human_owns_session:
@@ -166,6 +166,21 @@ class ProgressiveReplies:
             self.sent += 1
             self._telemetry.count("parts_sent_progressively")
             log.info("answer part %d sent while dify writes the rest", self.sent)
+
+    def _part_before(self, tail: str) -> tuple[str, str] | None:
+        """A full part that is all of what is kept, when the text still being written (`tail`, not yet
+        past a boundary) shows that more than a part follows: the paragraph boundary at the end of what is
+        kept is then the part's end, and the customer need not wait for the next boundary."""
+        pending = self._pending.strip()
+        if not pending or not tail.strip() or "<" in tail or marker_start(tail, self._markers) is not None:
+            return None
+        # Markup shrinks when rendered: count the raw tail at four fifths.
+        if utf8_len(pending) + utf8_len(tail.strip()) * 4 // 5 <= TEXT_LIMIT_BYTES:
+            return None
+        taken = take_full_part(f"{pending}\n\n{tail.strip()}")
+        if taken is None or len(taken[0]) > len(pending) or not pending.startswith(taken[0]):
+            return None
+        return taken[0], pending[len(taken[0]) :]
 
 
 class ProgressiveAnswers:

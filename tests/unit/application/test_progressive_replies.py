@@ -201,3 +201,26 @@ async def test_a_retry_before_anything_went_out_starts_over_cleanly() -> None:
 
     assert len(engine.questions) == 2
     assert squeezed("".join(texts(world, "wmRetry"))) == squeezed(answer)
+
+
+async def test_a_part_goes_out_once_the_paragraph_being_written_shows_more_than_a_part_follows() -> None:
+    paragraphs = [paragraph(i, 15) for i in range(6)]  # about 950 bytes each: two fill most of a message
+    answer = "\n\n".join(paragraphs)
+    app, world, engine, stream = app_with(answer, customer="wmEarly", chunk=20)
+    halfway_third = len(paragraphs[0]) + len(paragraphs[1]) + 4 + len(paragraphs[2]) // 2
+    first_part_while_third_is_written: list[bool] = []
+
+    async def watch(text_so_far: str) -> None:
+        await stream(text_so_far)
+        if len(text_so_far) >= halfway_third and not first_part_while_third_is_written:
+            await until(lambda: stream.sent() >= 1)
+            first_part_while_third_is_written.append(paragraphs[2] not in text_so_far)
+
+    engine.between_chunks = watch
+    world.add_customer_text(KF, "wmEarly", "请详细说明")
+    await run(app)
+
+    sent = texts(world, "wmEarly")
+    assert first_part_while_third_is_written == [True]
+    assert sent[0] == f"{paragraphs[0]}\n\n{paragraphs[1]}"
+    assert squeezed("".join(sent)) == squeezed(answer)
