@@ -224,3 +224,18 @@ async def test_a_part_goes_out_once_the_paragraph_being_written_shows_more_than_
     assert first_part_while_third_is_written == [True]
     assert sent[0] == f"{paragraphs[0]}\n\n{paragraphs[1]}"
     assert squeezed("".join(sent)) == squeezed(answer)
+
+
+async def test_an_answer_replaced_after_parts_went_out_is_sent_whole_after_them() -> None:
+    # The app said moderation was off, yet the answer was replaced (message_replace) after parts went out:
+    # the customer still gets the final answer, whole, after what they already read.
+    answer = long_answer()
+    app, world, engine, _ = app_with(answer, customer="wmReplaced")
+    engine.replace_next("抱歉，这个问题我无法回答。")
+    world.add_customer_text(KF, "wmReplaced", "请详细说明")
+    await run(app)
+
+    sent = texts(world, "wmReplaced")
+    assert app.telemetry().counters["parts_sent_progressively"] >= 1
+    assert sent[-1] == "抱歉，这个问题我无法回答。"
+    assert len(sent) <= 5
