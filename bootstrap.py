@@ -433,6 +433,8 @@ class SimulationParts:
     start: Callable[[], Awaitable[None]]
     stop: Callable[[], Awaitable[None]]
     app_label: str
+    sent_menus: Callable[[], list[tuple[str, tuple[tuple[str, str], ...]]]] | None = None
+    push_tap: Callable[[str, str], None] | None = None
 
 
 SIMULATED_KF = "wk-simulate"
@@ -458,6 +460,9 @@ def build_simulation(
     def push_text(text: str) -> None:
         channel.world.add_customer_text(kf, SIMULATED_CUSTOMER, text)
 
+    def push_tap(text: str, menu_id: str) -> None:
+        channel.world.add_customer_text(SIMULATED_KF, SIMULATED_CUSTOMER, text, menu_id=menu_id)
+
     return SimulationParts(
         push_text=push_text,
         sent_texts=partial(channel.world.texts_sent_to, CustomerRef(kf, SIMULATED_CUSTOMER)),
@@ -466,6 +471,8 @@ def build_simulation(
         start=lifecycle.start,
         stop=lifecycle.stop,
         app_label=settings.dify_api_base,
+        sent_menus=partial(channel.world.menus_sent_to, CustomerRef(SIMULATED_KF, SIMULATED_CUSTOMER)),
+        push_tap=push_tap,
     )
 
 
@@ -561,6 +568,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         stdin=sys.stdin,
         stdout=sys.stdout,
         reset_words=build_options(settings).reset_words,
+        sent_menus=parts.sent_menus,
+        push_tap=parts.push_tap,
     )
 
 

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from application.app_parameters import AppParametersCache
 from application.ask_dify import AskDify
 from application.errors import ChatEngineError
 from application.handoff import HandOffToHuman
@@ -19,11 +20,13 @@ from application.media_port import MediaPreparer, PreparedQuestion
 from application.options import BotOptions
 from application.outcomes import Outcome
 from application.ports import KfChannel
+from application.progressive import PARAMETERS_RETRY_S, ProgressiveAnswers
 from application.rate_limiter import CustomerRateLimiter
 from application.rejections import RejectedCustomers
 from application.reply_session import ReplySession
 from application.routing import KfRoute, Routing
 from application.session_state import SessionStates
+from application.suggestions import SuggestQuestions, is_suggestion_tap
 from application.telemetry import Telemetry
 from domain.commands import CommandKind, CommandSet
 from domain.handoff import take_handoff_marker
@@ -68,6 +71,14 @@ class AnswerCustomerMessage:
         self._rate_limiter = rate_limiter
         self._rejections = rejections
         self._commands = CommandSet.of(reset=options.reset_words, handoff=options.handoff_words)
+        # Progressive replies and suggested questions read the app's /parameters (moderation, suggestions).
+        parameters = AppParametersCache(
+            ttl_s=options.app_parameters_ttl_s, failure_retry_s=PARAMETERS_RETRY_S
+        )
+        self._progressive = ProgressiveAnswers(
+            parameters=parameters, render=render, options=options, telemetry=telemetry
+        )
+        self._suggestions = SuggestQuestions(parameters=parameters, options=options, telemetry=telemetry)
 
     async def __call__(self, message: InboundMessage, *, attached: Sequence[InboundMessage] = ()) -> Outcome:
         """`attached`: images the customer sent just before this text, asked together with it (drain)."""
@@ -126,6 +137,8 @@ class AnswerCustomerMessage:
     ) -> Outcome:
         """A typed (or transcribed) text: a command, or a question. `counted`: the rate limit saw it
         already; `interim`: an interim text may be sent while Dify thinks."""
+        if is_suggestion_tap(message):
+            self._telemetry.count("suggestions_tapped")
         command = self._commands.parse(message.text)
         if command is not None and command.kind is CommandKind.HANDOFF:
             await self._handoff(message, route, replies, trigger="keyword")
@@ -180,14 +193,21 @@ class AnswerCustomerMessage:
         *,
         interim: bool = True,
     ) -> Outcome:
-        ask = asyncio.ensure_future(self._ask(message, route, prepared))
+        progress = self._progressive.start(route, replies)
+        ask = asyncio.ensure_future(self._ask(message, route, prepared, progress=progress))
         try:
             if interim and self._options.interim_after_s > 0:
                 done, _ = await asyncio.wait({ask}, timeout=self._options.interim_after_s)
-                if not done and replies.remaining > 1:
+                # Not once parts of the answer are on their way: the customer is reading already.
+                early = progress is not None and progress.committed
+                if not done and replies.remaining > 1 and not early:
                     await replies.send(route.texts.interim)
             asked = await ask
+            if progress is not None:
+                await progress.settle()
         except ChatEngineError as exc:
+            if progress is not None:
+                await progress.settle()
             self._telemetry.count("fallbacks")
             log.warning("dify failed code=%s status=%s: %s", exc.code, exc.status, exc.message[:300])
             await replies.send(route.texts.fallback)
@@ -195,10 +215,17 @@ class AnswerCustomerMessage:
         finally:
             if not ask.done():
                 ask.cancel()
+            if progress is not None:
+                progress.abandon()
 
         # The handoff marker goes before rendering and splitting: the customer never sees it.
         marked = take_handoff_marker(asked.answer.text, self._options.handoff_markers)
-        text = self._render(marked.text) if marked.text.strip() else ""
+        # Parts already sent while Dify wrote (progressive.py): only the rest of the answer is left.
+        early = progress is not None and progress.committed
+        if progress is not None and early:
+            text = progress.remainder(asked.answer.text)
+        else:
+            text = self._render(marked.text) if marked.text.strip() else ""
         if marked.handoff:
             if text.strip():
                 # The answer first, while the session is still the bot's; one message kept for a refusal.
@@ -209,16 +236,17 @@ class AnswerCustomerMessage:
             return Outcome.HANDOFF
         if asked.answer.needs_human_input:
             return await self._paused(text, route, replies)
-        if not text.strip():
+        if not text.strip() and not early:
             log.warning("dify answered with nothing")
             self._telemetry.count("empty_answers")
             await replies.send(route.texts.fallback)
             return Outcome.FALLBACK
         reserve = self._media.reserved_slots(asked.answer)
-        sent = await replies.send_answer(text, route.texts, reserve=reserve)
-        if sent == 0:
+        sent = await replies.send_answer(text, route.texts, reserve=reserve) if text.strip() else 0
+        if sent == 0 and not (early and replies.delivered):
             return Outcome.SILENT
         await self._media.deliver(asked.answer, route, replies)
+        await self._suggestions.offer(message, route, replies, asked.answer)
         self._telemetry.count("answered")
         return Outcome.ANSWERED
 

@@ -16,7 +16,8 @@ from application import telemetry as t
 from application.errors import ChatEngineError, ConversationGone
 from application.media_port import PreparedQuestion
 from application.options import BotOptions
-from application.ports import Clock, ConversationStore
+from application.ports import AnswerProgress, Clock, ConversationStore
+from application.progressive import progress_committed
 from application.routing import KfRoute
 from application.telemetry import Telemetry
 from domain.chat import Answer, Question
@@ -47,7 +48,15 @@ class AskDify:
         self._telemetry = telemetry
         self._slots = asyncio.Semaphore(max(options.dify_concurrency, 1))
 
-    async def __call__(self, message: InboundMessage, route: KfRoute, prepared: PreparedQuestion) -> Asked:
+    async def __call__(
+        self,
+        message: InboundMessage,
+        route: KfRoute,
+        prepared: PreparedQuestion,
+        *,
+        progress: AnswerProgress | None = None,
+    ) -> Asked:
+        """`progress` hears the answer as it streams (progressive replies)."""
         customer = message.customer
         idle = self._options.conversation_idle_ttl_s
         conversation = await self._conversations.get_conversation(customer)
@@ -56,7 +65,7 @@ class AskDify:
         restarted = False
         asked: Asked | None = None
         while asked is None:
-            result = await self._attempt(self._question(message, prepared, conversation_id), route)
+            result = await self._attempt(self._question(message, prepared, conversation_id), route, progress)
             if isinstance(result, Asked):
                 asked = result
             elif isinstance(result, ConversationGone):
@@ -82,16 +91,21 @@ class AskDify:
         """Start the customer's next question in a new conversation (a reset); True when there was one."""
         return await self._conversations.delete_conversation(customer)
 
-    async def _attempt(self, question: Question, route: KfRoute) -> Asked | ChatEngineError:
-        """One call to Dify: its answer, or the failure (counted) for the loop to decide about."""
+    async def _attempt(
+        self, question: Question, route: KfRoute, progress: AnswerProgress | None = None
+    ) -> Asked | ChatEngineError:
+        """One call to Dify: its answer, or the failure (counted) for the loop to decide about. Once part of
+        the answer went out (progressive replies), a failure is final: asking again would show another."""
         started = time.monotonic()
         try:
             async with self._slots:
                 log.info("asking dify conversation=%s", question.conversation_id or "new")
-                answer = await route.engine.ask(question)
+                answer = await route.engine.ask(question, progress)
         except ConversationGone as gone:
-            return gone
+            return _final(gone) if progress_committed(progress) else gone
         except ChatEngineError as exc:
+            if progress_committed(progress):
+                exc = _final(exc)
             self._telemetry.observe(t.DIFY, time.monotonic() - started)
             self._telemetry.count_labelled("dify_errors", exc.code)
             self._telemetry.reachability("dify", exc.code not in ("unreachable",), exc.code)
@@ -113,6 +127,11 @@ class AskDify:
             files=prepared.files,
             trace_id=trace_id(message),
         )
+
+
+def _final(error: ChatEngineError) -> ChatEngineError:
+    """`error` as a failure not worth another attempt (part of the answer was already shown)."""
+    return ChatEngineError(error.code, error.message, status=error.status, retryable=False)
 
 
 def trace_id(message: InboundMessage) -> str:

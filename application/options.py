@@ -46,6 +46,8 @@ class ReplyTexts:
     msg_channels_shop_order: str = DEFAULT_MESSAGE_TEMPLATES["msg_channels_shop_order"]
     msg_merged_msg: str = DEFAULT_MESSAGE_TEMPLATES["msg_merged_msg"]
     msg_channels: str = DEFAULT_MESSAGE_TEMPLATES["msg_channels"]
+    # Heads the menu of questions the AI app suggests after an answer (each one can be tapped).
+    suggestions_head: str = "您可能还想问："
 
     @property
     def message_templates(self) -> dict[str, str]:
@@ -100,3 +102,6 @@ class BotOptions:
     busy_poll_s: float = 0.5
     # An image followed by a text within this many seconds is asked as one question (0 = never wait).
     image_text_window_s: float = 3.0
+    # Offer the questions the AI app suggests after an answer as a tappable menu, when the app has the
+    # feature on (`suggested_questions_after_answer`); False: never.
+    suggestions: bool = True

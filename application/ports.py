@@ -282,6 +282,17 @@ class ChatEngine(Protocol):
         reading further), ChatEngineError otherwise."""
         ...
 
+    @property
+    def streams_answers(self) -> bool:
+        """True when `ask` hears the answer as it is written (streaming mode), so `progress.streamed` comes
+        before the answer is complete; False when the whole text arrives at once (blocking mode)."""
+        ...
+
+    async def suggested(self, user: str, message_id: str) -> list[str]:
+        """`GET /messages/{message_id}/suggested`: the questions the app suggests after that answer (for the
+        same `user`). Raises ChatEngineError (e.g. when the app has the feature off)."""
+        ...
+
 
 # --- WeCom kf --------------------------------------------------------------------------------------------
 
@@ -333,6 +344,14 @@ class KfChannel(Protocol):
 
     async def send_image(self, customer: CustomerRef, media_id: str, *, msgid: str) -> str:
         """Send an image message (a media_id from `upload_media`); returns WeCom's msgid."""
+        ...
+
+    async def send_menu(
+        self, customer: CustomerRef, head: str, items: Sequence[tuple[str, str]], *, msgid: str
+    ) -> str:
+        """Send a `msgmenu` of (id, content) click items headed by `head` (≤10 items, content ≤128 bytes,
+        head ≤1024 bytes: docs/wecom-kf.md §6.3); a tapped item comes back as a text with its `menu_id`.
+        Returns WeCom's msgid."""
         ...
 
 

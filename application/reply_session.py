@@ -7,7 +7,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from application import telemetry as t
 from application.errors import WeComError
@@ -69,6 +69,17 @@ class ReplySession:
             return False
         return await self._deliver(
             "image", lambda msgid: self._channel.send_image(self._message.customer, media_id, msgid=msgid)
+        )
+
+    async def send_menu(self, head: str, items: Sequence[tuple[str, str]]) -> bool:
+        """Send a msgmenu of (id, content) click items (already within WeCom's limits): the same quota and
+        msgid scheme as texts. False when it could not be sent."""
+        if not items:
+            return False
+        return await self._deliver(
+            "menu",
+            lambda msgid: self._channel.send_menu(self._message.customer, head, items, msgid=msgid),
+            size=len(head.encode()),
         )
 
     async def send_answer(self, text: str, texts: ReplyTexts, *, reserve: int = 0) -> int:

@@ -7,6 +7,9 @@ A bare ASGI app (no router, no recording) in its own process, so it is never the
     python -m bench.fake_dify --port P
     POST /_bench/config {"delay": 2.0, "chunk": 4}      GET /_bench/stats      POST /_bench/reset
 
+Progressive replies row: config `{"answer": "long", "stream_s": 10, "moderation": 0}` streams LONG_ANSWER
+(about 6 KB) evenly over `stream_s` seconds; `GET /v1/parameters` reports output moderation as configured.
+
 Stats: requests served, streams open now, the most streams open at once (`peak`), and how many TCP
 connections those requests came on (`connections`: distinct client ports since the last reset).
 """
@@ -38,6 +41,10 @@ ANSWER = (
     "3. 退换货请在签收后 7 天内申请，商品需保持完好。\n\n"
     "如有其他问题，欢迎随时咨询。"
 )
+# About 6 KB of plain paragraphs: an answer long enough for three or four WeChat messages.
+LONG_ANSWER = "\n\n".join(
+    "".join(f"第{i}段第{j}句，这里说明一项具体的注意事项。" for j in range(12)) for i in range(8)
+)
 _USAGE = {"prompt_tokens": 10, "completion_tokens": 50, "total_tokens": 60, "latency": 0.01}
 
 
@@ -49,6 +56,9 @@ class FakeDify:
         self.active = 0
         self.peak = 0
         self.clients: set[tuple[str, int]] = set()  # distinct client (host, port): TCP connections seen
+        self.answer = "short"  # "long": LONG_ANSWER, streamed evenly over `stream_s` seconds
+        self.stream_s = 0.0
+        self.moderation = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,7 +74,12 @@ class FakeDify:
             config = json.loads(body or b"{}")
             self.delay = float(config.get("delay", self.delay))
             self.chunk = max(1, int(config.get("chunk", self.chunk)))
+            self.answer = str(config.get("answer", self.answer))
+            self.stream_s = float(config.get("stream_s", self.stream_s))
+            self.moderation = bool(config.get("moderation", self.moderation))
             await _json(send, self._stats())
+        elif path == "/v1/parameters" and method == "GET":
+            await _json(send, _parameters(self.moderation))
         elif path == "/_bench/reset" and method == "POST":
             self.requests = self.peak = 0
             self.clients.clear()
@@ -107,14 +122,36 @@ class FakeDify:
                     "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
                 }
             )
-            text = f"{question.get('query', '')}\n" + ANSWER
+            text = LONG_ANSWER if self.answer == "long" else f"{question.get('query', '')}\n" + ANSWER
+            pause = self.stream_s * self.chunk / len(text) if self.answer == "long" else 0.0
             for i in range(0, len(text), self.chunk):
+                if pause and i:
+                    await asyncio.sleep(pause)
                 event = {"event": "message", **common, "answer": text[i : i + self.chunk]}
                 await send({"type": "http.response.body", "body": _sse(event), "more_body": True})
             end = {"event": "message_end", **common, "metadata": {"usage": _USAGE}}
             await send({"type": "http.response.body", "body": _sse(end), "more_body": False})
         finally:
             self.active -= 1
+
+
+def _parameters(moderation: bool) -> dict[str, Any]:
+    """`GET /parameters`: the features the service reads; only output moderation varies."""
+    off = {"enabled": False}
+    return {
+        "opening_statement": "",
+        "suggested_questions": [],
+        "suggested_questions_after_answer": off,
+        "speech_to_text": off,
+        "text_to_speech": off,
+        "retriever_resource": off,
+        "annotation_reply": off,
+        "more_like_this": off,
+        "sensitive_word_avoidance": {"enabled": moderation, "type": "keywords" if moderation else ""},
+        "user_input_form": [],
+        "file_upload": {},
+        "system_parameters": {"file_size_limit": 15, "image_file_size_limit": 10},
+    }
 
 
 def _sse(event: dict[str, Any]) -> bytes:

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from application.options import ReplyTexts
 from bench.common import (
     ADMIN_TOKEN,
     AES_KEY,
@@ -54,6 +55,7 @@ from bench.common import (
     self_cpu_seconds,
     write_ini,
 )
+from bench.fake_dify import LONG_ANSWER
 from bench.loadgen import percentile
 from bench.rawhttp import RawConnection, callback_request, crypto
 from bench.whatif import PATCHES
@@ -61,7 +63,7 @@ from tests.support.http_server import serve
 from tests.support.wecom_server import FakeWeComServer
 
 DIFY_CONCURRENCY = 400  # [BOT] DIFY_CONCURRENCY for every service run: above the 300 concurrent customers
-SECTIONS = ("crypto", "webhook", "pipeline", "concurrency")
+SECTIONS = ("crypto", "webhook", "pipeline", "concurrency", "progressive")
 _REPLY = re.compile(r"\br(\d+)-m(\d+)\b")
 
 
@@ -141,6 +143,8 @@ MEMCACHED_COMMANDS = (
     "delete_hits",
     "delete_misses",
 )  # cas and add count as cmd_set
+PROGRESSIVE_STREAM_S = 10.0  # the 6 KB answer streams evenly over this long
+PROGRESSIVE_FIRST_MAX_S = 4.5  # target: the customer reads the first part by then
 PACED_RATE = 500.0  # requests/s in all for the paced webhook run (about 1/4 of the service's capacity here)
 
 
@@ -166,6 +170,7 @@ class Results:
     profiles: list[str] = field(default_factory=list)
     profiled: bool = False
     what_if: list[str] = field(default_factory=list)
+    progressive: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Bench:
@@ -481,6 +486,31 @@ class Bench:
 
     # --- the driver: messages in, replies out --------------------------------------------------------------
 
+    # --- 6. progressive replies -----------------------------------------------------------------------------
+
+    def run_progressive(self) -> None:
+        """A 6 KB answer streamed evenly over 10 s: when its first and last parts reach the customer, sent
+        progressively (moderation off) and whole (moderation on: today's behaviour). One service per mode:
+        each reads the app's /parameters once and keeps them."""
+        log("progressive: a 6 KB answer streamed over 10 s, parts sent as they complete vs whole")
+        with fake_wecom() as (wecom, wecom_url):
+            for mode, moderation in (("progressive", False), ("whole (moderation on)", True)):
+                long_answer = {"answer": "long", "stream_s": PROGRESSIVE_STREAM_S, "chunk": 20}
+                http_post_json(self.dify.url + "/_bench/config", {**long_answer, "moderation": moderation})
+                service = self.start_service(f"progressive-{int(moderation)}", wecom_url, "memory")
+                try:
+                    row = asyncio.run(_progressive_turn(wecom, service.port, f"wmProg{int(moderation)}"))
+                    row["mode"] = mode
+                    self.results.progressive.append(row)
+                    log(
+                        f"progressive {mode}: first part after {row['first_s']:.2f} s, last after "
+                        f"{row['last_s']:.2f} s, {row['parts']} messages"
+                    )
+                finally:
+                    self.stop_service(service)
+            short = {"answer": "short", "stream_s": 0, "chunk": 4, "moderation": False}
+            http_post_json(self.dify.url + "/_bench/config", short)
+
     def drive(
         self,
         service: Proc,
@@ -643,6 +673,37 @@ async def _drive(
         "p50_ms": percentile(latencies, 0.5) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,
         "max_ms": (latencies[-1] * 1000) if latencies else float("nan"),
+    }
+
+
+async def _progressive_turn(wecom: FakeWeComServer, port: int, customer: str) -> dict[str, Any]:
+    """One customer asks; the fake WeCom is watched (every 5 ms) for the answer's parts' arrival times (the
+    interim text the service sends after 5 s is not a part of the answer)."""
+    world = wecom.world
+    interim = ReplyTexts().interim
+    expected = len("".join(LONG_ANSWER.split()))
+    world.add_customer_text(KF, customer, "请详细说明")
+    conn = await RawConnection(HOST, port).connect()
+    started = time.perf_counter()
+    await conn.request(callback_request(crypto(), port=port, open_kfid=KF, nonce="prog", token="PROG"))
+    arrivals: list[float] = []
+    texts: list[str] = []
+    deadline = started + 60
+    while time.perf_counter() < deadline:
+        sent = [s.text for s in world.sent if s.customer.external_userid == customer and s.text != interim]
+        for _ in sent[len(texts) :]:
+            arrivals.append(time.perf_counter() - started)
+        texts = sent
+        if len("".join("".join(texts).split())) >= expected:
+            break
+        await asyncio.sleep(0.005)
+    return {
+        "first_s": arrivals[0] if arrivals else float("nan"),
+        "last_s": arrivals[-1] if arrivals else float("nan"),
+        "parts": len(texts),
+        "arrivals_s": arrivals,
+        "complete": len("".join("".join(texts).split())) >= expected,
+        "stream_s": PROGRESSIVE_STREAM_S,
     }
 
 
@@ -888,6 +949,30 @@ def _memcached_cell(r: dict[str, Any]) -> str:
     return f"| {r['memcached_cmds_per_msg']:.1f} ({r['memcached_cas_conflicts']}) "
 
 
+def progressive_section(rows: list[dict[str, Any]]) -> list[str]:
+    """## 6: when a long streamed answer's first and last parts reach the customer."""
+    lines = [
+        "## 6. Progressive replies: a 6 KB answer streamed evenly over 10 s",
+        "",
+        f"Target: the first part reaches the customer within {PROGRESSIVE_FIRST_MAX_S:g} s "
+        "(progressive mode).",
+        "",
+        "| mode | first part | last part | messages | each part arrived at | result |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        result = ""
+        if r["mode"] == "progressive":
+            result = "PASS" if r["complete"] and r["first_s"] <= PROGRESSIVE_FIRST_MAX_S else "**MISS**"
+        arrivals = ", ".join(f"{a:.2f}" for a in r["arrivals_s"])
+        lines.append(
+            f"| {r['mode']} | {r['first_s']:.2f} s | {r['last_s']:.2f} s | {r['parts']} | {arrivals} s "
+            f"| {result} |"
+        )
+    lines.append("")
+    return lines
+
+
 def render(results: Results) -> str:
     m = results.machine
     lines = [
@@ -1018,6 +1103,8 @@ def render(results: Results) -> str:
                 f"| {r['cpu_ms_per_msg']:.2f} |"
             )
         lines.append("")
+    if results.progressive:
+        lines += progressive_section(results.progressive)
     if results.memory:
         lines += [
             "## 4. Memory (VmHWM = peak RSS, from /proc/<pid>/status)",
@@ -1123,6 +1210,7 @@ def main(argv: list[str] | None = None) -> int:
         "webhook": bench.run_webhook,
         "pipeline": bench.run_pipelines,
         "concurrency": bench.run_concurrency,
+        "progressive": bench.run_progressive,
     }
     try:
         for section in SECTIONS:

@@ -65,3 +65,7 @@ class AppParameters:
     file_size_limit_mb: int = 0
     image_file_size_limit_mb: int = 0
     audio_file_size_limit_mb: int = 0
+    # Output moderation (`sensitive_word_avoidance`): a `message_replace` may still replace the whole answer.
+    moderation_enabled: bool = False
+    # "Suggested questions after answer": `GET /messages/{id}/suggested` has questions to offer.
+    suggestions_after_answer: bool = False

@@ -98,3 +98,31 @@ def take_handoff_marker(text: str, markers: Iterable[str] = DEFAULT_HANDOFF_MARK
             lines.append(stripped.rstrip() if stripped != line else line)
     cleaned = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
     return MarkedAnswer(cleaned, True)
+
+
+def marker_start(text: str, markers: Iterable[str] = DEFAULT_HANDOFF_MARKERS) -> int | None:
+    """Where the first marker in `text` begins, or where its end could begin one that is still being
+    written (`…[[转` of `[[转人工]]`); None when neither. For progressive replies: nothing from here on may be
+    shown yet."""
+    compiled = _compile(tuple(markers))
+    if compiled is None:
+        return None
+    found = compiled.pattern.search(text)
+    first = found.start() if found is not None else None
+    cleaned = {m.strip() for m in markers if m.strip()}
+    longest = max(len(m) for m in cleaned)
+    for start in range(max(len(text) - longest + 1, 0), len(text)):
+        if first is not None and start >= first:
+            break
+        tail = text[start:]
+        if any(len(tail) < len(m) and _begins(tail, m) for m in cleaned):
+            return start
+    return first
+
+
+def _begins(tail: str, marker: str) -> bool:
+    """`tail` is how `marker` begins (full-width brackets and case as `take_handoff_marker` accepts)."""
+    return all(
+        ch.casefold() == want.casefold() or ch in _EQUIVALENTS.get(want, "")
+        for ch, want in zip(tail, marker, strict=False)
+    )

@@ -28,6 +28,7 @@ REQUESTS = (
     ("post", "/audio-to-text"),
     ("get", "/parameters"),
     ("get", "/info"),
+    ("get", "/messages/{message_id}/suggested"),
 )
 # Success answers the adapter reads (by status code).
 RESPONSES = (
@@ -36,6 +37,7 @@ RESPONSES = (
     ("post", "/audio-to-text", "200"),
     ("get", "/parameters", "200"),
     ("get", "/info", "200"),
+    ("get", "/messages/{message_id}/suggested", "200"),
 )
 # The schema whose discriminator lists every event of a chat app's stream.
 EVENT_ROOT = "ChunkChatEvent"

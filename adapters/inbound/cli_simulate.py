@@ -2,7 +2,9 @@
 
 Each line typed goes through the real application core (commands, Dify, reply splitting); every text the bot
 would send to WeChat is printed as its own bubble, with its size, so a long answer split into several WeChat
-messages shows as several bubbles. The caller wires the core to an in-memory kf channel and passes callables,
+messages shows as several bubbles, each as soon as it is sent (a long answer's first parts go out while Dify
+still writes). A menu of suggested questions shows as numbered items: typing the number taps the item, as a
+customer would in WeChat. The caller wires the core to an in-memory kf channel and passes callables,
 so this inbound adapter never imports the outbound ones.
 """
 
@@ -15,6 +17,10 @@ from typing import Final, TextIO
 
 QUIT_WORDS: Final = frozenset({"/quit", "/exit"})
 PROMPT: Final = "you> "
+# How often a turn looks for bubbles sent while the bot is still answering.
+_POLL_S: Final = 0.05
+
+Menu = tuple[str, Sequence[tuple[str, str]]]  # head, (id, content) click items
 
 
 def run_simulate(
@@ -29,16 +35,21 @@ def run_simulate(
     stdin: TextIO,
     stdout: TextIO,
     reset_words: Sequence[str] = (),
+    sent_menus: Callable[[], Sequence[Menu]] | None = None,
+    push_tap: Callable[[str, str], None] | None = None,
 ) -> int:
     """Run the REPL until /quit, /exit or end of input; 0 then, 1 when start() fails, 130 on Ctrl-C.
 
     push_text(line) puts a customer message into the fake WeChat; notify() tells the core new messages wait
     (as a callback would); idle() returns once the core has handled everything; sent_texts() lists every
-    text the bot sent so far, oldest first. start()/stop() are the service's lifecycle.
+    text the bot sent so far, oldest first. start()/stop() are the service's lifecycle. sent_menus() lists
+    every menu the bot sent so far; push_tap(content, menu_id) puts a tapped menu item into the fake WeChat.
     """
     repl = _Repl(
         push_text=push_text,
         sent_texts=sent_texts,
+        sent_menus=sent_menus,
+        push_tap=push_tap,
         notify=notify,
         idle=idle,
         start=start,
@@ -66,15 +77,27 @@ def banner(app_label: str, reset_words: Sequence[str] = ()) -> str:
     )
 
 
-def format_bubbles(texts: Sequence[str]) -> str:
-    """Each text as WeChat would show it: a header with its position and UTF-8 size, then the text."""
+def format_bubbles(texts: Sequence[str], *, first: int = 1, total: int | None = None) -> str:
+    """Each text as WeChat would show it: a header with its position and UTF-8 size, then the text.
+    `first`: the position of the first text; `total`: how many the turn has (None: len(texts) + first - 1);
+    0 while the bot is still answering ("…")."""
     if not texts:
         return "[bot · 没有回复 / no reply]\n\n"
+    count = "…" if total == 0 else str(total if total is not None else len(texts) + first - 1)
     parts = []
-    for index, text in enumerate(texts, start=1):
+    for index, text in enumerate(texts, start=first):
         size = len(text.encode("utf-8"))
-        parts.append(f"[bot {index}/{len(texts)} · {size} bytes]\n{text}\n\n")
+        parts.append(f"[bot {index}/{count} · {size} bytes]\n{text}\n\n")
     return "".join(parts)
+
+
+def format_menu(menu: Menu) -> str:
+    """A msgmenu as the customer sees it: the head, then the click items numbered for tapping."""
+    head, items = menu
+    lines = [f"[bot 菜单 / menu · {len(items)} items]", head]
+    lines += [f"  {number}) {content}" for number, (_, content) in enumerate(items, start=1)]
+    lines.append("（输入编号即点选 / type a number to tap）")
+    return "\n".join(lines) + "\n\n"
 
 
 class _Repl:
@@ -89,9 +112,15 @@ class _Repl:
         stop: Callable[[], Awaitable[None]],
         stdin: TextIO,
         stdout: TextIO,
+        sent_menus: Callable[[], Sequence[Menu]] | None = None,
+        push_tap: Callable[[str, str], None] | None = None,
     ) -> None:
         self._push_text = push_text
         self._sent_texts = sent_texts
+        self._sent_menus = sent_menus or (lambda: ())
+        self._push_tap = push_tap
+        self._menus_seen = 0
+        self._menu: Sequence[tuple[str, str]] = ()  # the last menu's items, tappable by number
         self._notify = notify
         self._idle = idle
         self._start = start
@@ -108,6 +137,7 @@ class _Repl:
                 _write(self._stdout, f"无法启动 / could not start: {type(exc).__name__}: {exc}\n")
                 return 1
             seen = len(self._sent_texts())
+            self._menus_seen = len(self._sent_menus())
             while True:
                 if self._interactive:
                     _write(self._stdout, PROMPT)
@@ -126,17 +156,47 @@ class _Repl:
             await self._stop()
 
     async def _turn(self, text: str, seen: int) -> int:
-        """Send one customer message, wait until the bot is done, print what it sent. Returns the new
-        number of texts seen."""
+        """Send one customer message (or tap a menu item by its number), print each bubble as the bot sends
+        it and any menu at the end. Returns the new number of texts seen."""
+        printed = seen
         try:
-            self._push_text(text)
+            self._send(text)
             self._notify()
-            await self._idle()
+            idle = asyncio.ensure_future(self._idle())
+            try:
+                while not (await asyncio.wait({idle}, timeout=_POLL_S))[0]:
+                    sent = self._sent_texts()
+                    if len(sent) > printed:  # sent while the bot still answers
+                        _write(
+                            self._stdout, format_bubbles(sent[printed:], first=printed - seen + 1, total=0)
+                        )
+                        printed = len(sent)
+            finally:
+                idle.cancel()
+            idle.result()
         except Exception as exc:  # show it and keep the session: the operator is debugging
             _write(self._stdout, f"[error · {type(exc).__name__}: {exc}]\n\n")
         sent = self._sent_texts()
-        _write(self._stdout, format_bubbles(sent[seen:]))
+        if printed == seen or len(sent) > printed:
+            _write(
+                self._stdout,
+                format_bubbles(sent[printed:], first=printed - seen + 1, total=len(sent) - seen),
+            )
+        menus = self._sent_menus()
+        for menu in menus[self._menus_seen :]:
+            _write(self._stdout, format_menu(menu))
+            self._menu = menu[1]
+        self._menus_seen = len(menus)
         return len(sent)
+
+    def _send(self, text: str) -> None:
+        """A number that names an item of the last menu taps it; anything else is typed."""
+        if self._push_tap is not None and text.isdigit() and 1 <= int(text) <= len(self._menu):
+            item_id, content = self._menu[int(text) - 1]
+            _write(self._stdout, f"[you · 点选 / tapped: {content}]\n")
+            self._push_tap(content, item_id)
+            return
+        self._push_text(text)
 
 
 async def _readline(stdin: TextIO) -> str:

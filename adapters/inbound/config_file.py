@@ -110,6 +110,8 @@ class Settings:
     ffmpeg: str = ""  # "" = ffmpeg on PATH, else the imageio-ffmpeg package's; "off" = no voice
     ffmpeg_timeout_s: float = 30.0
     voice_format: str = "wav"
+    # Suggested questions after an answer as a menu: follow the app's setting (True) or never (False).
+    suggestions: bool = True
     texts: dict[str, str] = field(default_factory=dict)
     kf_routes: tuple[KfRouteSettings, ...] = ()
     source: str = ""
@@ -141,6 +143,7 @@ TEXT_KEYS = (
     "answer_files",
     "needs_human_input",
     *MESSAGE_TEMPLATE_KEYS,
+    "suggestions_head",
 )
 
 
@@ -405,6 +408,7 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         ffmpeg=r.text("BOT", "FFMPEG", ""),
         ffmpeg_timeout_s=max(1.0, r.typed("BOT", "FFMPEG_TIMEOUT", 30.0, _positive_float, "seconds ≥ 1")),
         voice_format=_voice_format(r),
+        suggestions=r.typed("BOT", "SUGGESTIONS", True, _on_off, "on or off"),
         texts=texts,
         kf_routes=_routes(r, dify_key),
         source=source,
@@ -412,6 +416,15 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
     if r.problems:
         raise ConfigError(r.problems, source)
     return settings
+
+
+def _on_off(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("on", "yes", "true", "1"):
+        return True
+    if lowered in ("off", "no", "false", "0"):
+        return False
+    raise ValueError(value)
 
 
 def _voice_format(r: _Reader) -> str:

@@ -228,7 +228,29 @@ class DifyChatEngine:
             file_size_limit_mb=_int(limits.get("file_size_limit")),
             image_file_size_limit_mb=_int(limits.get("image_file_size_limit")),
             audio_file_size_limit_mb=_int(limits.get("audio_file_size_limit")),
+            moderation_enabled=_enabled(body.get("sensitive_word_avoidance")),
+            suggestions_after_answer=_enabled(body.get("suggested_questions_after_answer")),
         )
+
+    @property
+    def streams_answers(self) -> bool:
+        return self._response_mode == "streaming"
+
+    async def suggested(self, user: str, message_id: str) -> list[str]:
+        # docs/dify.md: `{"result": "success", "data": [...]}`; an error when the feature is off.
+        if not _MESSAGE_ID.fullmatch(message_id):
+            raise ChatEngineError("invalid_param", "not a message id")
+        path = f"/messages/{message_id}/suggested"
+        try:
+            body = await self._request_json(
+                "GET", path, what="GET /messages/{id}/suggested", params={"user": user}
+            )
+        finally:
+            self._urls.pop(path, None)  # one URL per message: not worth keeping parsed
+        data = body.get("data")
+        if not isinstance(data, list):
+            raise ChatEngineError("bad_response", "suggested questions answer without data")
+        return [q for q in data if isinstance(q, str)]
 
     async def upload_file(self, user: str, filename: str, content_type: str, data: bytes) -> UploadedFile:
         # The part's Content-Type is always explicit: without one Dify answers 415 (docs/dify.md §5.1).
@@ -755,3 +777,11 @@ def _int(value: object) -> int:
         except ValueError:
             return 0
     return 0
+
+
+_MESSAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _enabled(feature: object) -> bool:
+    """A `/parameters` feature switch (`{"enabled": true, ...}`)."""
+    return isinstance(feature, Mapping) and feature.get("enabled") is True

@@ -92,6 +92,15 @@ class FakeChatEngine:
         self._replacements: deque[str] = deque()
         self._pauses: deque[str] = deque()
         self._media_failures: dict[str, deque[ChatEngineError]] = {}
+        # Streaming (progressive replies): with `stream_chunk_chars`, `progress` hears the answer that many
+        # characters at a time, and `between_chunks` (if set) is awaited after each chunk but the last.
+        self.streaming = False
+        self.stream_chunk_chars = 0
+        self.between_chunks: Callable[[str], Awaitable[None]] | None = None
+        # Suggested questions after an answer: a function of the question and answer, per message id.
+        self.suggestions: Callable[[str, str], Sequence[str]] | None = None
+        self.suggestion_requests: list[tuple[str, str]] = []  # (user, message_id)
+        self._answers: dict[str, tuple[str, str, str]] = {}  # message id → (user, query, answer)
 
     # --- knobs ------------------------------------------------------------------------------------------
 
@@ -100,7 +109,8 @@ class FakeChatEngine:
         self._failures.extend([error] * times)
 
     def fail_next_media(self, operation: str, error: ChatEngineError, *, times: int = 1) -> None:
-        """The next `times` calls of `operation` ("upload_file", "transcribe", "fetch_file") raise `error`."""
+        """The next `times` calls of `operation` ("upload_file", "transcribe", "fetch_file", "suggested")
+        raise `error`."""
         self._media_failures.setdefault(operation, deque()).extend([error] * times)
 
     def host_file(self, url: str, data: bytes, content_type: str, filename: str = "") -> str:
@@ -164,7 +174,7 @@ class FakeChatEngine:
         if not isinstance(reply, FakeReply):
             reply = FakeReply(reply)
         if progress is not None and reply.text:
-            progress.streamed(reply.text)
+            await self._stream(reply.text, progress)
         text = self._replacements.popleft() if self._replacements else reply.text
         if progress is not None and text != reply.text:
             progress.streamed(text)  # output moderation replaced what was streamed
@@ -177,7 +187,39 @@ class FakeChatEngine:
                 needs_human_input=reply.needs_human_input,
             )
         conversation.turns.append((question.query, text))
+        self._answers[message_id] = (question.user, question.query, text)
+        while len(self._answers) > 1000:
+            del self._answers[next(iter(self._answers))]
         return Answer(text=text, conversation_id=conversation.id, message_id=message_id, files=reply.files)
+
+    async def _stream(self, text: str, progress: AnswerProgress) -> None:
+        size = self.stream_chunk_chars
+        if size <= 0 or len(text) <= size:
+            progress.streamed(text)
+            return
+        for end in range(size, len(text) + size, size):
+            progress.streamed(text[:end])
+            if end < len(text):
+                if self.between_chunks is not None:
+                    await self.between_chunks(text[:end])
+                else:
+                    await anyio.lowlevel.checkpoint()
+
+    @property
+    def streams_answers(self) -> bool:
+        return self.streaming
+
+    async def suggested(self, user: str, message_id: str) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        self.suggestion_requests.append((user, message_id))
+        self._take_media_failure("suggested")
+        if not self.app_parameters.suggestions_after_answer or self.suggestions is None:
+            # Dify: 400 bad_request "Suggested Questions Is Disabled." (docs/dify.md)
+            raise ChatEngineError("bad_request", "Suggested Questions Is Disabled.", status=400)
+        answered = self._answers.get(message_id)
+        if answered is None or answered[0] != user:
+            raise ChatEngineError("not_found", "Message Not Exists.", status=404)
+        return list(self.suggestions(answered[1], answered[2]))
 
     async def info(self) -> AppInfo:
         return self.app_info

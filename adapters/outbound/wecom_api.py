@@ -190,6 +190,16 @@ class WeComKfChannel:
     async def send_image(self, customer: CustomerRef, media_id: str, *, msgid: str) -> str:
         return await self._send_msg(customer, "image", {"media_id": media_id}, msgid)
 
+    async def send_menu(
+        self, customer: CustomerRef, head: str, items: Sequence[tuple[str, str]], *, msgid: str
+    ) -> str:
+        # A msgmenu of click items (docs/wecom-kf.md §6.3); a tapped item comes back as a text with menu_id.
+        body = {
+            "head_content": head,
+            "list": [{"type": "click", "click": {"id": i, "content": c}} for i, c in items],
+        }
+        return await self._send_msg(customer, "msgmenu", body, msgid)
+
     async def upload_media(self, kind: str, filename: str, content_type: str, data: bytes) -> str:
         # The part is named `media` and carries the file name the customer sees (docs/wecom-kf.md,
         # media/upload).

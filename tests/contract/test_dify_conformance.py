@@ -8,6 +8,7 @@ neither the adapter nor the doubles drift from Dify 1.16 unnoticed.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ OPERATIONS = {
     ("GET", "/v1/parameters"): "GET /parameters",
     ("GET", "/v1/info"): "GET /info",
 }
+SUGGESTED_PATH = re.compile(r"/v1/messages/[^/]+/suggested")
 # What the local server streams for each kind of app and feature (recorded shapes of the published ones).
 STREAMS: dict[str, tuple[str, Fault]] = {
     "chat": ("chat", Fault()),
@@ -100,6 +102,8 @@ async def engine(dify_host: tuple[FakeDifyHost, str], anyio_backend: str) -> Asy
 def request_problems(request: RecordedRequest) -> list[str]:
     """How a request the local server received breaks Dify's published request schema."""
     operation = OPERATIONS.get((request.method, request.path))
+    if operation is None and request.method == "GET" and SUGGESTED_PATH.fullmatch(request.path):
+        operation = "GET /messages/{message_id}/suggested"
     if operation is None:
         return [] if request.path.startswith("/files/tools/") else [f"unknown operation {request.path}"]
     schema = dify_schemas()["requests"][operation]
@@ -173,6 +177,7 @@ class TestTheSchemaDocument:
             ("get", "/parameters", "200"),
             ("get", "/info", "200"),
             ("post", "/messages/{message_id}/feedbacks", "200"),
+            ("get", "/messages/{message_id}/suggested", "200"),
         ]
         paths = {p: {m: {**operation, "responses": {s: {"content": {}}}}} for m, p, s in endpoints}
         event_enum = {"event": {"type": "string", "enum": ["message", "ping"]}}

@@ -162,7 +162,14 @@ class _Ping:
     pass
 
 
-_Step = Mapping[str, Any] | _Sleep | _Call | _Ping
+@dataclass
+class _Wait:
+    """The stream waits (pinging) until `until()` holds, at most `hang_limit`."""
+
+    until: Callable[[], bool]
+
+
+_Step = Mapping[str, Any] | _Sleep | _Call | _Ping | _Wait
 
 
 class FakeDifyServer:
@@ -228,6 +235,14 @@ class FakeDifyServer:
         self.conversations: dict[str, _Conversation] = {}
         self.pings_sent = 0
         self.active_streams = 0
+        # Output moderation (`sensitive_word_avoidance`) as `/parameters` reports it.
+        self.moderation = False
+        # "Suggested questions after answer": on when set; the questions for (query, answer).
+        self.suggest: Callable[[str, str], Sequence[str]] | None = None
+        self.answered: dict[str, tuple[str, str, str]] = {}  # message id → (user, query, answer)
+        # (chunk index, condition): streams wait before that answer chunk until the condition holds (what the
+        # client did meanwhile, e.g. a part of the answer already reached the customer).
+        self.hold: tuple[int, Callable[[], bool]] | None = None
         self._app = Starlette(
             routes=[
                 Route("/v1/chat-messages", self._chat_messages, methods=["POST"]),
@@ -235,6 +250,7 @@ class FakeDifyServer:
                 Route("/v1/parameters", self._parameters, methods=["GET"]),
                 Route("/v1/files/upload", self._files_upload, methods=["POST"]),
                 Route("/v1/audio-to-text", self._audio_to_text, methods=["POST"]),
+                Route("/v1/messages/{message_id}/suggested", self._suggested, methods=["GET"]),
                 Route("/files/tools/{name}", self._hosted_file, methods=["GET"]),
             ],
             exception_handlers={HTTPException: self._http_exception},
@@ -345,6 +361,7 @@ class FakeDifyServer:
 
         def remember() -> None:
             conversation.turns.append((query, final))
+            self.answered[message_id] = (user, query, final)
 
         if streaming or fault.sse_for_blocking:
             return self._stream(self._events(conversation, query, text, message_id, task_id, fault, remember))
@@ -395,18 +412,40 @@ class FakeDifyServer:
             {
                 "opening_statement": self.opening_statement,
                 "suggested_questions": list(self.suggested_questions),
-                "suggested_questions_after_answer": {"enabled": False},
+                "suggested_questions_after_answer": {"enabled": self.suggest is not None},
                 "speech_to_text": {"enabled": self.speech_to_text},
                 "text_to_speech": {"enabled": False, "voice": "", "language": "", "autoPlay": "disabled"},
                 "retriever_resource": {"enabled": True},
                 "annotation_reply": {"enabled": False},
                 "more_like_this": {"enabled": False},
-                "sensitive_word_avoidance": {"enabled": False, "type": "", "configs": []},
+                "sensitive_word_avoidance": {
+                    "enabled": self.moderation,
+                    "type": "keywords" if self.moderation else "",
+                    "configs": [],
+                },
                 "user_input_form": [],
                 "file_upload": self.file_upload,
                 "system_parameters": self.system_parameters,
             }
         )
+
+    async def _suggested(self, request: Request) -> Response:
+        """`GET /messages/{id}/suggested?user=`: 400 when the feature is off, 404 for another user's or an
+        unknown message (docs/dify.md)."""
+        await self._record(request)
+        if (denied := self._auth(request)) is not None:
+            return denied
+        if (faulted := await self._fault_response(request.url.path)) is not None:
+            return faulted
+        if (refused := self._nonconforming("GET /messages/{message_id}/suggested", None)) is not None:
+            return refused
+        if self.suggest is None:
+            return _error(400, "bad_request", "Suggested Questions Is Disabled.")
+        answered = self.answered.get(request.path_params["message_id"])
+        if answered is None or answered[0] != request.query_params.get("user"):
+            return _error(404, "not_found", "Message Not Exists.")
+        questions = [q for q in self.suggest(answered[1], answered[2]) if isinstance(q, str)]
+        return JSONResponse({"result": "success", "data": questions})
 
     async def _files_upload(self, request: Request) -> Response:
         """POST /files/upload (docs/dify.md §5.1–5.3): one `file` part with a name, an extension and a
@@ -703,6 +742,8 @@ class FakeDifyServer:
                 break
             if index and self.chunk_delay:
                 steps.append(_Sleep(self.chunk_delay))
+            if self.hold is not None and index == self.hold[0]:
+                steps.append(_Wait(self.hold[1]))
             extra = {"from_variable_selector": ["llm", "text"]} if chatflow else {}
             steps.append(event(delta_event, id=message_id, answer=chunk, **extra))
             if fault.tts:
@@ -775,6 +816,10 @@ class FakeDifyServer:
             for step in steps:
                 if isinstance(step, _Call):
                     step.action()
+                elif isinstance(step, _Wait):
+                    give_up = anyio.current_time() + self.hang_limit
+                    while not step.until() and anyio.current_time() < give_up:
+                        await anyio.sleep(0.005)
                 elif isinstance(step, _Ping):
                     self.pings_sent += 1
                     yield PING

@@ -13,6 +13,7 @@ state, seeding, effects of messages), world.py (`KfWorld`: the API calls), chann
 from adapters.outbound.fake_wecom.channel import FakeKfChannel
 from adapters.outbound.fake_wecom.records import (
     SentMedia,
+    SentMenu,
     SentOnEvent,
     SentText,
     StoredMedia,
@@ -29,6 +30,7 @@ __all__ = [
     "FakeKfChannel",
     "KfWorld",
     "SentMedia",
+    "SentMenu",
     "SentOnEvent",
     "SentText",
     "StoredMedia",

@@ -64,6 +64,16 @@ class FakeKfChannel:
             sent = self.world.send_on_event(code, "text", {"content": text}, msgid=msgid)
         return self._answer_or_lost(SEND_MSG_ON_EVENT, sent)
 
+    async def send_menu(
+        self, customer: CustomerRef, head: str, items: Sequence[tuple[str, str]], *, msgid: str
+    ) -> str:
+        await anyio.lowlevel.checkpoint()
+        body = {
+            "head_content": head,
+            "list": [{"type": "click", "click": {"id": i, "content": c}} for i, c in items],
+        }
+        return self.world.send_msg(customer.open_kfid, customer.external_userid, "msgmenu", body, msgid=msgid)
+
     async def check_access(self) -> None:
         await anyio.lowlevel.checkpoint()
         self.world.check_failure(GETTOKEN)

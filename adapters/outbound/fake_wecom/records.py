@@ -27,6 +27,15 @@ class SentOnEvent(NamedTuple):
     menu: tuple[tuple[str, str], ...] = ()
 
 
+class SentMenu(NamedTuple):
+    """A msgmenu accepted by `kf/send_msg`: its head and (id, content) click items."""
+
+    customer: CustomerRef
+    head: str
+    menu: tuple[tuple[str, str], ...]
+    msgid: str
+
+
 class SentMedia(NamedTuple):
     """An image/voice/video/file message accepted by `kf/send_msg`."""
 

@@ -85,8 +85,9 @@ def check_text(api: str, content: object, max_bytes: int) -> str:
     return content
 
 
-def check_menu(body: Mapping[str, Any]) -> tuple[str, tuple[tuple[str, str], ...]]:
-    api = SEND_MSG_ON_EVENT
+def check_menu(
+    body: Mapping[str, Any], api: str = SEND_MSG_ON_EVENT
+) -> tuple[str, tuple[tuple[str, str], ...]]:
     head = body.get("head_content", "")
     tail = body.get("tail_content", "")
     for part in (head, tail):

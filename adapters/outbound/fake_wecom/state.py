@@ -15,6 +15,7 @@ from typing import Any
 from adapters.outbound.fake_wecom.records import (
     EventCode,
     SentMedia,
+    SentMenu,
     SentOnEvent,
     SentText,
     Session,
@@ -55,6 +56,7 @@ class KfState:
         # Every text (send_msg and send_msg_on_event alike) in the order WeCom accepted them.
         self._texts_sent: list[tuple[CustomerRef, str]] = []
         self.sent_media: list[SentMedia] = []
+        self.sent_menus: list[SentMenu] = []
         self.media: dict[str, StoredMedia] = {}
         self.sync_requests: list[SyncRequest] = []
         self.servicers: dict[str, int] = {}
@@ -266,6 +268,11 @@ class KfState:
         closing, handoff notices; a msgmenu counts by its head_content)."""
         with self._lock:
             return [text for to, text in self._texts_sent if to == customer]
+
+    def menus_sent_to(self, customer: CustomerRef) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+        """Every msgmenu the customer got through send_msg, in order: (head, (id, content) click items)."""
+        with self._lock:
+            return [(m.head, m.menu) for m in self.sent_menus if m.customer == customer]
 
     def code_is_usable(self, code: str) -> bool:
         with self._lock:

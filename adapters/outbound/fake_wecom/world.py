@@ -12,6 +12,7 @@ from typing import Any
 
 from adapters.outbound.fake_wecom.records import (
     SentMedia,
+    SentMenu,
     SentOnEvent,
     SentText,
     StoredMedia,
@@ -106,18 +107,21 @@ class KfWorld(KfState):
     def send_msg(
         self, open_kfid: str, touser: str, msgtype: str, body: Mapping[str, Any], *, msgid: str = ""
     ) -> str:
-        """`kf/send_msg` (text only in the fake); returns the msgid."""
+        """`kf/send_msg` (text, msgmenu and uploaded media in the fake); returns the msgid."""
         with self._lock:
             self.check_failure(SEND_MSG)
             if not open_kfid or not touser:
                 raise invalid(SEND_MSG, "touser and open_kfid required")
             check_msgid(SEND_MSG, msgid)
+            menu: tuple[tuple[str, str], ...] = ()
             if msgtype in SEND_MEDIA_MSGTYPES:
                 media_id = body.get("media_id")
                 stored = self.media.get(media_id) if isinstance(media_id, str) else None
                 if stored is None or not stored.uploaded or stored.kind != msgtype or self._expired(stored):
                     raise WeComError(ERR_INVALID_MEDIA_ID, "invalid media_id", api=SEND_MSG)
                 text = ""
+            elif msgtype == "msgmenu":
+                text, menu = check_menu(body, SEND_MSG)
             elif msgtype != "text":
                 raise invalid(SEND_MSG, f"msgtype {msgtype!r} not supported by the fake")
             else:
@@ -138,6 +142,8 @@ class KfWorld(KfState):
             if msgtype == "text":
                 self.sent.append(SentText(customer, text, msgid))
                 self._texts_sent.append((customer, text))
+            elif msgtype == "msgmenu":
+                self.sent_menus.append(SentMenu(customer, text, menu, msgid))
             else:
                 self.sent_media.append(SentMedia(customer, msgtype, str(body["media_id"]), msgid))
             return msgid
