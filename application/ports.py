@@ -9,6 +9,7 @@ from typing import Protocol
 
 from domain.chat import Answer, AppInfo, AppParameters, Question
 from domain.conversation import Conversation
+from domain.customer import CustomerBatch, CustomerProfile
 from domain.dedupe import DedupeKey
 from domain.media import MediaBlob, UploadedFile
 from domain.messages import CustomerRef, InboundMessage, SyncPage
@@ -180,6 +181,18 @@ class MessageHandling(Protocol):
         ...
 
 
+class ProfileStore(Protocol):
+    """Customer context: "who is this customer and where did they come from?" (application/customer_profile.py).
+    Shared by every instance, so WeCom is asked about a customer at most once a day; each profile is forgotten
+    a day after it was last written (and by `clear()`)."""
+
+    async def get_profile(self, customer: CustomerRef) -> CustomerProfile | None: ...
+
+    async def put_profile(self, customer: CustomerRef, profile: CustomerProfile) -> None:
+        """Store it; it expires by itself a day (the store's profile TTL) later."""
+        ...
+
+
 class StateStore(
     ConversationStore,
     MessageLedger,
@@ -189,6 +202,7 @@ class StateStore(
     PullCoordination,
     KfRegistry,
     StoreAdmin,
+    ProfileStore,
     Protocol,
 ):
     """Every role at once: what one store class provides (in-process, Memcached, failover), and what code
@@ -238,6 +252,16 @@ class ChatEngine(Protocol):
     async def fetch_file(self, url: str, *, max_bytes: int) -> MediaBlob:
         """Download a file an answer points at (Answer.files). Raises MediaTooLarge past `max_bytes` (without
         reading further), ChatEngineError otherwise."""
+        ...
+
+    async def give_feedback(self, message_id: str, *, user: str, rating: str, content: str) -> None:
+        """`POST /messages/{message_id}/feedbacks`: rate one answer ("like" | "dislike") with a note the
+        operator reads in Dify's logs. Raises ChatEngineError."""
+        ...
+
+    async def name_conversation(self, conversation_id: str, *, user: str, name: str) -> None:
+        """`POST /conversations/{id}/name` with `auto_generate: false`: how Dify's logs list the
+        conversation. Raises ChatEngineError."""
         ...
 
 
@@ -291,6 +315,16 @@ class KfChannel(Protocol):
 
     async def send_image(self, customer: CustomerRef, media_id: str, *, msgid: str) -> str:
         """Send an image message (a media_id from `upload_media`); returns WeCom's msgid."""
+        ...
+
+
+class CustomerDirectory(Protocol):
+    """WeCom's customer profiles (`kf/customer/batchget`, docs/wecom-kf.md §11). Raises WeComError (48002:
+    the app lacks the customer-info permission)."""
+
+    async def get_customers(self, external_userids: Sequence[str], *, with_context: bool) -> CustomerBatch:
+        """At most 100 ids a call. `with_context`: include each customer's entry context (WeCom knows it for
+        customers active in the last 48 h)."""
         ...
 
 

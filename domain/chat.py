@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from domain.app_form import FormField
+
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
@@ -65,3 +67,5 @@ class AppParameters:
     file_size_limit_mb: int = 0
     image_file_size_limit_mb: int = 0
     audio_file_size_limit_mb: int = 0
+    # The app's declared input variables (`user_input_form`), in its order.
+    input_form: tuple[FormField, ...] = ()

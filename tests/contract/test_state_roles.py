@@ -18,6 +18,7 @@ from application.ports import (
     KfRegistry,
     MessageHandling,
     MessageLedger,
+    ProfileStore,
     PullCoordination,
     StateStore,
     StoreAdmin,
@@ -32,6 +33,7 @@ ROLES: tuple[type[Any], ...] = (
     PullCoordination,
     KfRegistry,
     StoreAdmin,
+    ProfileStore,
 )
 STORES: tuple[type[Any], ...] = (MemoryStateStore, MemcachedStateStore, FailoverStateStore)
 
