@@ -182,9 +182,9 @@ class MessageHandling(Protocol):
 
 
 class ProfileStore(Protocol):
-    """Customer context: "who is this customer and where did they come from?" (application/customer_profile.py).
-    Shared by every instance, so WeCom is asked about a customer at most once a day; each profile is forgotten
-    a day after it was last written (and by `clear()`)."""
+    """Customer context: "who is this customer and where did they come from?"
+    (application/customer_profile.py). Shared by every instance, so WeCom is asked about a customer at most
+    once a day; each profile is forgotten a day after it was last written (and by `clear()`)."""
 
     async def get_profile(self, customer: CustomerRef) -> CustomerProfile | None: ...
 

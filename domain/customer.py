@@ -1,4 +1,5 @@
-"""Who a customer is and where they came from: WeCom's customer profile and entry context (docs/wecom-kf.md §11).
+"""Who a customer is and where they came from: WeCom's customer profile and entry context
+(docs/wecom-kf.md §11).
 
 The profile comes from `kf/customer/batchget` (nickname, gender, unionid); the entry context from the
 `enter_session` event or batchget's session context (scene, scene_param, the 视频号 a customer came from).

@@ -1,5 +1,6 @@
-"""The ProfileStore role (application/ports.py), run against every store: in-process, Memcached (one server and
-two), the failover wrapper over a healthy Memcached, and the failover wrapper whose Memcached is down."""
+"""The ProfileStore role (application/ports.py), run against every store: in-process, Memcached (one
+server and two), the failover wrapper over a healthy Memcached, and the failover wrapper whose Memcached is
+down."""
 
 from __future__ import annotations
 
