@@ -9,10 +9,12 @@ import anyio.lowlevel
 
 from adapters.outbound.fake_wecom.records import media_filename
 from adapters.outbound.fake_wecom.world import KfWorld
+from adapters.outbound.wecom_customers import parse_batchget
 from adapters.outbound.wecom_messages import parse_sync_item
 from adapters.outbound.wecom_paths import GETTOKEN
 from application.errors import MediaTooLarge
 from application.ports import ServiceState
+from domain.customer import CustomerBatch
 from domain.media import MediaBlob
 from domain.messages import CustomerRef, SyncPage
 
@@ -81,3 +83,10 @@ class FakeKfChannel:
         return self.world.send_msg(
             customer.open_kfid, customer.external_userid, "image", {"media_id": media_id}, msgid=msgid
         )
+
+    # --- CustomerDirectory -----------------------------------------------------------------------------
+
+    async def get_customers(self, external_userids: Sequence[str], *, with_context: bool) -> CustomerBatch:
+        await anyio.lowlevel.checkpoint()
+        answer = self.world.batchget(list(external_userids), with_context=with_context)
+        return parse_batchget(answer, now=self.world.clock())
