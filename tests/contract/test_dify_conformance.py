@@ -8,6 +8,7 @@ neither the adapter nor the doubles drift from Dify 1.16 unnoticed.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ OPERATIONS = {
     ("POST", "/v1/audio-to-text"): "POST /audio-to-text",
     ("GET", "/v1/parameters"): "GET /parameters",
     ("GET", "/v1/info"): "GET /info",
+}
+# Operations whose path carries an id: (method, path pattern) → operation.
+TEMPLATED_OPERATIONS = {
+    ("POST", re.compile(r"/v1/messages/[^/]+/feedbacks")): "POST /messages/{message_id}/feedbacks",
+    ("POST", re.compile(r"/v1/conversations/[^/]+/name")): "POST /conversations/{conversation_id}/name",
 }
 # What the local server streams for each kind of app and feature (recorded shapes of the published ones).
 STREAMS: dict[str, tuple[str, Fault]] = {
@@ -99,7 +105,14 @@ async def engine(dify_host: tuple[FakeDifyHost, str], anyio_backend: str) -> Asy
 
 def request_problems(request: RecordedRequest) -> list[str]:
     """How a request the local server received breaks Dify's published request schema."""
-    operation = OPERATIONS.get((request.method, request.path))
+    operation = OPERATIONS.get((request.method, request.path)) or next(
+        (
+            op
+            for (method, path), op in TEMPLATED_OPERATIONS.items()
+            if method == request.method and path.fullmatch(request.path)
+        ),
+        None,
+    )
     if operation is None:
         return [] if request.path.startswith("/files/tools/") else [f"unknown operation {request.path}"]
     schema = dify_schemas()["requests"][operation]
@@ -173,6 +186,7 @@ class TestTheSchemaDocument:
             ("get", "/parameters", "200"),
             ("get", "/info", "200"),
             ("post", "/messages/{message_id}/feedbacks", "200"),
+            ("post", "/conversations/{conversation_id}/name", "200"),
         ]
         paths = {p: {m: {**operation, "responses": {s: {"content": {}}}}} for m, p, s in endpoints}
         event_enum = {"event": {"type": "string", "enum": ["message", "ping"]}}
