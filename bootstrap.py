@@ -41,11 +41,15 @@ from adapters.outbound.wechat_text import WeChatTextRenderer
 from adapters.outbound.wecom_api import WeComKfChannel
 from application.admin import ConversationAdmin, StatusReport
 from application.answer_message import AnswerCustomerMessage
+from application.app_inputs import AppInputs
 from application.app_parameters import AppParametersCache
 from application.ask_dify import AskDify
+from application.conversation_names import ConversationNamer
+from application.customer_profile import ProfileBook
 from application.dispatcher import Dispatcher
 from application.drain_customer import DrainCustomer
 from application.handoff import HandOffToHuman
+from application.handoff_feedback import HandoffFeedback
 from application.lifecycle import Lifecycle
 from application.media import MediaSupport
 from application.options import BotOptions
@@ -161,6 +165,18 @@ def is_persistent(store_backend: str) -> bool:
     return store_backend != "memory"
 
 
+def start_then_report(
+    start: Callable[[], Awaitable[None]], app_inputs: AppInputs, routing: Routing
+) -> Callable[[], Awaitable[None]]:
+    """The lifecycle's start, then (in the background) the report of required app variables nobody fills."""
+
+    async def started() -> None:
+        await start()
+        app_inputs.start_report(routing)
+
+    return started
+
+
 def accepting_flag(lifecycle: Lifecycle) -> Callable[[], bool]:
     """The webhook's "are we accepting callbacks" question, answered by the lifecycle."""
 
@@ -260,6 +276,25 @@ class Application(containers.DeclarativeContainer):
     observer = providers.Singleton(
         SessionEvents, sessions=sessions, welcome=welcome, rejections=rejections, telemetry=telemetry
     )
+    # Customer context (issue #17): profiles, the app's input variables, conversation names, handoff feedback.
+    profiles = providers.Singleton(
+        ProfileBook, store=adapters.store, directory=adapters.channel, telemetry=telemetry
+    )
+    app_inputs = providers.Singleton(
+        AppInputs, parameters=app_parameters, profiles=profiles, static=options.provided.inputs
+    )
+    namer = providers.Singleton(ConversationNamer, profiles=profiles, telemetry=telemetry)
+    handoff_feedback = providers.Singleton(
+        HandoffFeedback,
+        conversations=adapters.store,
+        clock=adapters.clock,
+        telemetry=telemetry,
+        window_s=options.provided.feedback_window_s,
+        enabled=options.provided.handoff_feedback,
+    )
+    ask.add_kwargs(inputs=app_inputs, namer=namer)
+    handoff.add_kwargs(feedback=handoff_feedback)
+    observer.add_kwargs(profiles=profiles)
     pull = providers.Singleton(
         PullMessages,
         store=adapters.store,
@@ -295,7 +330,17 @@ class Application(containers.DeclarativeContainer):
         Lifecycle,
         dispatcher=dispatcher,
         grace_s=settings.provided.shutdown_grace_s,
-        closers=providers.Callable(closers_of, observer, adapters.channel, adapters.store, routing=routing),
+        closers=providers.Callable(
+            closers_of,
+            observer,
+            profiles,
+            namer,
+            handoff_feedback,
+            app_inputs,
+            adapters.channel,
+            adapters.store,
+            routing=routing,
+        ),
         start_notes=providers.Callable(
             settings_map.start_notes, settings, adapters.store.provided.backend, VERSION
         ),
@@ -325,7 +370,11 @@ class Application(containers.DeclarativeContainer):
         webhook=webhook,
         admin=admin,
         metrics=metrics.provided.endpoint,
-        lifespan=providers.Callable(lifespan_for, lifecycle.provided.start, lifecycle.provided.stop),
+        lifespan=providers.Callable(
+            lifespan_for,
+            providers.Callable(start_then_report, lifecycle.provided.start, app_inputs, routing),
+            lifecycle.provided.stop,
+        ),
         version=VERSION,
     )
 

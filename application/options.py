@@ -34,6 +34,9 @@ class ReplyTexts:
     voice_failed: str = "抱歉，没能听清这条语音，请再说一遍或改用文字。"
     # Heads the links to files in an answer that cannot be sent as images.
     answer_files: str = "相关文件："
+    # How Dify's logs name a customer's conversation (operator-facing): {nickname}, {external_userid},
+    # {open_kfid}, {scene}; "" = do not name conversations.
+    conversation_name: str = "微信客户 {nickname}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +86,7 @@ class BotOptions:
     busy_poll_s: float = 0.5
     # An image followed by a text within this many seconds is asked as one question (0 = never wait).
     image_text_window_s: float = 3.0
+    # A handoff word within this many seconds of a bot answer records `dislike` feedback on that answer in
+    # Dify (application/handoff_feedback.py); `handoff_feedback` off: never.
+    feedback_window_s: float = 600.0
+    handoff_feedback: bool = True

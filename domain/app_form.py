@@ -62,7 +62,7 @@ def parse_input_form(raw: object) -> tuple[FormField, ...]:
             FormField(
                 variable=variable,
                 kind=kind,
-                label=spec.get("label") if isinstance(spec.get("label"), str) else "",
+                label=_string(spec.get("label")),
                 required=spec.get("required") is True,
                 max_length=_positive_int(spec.get("max_length")),
                 options=_strings(spec.get("options")),
@@ -95,6 +95,10 @@ def unfillable_required(
     return [
         f.variable for f in form if f.required and f.variable not in static and f.variable not in fillable
     ]
+
+
+def _string(value: object) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def _positive_int(value: object) -> int:

@@ -36,14 +36,16 @@ class Conversation:
         return idle_ttl_s > 0 and now - self.last_active_at > idle_ttl_s
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "conversation_id": self.conversation_id,
             "started_at": self.started_at,
             "last_active_at": self.last_active_at,
             "turns": self.turns,
-            "last_message_id": self.last_message_id,
-            "last_answer_at": self.last_answer_at,
         }
+        if self.last_message_id:  # only once there is an answer to point at
+            data["last_message_id"] = self.last_message_id
+            data["last_answer_at"] = self.last_answer_at
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Conversation:

@@ -40,6 +40,8 @@ def build_options(settings: Settings) -> BotOptions:
         message_lease_s=settings.message_lease_s,
         pull_lease_s=settings.pull_lease_s,
         image_text_window_s=settings.image_text_window_s,
+        feedback_window_s=settings.feedback_window_s,
+        handoff_feedback=settings.handoff_feedback,
     )
 
 
