@@ -19,11 +19,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 from dependency_injector import containers, providers
 
 from adapters.inbound import settings as settings_map
 from adapters.inbound.admin_api import AdminApi
+from adapters.inbound.cli_simulate import entry_note
 from adapters.inbound.config_file import ConfigError, Settings, load_settings
 from adapters.inbound.http import create_app, lifespan_for
 from adapters.inbound.log_setup import configure_logging
@@ -357,6 +359,7 @@ class Application(containers.DeclarativeContainer):
         store=adapters.store,
         configured_kfs=providers.Callable(settings_map.configured_kfs, settings),
     )
+    conversation_admin.add_kwargs(profiles=adapters.store)  # issue #17: the customer's profile too
     status = providers.Singleton(StatusReport, store=adapters.store, telemetry=telemetry, version=VERSION)
     admin = providers.Singleton(
         AdminApi,
@@ -391,6 +394,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bootstrap.py", description="kf-dify: WeCom kf × Dify bridge")
     parser.add_argument("command", nargs="?", default="serve", choices=["serve", "check", "simulate"])
     parser.add_argument("--config", default=None, help="path to config.ini (default ./config.ini)")
+    # simulate: the customer's entry and profile, to try how the app behaves for them (issue #17).
+    parser.add_argument("--scene", default="", help="simulate: the entry scene (enter_session's scene)")
+    parser.add_argument("--scene-param", default="", help="simulate: the entry link's scene_param")
+    parser.add_argument("--nickname", default="", help="simulate: the customer's WeChat nickname")
     return parser.parse_args(list(argv))
 
 
@@ -433,9 +440,12 @@ SIMULATED_KF = "wk-simulate"
 SIMULATED_CUSTOMER = "wm-operator"
 
 
-def build_simulation(settings: Settings) -> SimulationParts:
+def build_simulation(
+    settings: Settings, *, scene: str = "", scene_param: str = "", nickname: str = ""
+) -> SimulationParts:
     simulated = replace(settings, memcache=None)  # state in memory
     channel = FakeKfChannel()
+    seed_simulated_customer(channel, scene=scene, scene_param=scene_param, nickname=nickname)
     container = build_container(simulated, Adapters(settings=simulated, channel=providers.Object(channel)))
     container.lifecycle.override(
         providers.Singleton(
@@ -459,6 +469,15 @@ def build_simulation(settings: Settings) -> SimulationParts:
         stop=lifecycle.stop,
         app_label=settings.dify_api_base,
     )
+
+
+def seed_simulated_customer(channel: FakeKfChannel, *, scene: str, scene_param: str, nickname: str) -> None:
+    """The simulated customer's profile and, when given, the entry they came from (as WeCom would tell)."""
+    channel.world.add_customer_profile(SIMULATED_CUSTOMER, nickname=nickname or "模拟客户")
+    if scene or scene_param:
+        channel.world.add_enter_session(
+            SIMULATED_KF, SIMULATED_CUSTOMER, scene=scene, scene_param=quote(scene_param), welcome=False
+        )
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -493,7 +512,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     from adapters.inbound.cli_simulate import run_simulate
 
     configure_logging(level="ERROR", fmt="text", secrets=settings.secrets())
-    parts = build_simulation(settings)
+    parts = build_simulation(settings, scene=args.scene, scene_param=args.scene_param, nickname=args.nickname)
     return run_simulate(
         push_text=parts.push_text,
         sent_texts=parts.sent_texts,
@@ -505,6 +524,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         stdin=sys.stdin,
         stdout=sys.stdout,
         reset_words=build_options(settings).reset_words,
+        entry_note=entry_note(args.scene, args.scene_param, args.nickname),
     )
 
 

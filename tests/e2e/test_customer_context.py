@@ -188,3 +188,20 @@ async def test_the_conversation_name_template_is_configurable(servers: Servers) 
         await say(stack, "wmZhang", "你好")
 
         assert list(stack.dify.conversation_names.values()) == ["张三（product）"]
+
+
+async def test_the_admin_sees_the_customers_profile_and_entry(servers: Servers) -> None:
+    seed_customer(servers)
+    async with running(make_settings(servers), servers) as stack:
+        await enters(stack)
+        await say(stack, "wmZhang", "你好")
+
+        resp = await stack.client.get(
+            "/get_conversation", params={"user_id": "wmZhang"}, headers=stack.admin_headers()
+        )
+
+        profile = resp.json()["profile"]
+        assert (profile["nickname"], profile["gender"], profile["unionid"]) == ("张三", "女", "oUnion-zhang")
+        assert profile["entry"]["scene"] == "product" and profile["entry"]["scene_param"] == "商品页 A-42"
+        status = (await stack.client.get("/status", headers=stack.admin_headers())).text
+        assert "oUnion-zhang" not in status
