@@ -69,7 +69,11 @@ class AppInputs:
         parameters: AppParametersCache,
         profiles: ProfileBook | None,
         static: Mapping[str, Any],
+        parameters_wait_s: float = 5.0,
     ) -> None:
+        """`parameters_wait_s`: how long a question waits for the app's form when it is not cached (the read
+        goes on in the background for the next question)."""
+        self._parameters_wait_s = parameters_wait_s
         self._parameters = parameters
         self._profiles = profiles
         self._static = dict(static)
@@ -78,9 +82,11 @@ class AppInputs:
 
     async def for_message(self, message: InboundMessage, route: KfRoute) -> dict[str, Any]:
         """The question's inputs. Never raises: without the app's form only DIFY_INPUTS go."""
+        reading = asyncio.ensure_future(self._parameters.get(route))
+        reading.add_done_callback(_retrieve)
         try:
-            form = (await self._parameters.get(route)).input_form
-        except ChatEngineError:
+            form = (await asyncio.wait_for(asyncio.shield(reading), self._parameters_wait_s)).input_form
+        except (ChatEngineError, TimeoutError):
             return dict(self._static)
         self._report_once(route, form)
         wanted = [f for f in form if f.variable in FILLABLE and f.variable not in self._static]
@@ -135,3 +141,9 @@ class AppInputs:
                 route.name,
                 ", ".join(missing),
             )
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """A form read nobody waits for any more may fail: its error is the next question's business."""
+    if not task.cancelled():
+        task.exception()

@@ -8,7 +8,8 @@ context comes from `enter_session` events (`note_entry`) and from batchget's ses
 The answer path only reads what is stored (`lookup`). A customer nobody has fetched yet waits for the fetch
 under way at most `wait_s` (a short bound: WeCom usually answers within a few hundred milliseconds); a failed
 fetch wakes them at once, and a WARNING names WeCom's errcode (48002: the app lacks the customer-info
-permission). After a failure batchget rests for `failure_retry_s`.
+permission). After a failure batchget rests for `failure_retry_s` (six times that after a configuration
+errcode such as 48002, which only the operator can fix).
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class ProfileBook:
         try:
             answer = await self._directory.get_customers(ids, with_context=True)
         except WeComError as exc:
-            self._failed(exc.errcode, exc.errmsg)
+            self._failed(exc.errcode, exc.errmsg, config=exc.is_config_error)
             return
         except Exception as exc:  # whatever happens, the answers go on without profiles
             self._failed(None, type(exc).__name__)
@@ -149,16 +150,18 @@ class ProfileBook:
         for customer in batch:
             await self._learn(customer, answer)
 
-    def _failed(self, errcode: int | None, errmsg: str) -> None:
+    def _failed(self, errcode: int | None, errmsg: str, *, config: bool = False) -> None:
         self._telemetry.count_labelled("profile_failures", str(errcode))
-        self._resting_until = self._clock() + self._failure_retry_s
+        # A missing permission stays missing until the operator acts: ask (and warn) less often.
+        rest = self._failure_retry_s * (6 if config else 1)
+        self._resting_until = self._clock() + rest
         log.warning(
             "customer profiles unavailable: kf/customer/batchget errcode=%s %s%s; answering without them, "
             "next try in %.0f s",
             errcode,
             errmsg[:200],
             _HINTS.get(errcode or 0, ""),
-            self._failure_retry_s,
+            rest,
         )
         # Nobody waits for this batch any longer; whoever wanted a fetch meanwhile tries after the rest.
         for future in self._wanted.values():
