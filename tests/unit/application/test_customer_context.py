@@ -371,3 +371,49 @@ async def test_no_feedback_past_the_window(store: MemoryStateStore, clock: Clock
     await feedback.idle()
 
     assert engine.feedbacks == []
+
+
+# --- the whole core over the fakes ---------------------------------------------------------------------
+
+
+async def test_a_customer_from_a_video_channel_reaches_the_app_with_it() -> None:
+    from urllib.parse import quote
+
+    from tests.support.containers import fake_application
+
+    app = fake_application()
+    world: KfWorld = app.adapters.world()
+    engine: FakeChatEngine = app.adapters.engine()
+    engine.app_parameters = AppParameters(
+        input_form=parse_input_form(
+            [
+                {"text-input": {"variable": "channels_nickname", "label": "视频号"}},
+                {"text-input": {"variable": "nickname", "label": "昵称"}},
+                {"text-input": {"variable": "scene_param", "label": "来源"}},
+            ]
+        )
+    )
+    world.add_customer_profile("wmV", nickname="阿明")
+    world.add_enter_session(
+        "wkUnit",
+        "wmV",
+        scene="channels",
+        scene_param=quote("直播间 #3"),
+        welcome=False,
+        wechat_channels={"nickname": "好物直播", "scene": 2},
+    )
+    world.add_customer_text("wkUnit", "wmV", "这个多少钱")
+    app.dispatcher().notify("wkUnit", "tok")
+    await asyncio.wait_for(app.dispatcher().idle(), 10)
+    await app.namer().idle()
+
+    (question,) = engine.questions
+    assert dict(question.inputs) == {
+        "channels_nickname": "好物直播",
+        "nickname": "阿明",
+        "scene_param": "直播间 #3",
+    }
+    profile = await app.profiles().lookup(CustomerRef("wkUnit", "wmV"))
+    assert profile is not None and profile.entry is not None and profile.entry.channels_scene == 2
+    assert list(engine.conversation_names.values()) == ["微信客户 阿明"]
+    await app.profiles().aclose()
