@@ -19,11 +19,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 from dependency_injector import containers, providers
 
 from adapters.inbound import settings as settings_map
 from adapters.inbound.admin_api import AdminApi
+from adapters.inbound.cli_simulate import entry_note
 from adapters.inbound.config_file import ConfigError, Settings, load_settings
 from adapters.inbound.console_api import Bubble, ConsoleApi, TryChat, TrySessions
 from adapters.inbound.http import create_app, lifespan_for
@@ -42,11 +44,15 @@ from adapters.outbound.wechat_text import WeChatTextRenderer
 from adapters.outbound.wecom_api import WeComKfChannel
 from application.admin import ConversationAdmin, StatusReport
 from application.answer_message import AnswerCustomerMessage
+from application.app_inputs import AppInputs
 from application.app_parameters import AppParametersCache
 from application.ask_dify import AskDify
+from application.conversation_names import ConversationNamer
+from application.customer_profile import ProfileBook
 from application.dispatcher import Dispatcher
 from application.drain_customer import DrainCustomer
 from application.handoff import HandOffToHuman
+from application.handoff_feedback import HandoffFeedback
 from application.insights import Insights
 from application.lifecycle import Lifecycle
 from application.media import MediaSupport
@@ -175,6 +181,18 @@ def drains_per_instance(options: BotOptions, store_backend: str) -> int:
     return options.dify_concurrency if is_persistent(store_backend) else 0
 
 
+def start_then_report(
+    start: Callable[[], Awaitable[None]], app_inputs: AppInputs, routing: Routing
+) -> Callable[[], Awaitable[None]]:
+    """The lifecycle's start, then (in the background) the report of required app variables nobody fills."""
+
+    async def started() -> None:
+        await start()
+        app_inputs.start_report(routing)
+
+    return started
+
+
 def accepting_flag(lifecycle: Lifecycle) -> Callable[[], bool]:
     """The webhook's "are we accepting callbacks" question, answered by the lifecycle."""
 
@@ -292,6 +310,25 @@ class Application(containers.DeclarativeContainer):
     observer = providers.Singleton(
         SessionEvents, sessions=sessions, welcome=welcome, rejections=rejections, telemetry=telemetry
     )
+    # Customer context (issue #17): profiles, the app's input variables, conversation names, handoff feedback.
+    profiles = providers.Singleton(
+        ProfileBook, store=adapters.store, directory=adapters.channel, telemetry=telemetry
+    )
+    app_inputs = providers.Singleton(
+        AppInputs, parameters=app_parameters, profiles=profiles, static=options.provided.inputs
+    )
+    namer = providers.Singleton(ConversationNamer, profiles=profiles, telemetry=telemetry)
+    handoff_feedback = providers.Singleton(
+        HandoffFeedback,
+        conversations=adapters.store,
+        clock=adapters.clock,
+        telemetry=telemetry,
+        window_s=options.provided.feedback_window_s,
+        enabled=options.provided.handoff_feedback,
+    )
+    ask.add_kwargs(inputs=app_inputs, namer=namer)
+    handoff.add_kwargs(feedback=handoff_feedback)
+    observer.add_kwargs(profiles=profiles)
     pull = providers.Singleton(
         PullMessages,
         store=adapters.store,
@@ -331,7 +368,16 @@ class Application(containers.DeclarativeContainer):
         dispatcher=dispatcher,
         grace_s=settings.provided.shutdown_grace_s,
         closers=providers.Callable(
-            closers_of, observer, adapters.channel, adapters.store, try_sessions, routing=routing
+            closers_of,
+            observer,
+            profiles,
+            namer,
+            handoff_feedback,
+            app_inputs,
+            adapters.channel,
+            adapters.store,
+            try_sessions,
+            routing=routing,
         ),
         start_notes=providers.Callable(
             settings_map.start_notes, settings, adapters.store.provided.backend, VERSION
@@ -349,6 +395,7 @@ class Application(containers.DeclarativeContainer):
         store=adapters.store,
         configured_kfs=providers.Callable(settings_map.configured_kfs, settings),
     )
+    conversation_admin.add_kwargs(profiles=adapters.store)  # issue #17: the customer's profile too
     insights = providers.Singleton(build_insights, telemetry, owner)
     status = providers.Singleton(
         StatusReport,
@@ -379,7 +426,11 @@ class Application(containers.DeclarativeContainer):
         webhook=webhook,
         admin=admin,
         metrics=metrics.provided.endpoint,
-        lifespan=providers.Callable(lifespan_for, lifecycle.provided.start, lifecycle.provided.stop),
+        lifespan=providers.Callable(
+            lifespan_for,
+            providers.Callable(start_then_report, lifecycle.provided.start, app_inputs, routing),
+            lifecycle.provided.stop,
+        ),
         version=VERSION,
         console=console,
     )
@@ -397,6 +448,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bootstrap.py", description="kf-dify: WeCom kf × Dify bridge")
     parser.add_argument("command", nargs="?", default="serve", choices=["serve", "check", "simulate"])
     parser.add_argument("--config", default=None, help="path to config.ini (default ./config.ini)")
+    # simulate: the customer's entry and profile, to try how the app behaves for them (issue #17).
+    parser.add_argument("--scene", default="", help="simulate: the entry scene (enter_session's scene)")
+    parser.add_argument("--scene-param", default="", help="simulate: the entry link's scene_param")
+    parser.add_argument("--nickname", default="", help="simulate: the customer's WeChat nickname")
     return parser.parse_args(list(argv))
 
 
@@ -442,10 +497,17 @@ SIMULATED_CUSTOMER = "wm-operator"
 
 
 def build_simulation(
-    settings: Settings, *, channel: FakeKfChannel | None = None, kf: str = SIMULATED_KF
+    settings: Settings,
+    *,
+    channel: FakeKfChannel | None = None,
+    kf: str = SIMULATED_KF,
+    scene: str = "",
+    scene_param: str = "",
+    nickname: str = "",
 ) -> SimulationParts:
     simulated = replace(settings, memcache=None)  # state in memory
     channel = channel or FakeKfChannel()
+    seed_simulated_customer(channel, kf=kf, scene=scene, scene_param=scene_param, nickname=nickname)
     container = build_container(simulated, Adapters(settings=simulated, channel=providers.Object(channel)))
     container.lifecycle.override(
         providers.Singleton(
@@ -524,6 +586,17 @@ def build_try_chat(settings: Settings, open_kfid: str | None) -> TryChat:
     return ConsoleTryChat(settings, open_kfid)
 
 
+def seed_simulated_customer(
+    channel: FakeKfChannel, *, kf: str = SIMULATED_KF, scene: str, scene_param: str, nickname: str
+) -> None:
+    """The simulated customer's profile and, when given, the entry they came from (as WeCom would tell)."""
+    channel.world.add_customer_profile(SIMULATED_CUSTOMER, nickname=nickname or "模拟客户")
+    if scene or scene_param:
+        channel.world.add_enter_session(
+            kf, SIMULATED_CUSTOMER, scene=scene, scene_param=quote(scene_param), welcome=False
+        )
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     env = os.environ if environ is None else environ
@@ -556,7 +629,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     from adapters.inbound.cli_simulate import run_simulate
 
     configure_logging(level="ERROR", fmt="text", secrets=settings.secrets())
-    parts = build_simulation(settings)
+    parts = build_simulation(settings, scene=args.scene, scene_param=args.scene_param, nickname=args.nickname)
     return run_simulate(
         push_text=parts.push_text,
         sent_texts=parts.sent_texts,
@@ -570,6 +643,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         reset_words=build_options(settings).reset_words,
         sent_menus=parts.sent_menus,
         push_tap=parts.push_tap,
+        entry_note=entry_note(args.scene, args.scene_param, args.nickname),
     )
 
 

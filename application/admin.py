@@ -8,9 +8,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from application.ports import ConversationStore, KfRegistry, StoreAdmin
+from application.ports import ConversationStore, KfRegistry, ProfileStore, StoreAdmin
 from application.telemetry import Telemetry
 from domain.conversation import Conversation
+from domain.customer import CustomerProfile
 from domain.messages import CustomerRef
 
 log = logging.getLogger("kfdify.admin")
@@ -20,9 +21,34 @@ log = logging.getLogger("kfdify.admin")
 class FoundConversation:
     customer: CustomerRef
     conversation: Conversation
+    # Who the customer is and where they came from (issue #17), when known.
+    profile: CustomerProfile | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"open_kfid": self.customer.open_kfid, **self.conversation.to_dict()}
+        found = {"open_kfid": self.customer.open_kfid, **self.conversation.to_dict()}
+        if self.profile is not None:
+            found["profile"] = profile_view(self.profile)
+        return found
+
+
+def profile_view(profile: CustomerProfile) -> dict[str, Any]:
+    """The profile as the operator sees it (admin token only: it holds the unionid)."""
+    entry = profile.entry
+    return {
+        "nickname": profile.nickname,
+        "gender": profile.gender_text,
+        "unionid": profile.unionid,
+        "fetched_at": profile.fetched_at,
+        "entry": None
+        if entry is None
+        else {
+            "scene": entry.scene,
+            "scene_param": entry.scene_param,
+            "channels_nickname": entry.channels_nickname,
+            "channels_scene": entry.channels_scene,
+            "at": entry.at,
+        },
+    }
 
 
 class AdminStore(ConversationStore, KfRegistry, StoreAdmin, Protocol):
@@ -32,7 +58,10 @@ class AdminStore(ConversationStore, KfRegistry, StoreAdmin, Protocol):
 class ConversationAdmin:
     """Conversations are kept per kf account and customer; `open_kfid` narrows a lookup to one account."""
 
-    def __init__(self, *, store: AdminStore, configured_kfs: Iterable[str] = ()) -> None:
+    def __init__(
+        self, *, store: AdminStore, configured_kfs: Iterable[str] = (), profiles: ProfileStore | None = None
+    ) -> None:
+        self._profiles = profiles
         self._store = store
         self._configured = tuple(configured_kfs)
 
@@ -48,7 +77,8 @@ class ConversationAdmin:
             customer = CustomerRef(kf, user_id)
             conversation = await self._store.get_conversation(customer)
             if conversation is not None:
-                found.append(FoundConversation(customer, conversation))
+                profile = await self._profiles.get_profile(customer) if self._profiles is not None else None
+                found.append(FoundConversation(customer, conversation, profile))
         found.sort(key=lambda f: f.conversation.last_active_at, reverse=True)
         return found
 

@@ -10,9 +10,13 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from application import telemetry as t
+from application.app_inputs import AppInputs
+from application.conversation_names import ConversationNamer
 from application.errors import ChatEngineError, ConversationGone
 from application.media_port import PreparedQuestion
 from application.options import BotOptions
@@ -21,7 +25,7 @@ from application.progressive import progress_committed
 from application.routing import KfRoute
 from application.telemetry import Telemetry
 from domain.chat import Answer, Question
-from domain.conversation import after_answer, current_conversation_id
+from domain.conversation import after_answer, current_conversation_id, with_last_answer
 from domain.messages import CustomerRef, InboundMessage
 
 log = logging.getLogger("kfdify.answer")
@@ -40,8 +44,19 @@ class AskDify:
     """The question in, Dify's answer out; raises ChatEngineError when no answer could be had."""
 
     def __init__(
-        self, *, conversations: ConversationStore, clock: Clock, options: BotOptions, telemetry: Telemetry
+        self,
+        *,
+        conversations: ConversationStore,
+        clock: Clock,
+        options: BotOptions,
+        telemetry: Telemetry,
+        inputs: AppInputs | None = None,
+        namer: ConversationNamer | None = None,
     ) -> None:
+        """`inputs`: fills the app's declared variables (else `options.inputs` only); `namer`: names each
+        conversation Dify starts."""
+        self._inputs = inputs
+        self._namer = namer
         self._conversations = conversations
         self._clock = clock
         self._options = options
@@ -64,8 +79,11 @@ class AskDify:
         retries_left = max(self._options.dify_retries, 0)
         restarted = False
         asked: Asked | None = None
+        inputs = await self._inputs.for_message(message, route) if self._inputs is not None else None
         while asked is None:
-            result = await self._attempt(self._question(message, prepared, conversation_id), route, progress)
+            result = await self._attempt(
+                self._question(message, prepared, conversation_id, inputs), route, progress
+            )
             if isinstance(result, Asked):
                 asked = result
             elif isinstance(result, ConversationGone):
@@ -83,8 +101,11 @@ class AskDify:
         updated = after_answer(
             conversation, conversation_id=asked.answer.conversation_id, now=self._clock.now(), idle_ttl_s=idle
         )
+        updated = with_last_answer(updated, message_id=asked.answer.message_id, now=self._clock.now())
         if asked.answer.conversation_id:
             await self._conversations.put_conversation(customer, updated)
+        if self._namer is not None and conversation_id is None:  # Dify started this conversation now
+            self._namer.started(message, route, asked.answer)
         return asked
 
     async def forget(self, customer: CustomerRef) -> bool:
@@ -117,13 +138,17 @@ class AskDify:
         return Asked(answer, elapsed)
 
     def _question(
-        self, message: InboundMessage, prepared: PreparedQuestion, conversation_id: str | None
+        self,
+        message: InboundMessage,
+        prepared: PreparedQuestion,
+        conversation_id: str | None,
+        inputs: Mapping[str, Any] | None = None,
     ) -> Question:
         return Question(
             user=message.customer.dify_user(),
             query=prepared.query,
             conversation_id=conversation_id,
-            inputs=dict(self._options.inputs),
+            inputs=dict(inputs) if inputs is not None else dict(self._options.inputs),
             files=prepared.files,
             trace_id=trace_id(message),
         )

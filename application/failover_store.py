@@ -50,6 +50,7 @@ from typing import TypeVar
 from application.errors import StoreUnavailable
 from application.ports import MessageState, StateStore
 from domain.conversation import Conversation
+from domain.customer import CustomerProfile
 from domain.dedupe import DedupeKey
 from domain.messages import CustomerRef, InboundMessage
 
@@ -490,6 +491,23 @@ class FailoverStateStore:
             return list(dict.fromkeys([*shared, *await self._fallback.known_kfs()]))
 
         return await self._route(on_primary, self._fallback.known_kfs)
+
+    # --- ProfileStore ---------------------------------------------------------------------------------
+    # A cache of what WeCom says: nothing to write through after an outage (the primary's copy, or a fresh
+    # batchget, serves afterwards; the fallback's is read when the primary has none).
+
+    async def get_profile(self, customer: CustomerRef) -> CustomerProfile | None:
+        async def on_primary() -> CustomerProfile | None:
+            found = await self._primary.get_profile(customer)
+            return found if found is not None else await self._fallback.get_profile(customer)
+
+        return await self._route(on_primary, lambda: self._fallback.get_profile(customer))
+
+    async def put_profile(self, customer: CustomerRef, profile: CustomerProfile) -> None:
+        await self._route(
+            lambda: self._primary.put_profile(customer, profile),
+            lambda: self._fallback.put_profile(customer, profile),
+        )
 
     # --- StoreAdmin -----------------------------------------------------------------------------------
 

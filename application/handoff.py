@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from application.errors import WeComError
+from application.handoff_feedback import HandoffFeedback
 from application.ports import KfChannel
 from application.reply_session import ReplySession
 from application.routing import KfRoute
@@ -27,7 +28,16 @@ NOTICE_PART = 90
 
 
 class HandOffToHuman:
-    def __init__(self, *, channel: KfChannel, sessions: SessionStates, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        *,
+        channel: KfChannel,
+        sessions: SessionStates,
+        telemetry: Telemetry,
+        feedback: HandoffFeedback | None = None,
+    ) -> None:
+        """`feedback`: marks the bot's last answer when a customer asks for a human right after it."""
+        self._feedback = feedback
         self._channel = channel
         self._sessions = sessions
         self._telemetry = telemetry
@@ -37,6 +47,8 @@ class HandOffToHuman:
     ) -> bool:
         """Transfer the session; True when WeCom accepted. `trigger`: "keyword" or "marker" (for counts)."""
         customer = message.customer
+        if self._feedback is not None and trigger == "keyword":  # the app's own decision teaches nothing
+            self._feedback.customer_asked_for_human(message, route)
         target = handoff_target(route.servicer_userid)
         try:
             code = await self._channel.transfer_service_state(

@@ -49,6 +49,10 @@ class ReplyTexts:
     # Heads the menu of questions the AI app suggests after an answer (each one can be tapped).
     suggestions_head: str = "您可能还想问："
 
+    # How Dify's logs name a customer's conversation (operator-facing): {nickname}, {external_userid},
+    # {open_kfid}, {scene}; "" = do not name conversations.
+    conversation_name: str = "微信客户 {nickname}"
+
     @property
     def message_templates(self) -> dict[str, str]:
         """`msg_<msgtype>` → template, for `domain.message_text.question_for`."""
@@ -105,3 +109,7 @@ class BotOptions:
     # Offer the questions the AI app suggests after an answer as a tappable menu, when the app has the
     # feature on (`suggested_questions_after_answer`); False: never.
     suggestions: bool = True
+    # A handoff word within this many seconds of a bot answer records `dislike` feedback on that answer in
+    # Dify (application/handoff_feedback.py); `handoff_feedback` off: never.
+    feedback_window_s: float = 600.0
+    handoff_feedback: bool = True

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from domain.chat import Answer, AppInfo, AppParameters, Question
 from domain.conversation import Conversation
+from domain.customer import CustomerBatch, CustomerProfile
 from domain.dedupe import DedupeKey
 from domain.media import MediaBlob, UploadedFile
 from domain.messages import CustomerRef, InboundMessage, SyncPage
@@ -220,6 +221,18 @@ class CustomerNotes(Protocol):
         ...
 
 
+class ProfileStore(Protocol):
+    """Customer context: "who is this customer and where did they come from?"
+    (application/customer_profile.py). Shared by every instance, so WeCom is asked about a customer at most
+    once a day; each profile is forgotten a day after it was last written (and by `clear()`)."""
+
+    async def get_profile(self, customer: CustomerRef) -> CustomerProfile | None: ...
+
+    async def put_profile(self, customer: CustomerRef, profile: CustomerProfile) -> None:
+        """Store it; it expires by itself a day (the store's profile TTL) later."""
+        ...
+
+
 class StateStore(
     ConversationStore,
     MessageLedger,
@@ -231,6 +244,7 @@ class StateStore(
     StoreAdmin,
     CustomerCounters,
     CustomerNotes,
+    ProfileStore,
     Protocol,
 ):
     """Every role at once: what one store class provides (in-process, Memcached, failover), and what code
@@ -293,6 +307,16 @@ class ChatEngine(Protocol):
         same `user`). Raises ChatEngineError (e.g. when the app has the feature off)."""
         ...
 
+    async def give_feedback(self, message_id: str, *, user: str, rating: str, content: str) -> None:
+        """`POST /messages/{message_id}/feedbacks`: rate one answer ("like" | "dislike") with a note the
+        operator reads in Dify's logs. Raises ChatEngineError."""
+        ...
+
+    async def name_conversation(self, conversation_id: str, *, user: str, name: str) -> None:
+        """`POST /conversations/{id}/name` with `auto_generate: false`: how Dify's logs list the
+        conversation. Raises ChatEngineError."""
+        ...
+
 
 # --- WeCom kf --------------------------------------------------------------------------------------------
 
@@ -352,6 +376,16 @@ class KfChannel(Protocol):
         """Send a `msgmenu` of (id, content) click items headed by `head` (≤10 items, content ≤128 bytes,
         head ≤1024 bytes: docs/wecom-kf.md §6.3); a tapped item comes back as a text with its `menu_id`.
         Returns WeCom's msgid."""
+        ...
+
+
+class CustomerDirectory(Protocol):
+    """WeCom's customer profiles (`kf/customer/batchget`, docs/wecom-kf.md §11). Raises WeComError (48002:
+    the app lacks the customer-info permission)."""
+
+    async def get_customers(self, external_userids: Sequence[str], *, with_context: bool) -> CustomerBatch:
+        """At most 100 ids a call. `with_context`: include each customer's entry context (WeCom knows it for
+        customers active in the last 48 h)."""
         ...
 
 

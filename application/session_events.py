@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import logging
 
+from application.customer_profile import ProfileBook
 from application.log_context import handling
 from application.rejections import RejectedCustomers
 from application.session_state import SessionStates
 from application.telemetry import Telemetry
 from application.welcome import WelcomeCustomer
+from domain.customer import EntryContext
 from domain.delivery import describe_fail_type, means_customer_rejects
 from domain.messages import InboundMessage, KfEvent
 from domain.session import state_after_item
@@ -33,7 +35,10 @@ class SessionEvents:
         rejections: RejectedCustomers,
         telemetry: Telemetry,
         close_grace_s: float = 2.0,
+        profiles: ProfileBook | None = None,
     ) -> None:
+        """`profiles`: learns where each customer came from (enter_session's scene, scene_param, 视频号)."""
+        self._profiles = profiles
         self._sessions = sessions
         self._welcome = welcome
         self._rejections = rejections
@@ -44,6 +49,23 @@ class SessionEvents:
     async def on_item(self, message: InboundMessage) -> None:
         with handling(message):  # log lines (and the welcome task) name the item
             self._on_item(message)
+            if self._profiles is not None and message.event is not None:
+                await self._note_entry(message, message.event)
+
+    async def _note_entry(self, message: InboundMessage, event: KfEvent) -> None:
+        if event.event_type != "enter_session" or not message.external_userid:
+            return
+        entry = EntryContext.of(
+            scene=event.scene,
+            scene_param=event.scene_param,
+            channels={
+                "nickname": message.extra.get("wechat_channels.nickname", ""),
+                "scene": _int(message.extra.get("wechat_channels.scene", "")),
+            },
+            at=float(message.send_time),
+        )
+        assert self._profiles is not None
+        await self._profiles.note_entry(message.customer, entry)
 
     def _on_item(self, message: InboundMessage) -> None:
         state = state_after_item(message)
@@ -123,3 +145,10 @@ class SessionEvents:
         for task in pending:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return 0

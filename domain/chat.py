@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from domain.app_form import FormField
+
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
@@ -69,3 +71,5 @@ class AppParameters:
     moderation_enabled: bool = False
     # "Suggested questions after answer": `GET /messages/{id}/suggested` has questions to offer.
     suggestions_after_answer: bool = False
+    # The app's declared input variables (`user_input_form`), in its order.
+    input_form: tuple[FormField, ...] = ()

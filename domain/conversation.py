@@ -13,6 +13,10 @@ class Conversation:
     started_at: float
     last_active_at: float
     turns: int = 0
+    # The bot's last answer in it (Dify's message_id and when it went out): a customer asking for a human
+    # right after it marks that answer (application/handoff_feedback.py).
+    last_message_id: str = ""
+    last_answer_at: float = 0.0
 
     @classmethod
     def started(cls, conversation_id: str, *, now: float) -> Conversation:
@@ -32,12 +36,16 @@ class Conversation:
         return idle_ttl_s > 0 and now - self.last_active_at > idle_ttl_s
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "conversation_id": self.conversation_id,
             "started_at": self.started_at,
             "last_active_at": self.last_active_at,
             "turns": self.turns,
         }
+        if self.last_message_id:  # only once there is an answer to point at
+            data["last_message_id"] = self.last_message_id
+            data["last_answer_at"] = self.last_answer_at
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Conversation:
@@ -46,6 +54,8 @@ class Conversation:
             started_at=float(data.get("started_at", 0.0)),  # type: ignore[arg-type]
             last_active_at=float(data.get("last_active_at", 0.0)),  # type: ignore[arg-type]
             turns=int(data.get("turns", 0)),  # type: ignore[call-overload]
+            last_message_id=str(data.get("last_message_id") or ""),
+            last_answer_at=float(data.get("last_answer_at") or 0.0),  # type: ignore[arg-type]
         )
 
 
@@ -68,3 +78,10 @@ def after_answer(
         # Dify started a new conversation (e.g. the old one was gone and we retried without it).
         return Conversation.started(conversation_id, now=now)
     return conversation.continued(now=now)
+
+
+def with_last_answer(conversation: Conversation, *, message_id: str, now: float) -> Conversation:
+    """Remember the bot's newest answer in the conversation (for feedback on it)."""
+    if not message_id:
+        return conversation
+    return replace(conversation, last_message_id=message_id, last_answer_at=now)

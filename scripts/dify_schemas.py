@@ -24,6 +24,7 @@ from typing import Any
 REQUESTS = (
     ("post", "/chat-messages"),
     ("post", "/messages/{message_id}/feedbacks"),
+    ("post", "/conversations/{conversation_id}/name"),
     ("post", "/files/upload"),
     ("post", "/audio-to-text"),
     ("get", "/parameters"),

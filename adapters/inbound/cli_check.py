@@ -21,8 +21,10 @@ from typing import Any, Final, TextIO, TypeVar
 
 from adapters.inbound.config_file import Settings
 from adapters.inbound.wecom_crypto import WeComCrypto
+from application.app_inputs import FILLABLE
 from application.errors import ChatEngineError, WeComError
 from application.hints import DIFY_UNREACHABLE, dify_hint_for, wecom_hint_for
+from domain.app_form import unfillable_required
 
 T = TypeVar("T")
 
@@ -308,7 +310,7 @@ async def _check_one_dify(
         return
     try:
         info = await _bounded(engine.info(), timeout_s)
-        await _bounded(engine.parameters(), timeout_s)
+        parameters = await _bounded(engine.parameters(), timeout_s)
     except _Timeout:
         report.fail(
             label,
@@ -335,6 +337,15 @@ async def _check_one_dify(
         report.warn(label, f"this key belongs to a {mode} app; use a chat app's key")
     if settings.dify_response_mode == "blocking" and mode in STREAMING_ONLY_MODES:
         report.warn(label, "Agent apps only support streaming: set DIFY_RESPONSE_MODE = streaming")
+    form = getattr(parameters, "input_form", ())
+    missing = unfillable_required(form, fillable=FILLABLE, static=settings.dify_inputs)
+    if missing:
+        report.fail(
+            label,
+            f"the app requires input variable(s) {', '.join(missing)} that kf-dify cannot fill: Dify would "
+            "refuse every question",
+            "set them in [BOT] DIFY_INPUTS, or make them optional in the app (Dify: 开始 / input variables)",
+        )
 
 
 # --- e. store -----------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ def run_simulate(
     reset_words: Sequence[str] = (),
     sent_menus: Callable[[], Sequence[Menu]] | None = None,
     push_tap: Callable[[str, str], None] | None = None,
+    entry_note: str = "",
 ) -> int:
     """Run the REPL until /quit, /exit or end of input; 0 then, 1 when start() fails, 130 on Ctrl-C.
 
@@ -58,11 +59,23 @@ def run_simulate(
         stdout=stdout,
     )
     _write(stdout, banner(app_label, reset_words))
+    if entry_note:
+        _write(stdout, entry_note)
     try:
         return asyncio.run(repl.run())
     except KeyboardInterrupt:
         _write(stdout, "\n再见 / bye\n")
         return 130
+
+
+def entry_note(scene: str, scene_param: str, nickname: str) -> str:
+    """The simulated customer's entry and nickname (`--scene`, `--scene-param`, `--nickname`), shown once."""
+    if not (scene or scene_param or nickname):
+        return ""
+    shown = [f"{name}={value}" for name, value in (("nickname", nickname), ("scene", scene)) if value]
+    if scene_param:
+        shown.append(f"scene_param={scene_param}")
+    return "模拟客户 / simulated customer: " + ", ".join(shown) + "\n\n"
 
 
 def banner(app_label: str, reset_words: Sequence[str] = ()) -> str:

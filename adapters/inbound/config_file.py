@@ -103,6 +103,9 @@ class Settings:
     recovery_interval_s: float = 60.0
     message_lease_s: float = 60.0
     pull_lease_s: float = 15.0
+    # Customer context (issue #17): dislike feedback on the answer a customer asked for a human right after.
+    feedback_window_s: float = 600.0
+    handoff_feedback: bool = True
     # Media: image + text pairing, and the ffmpeg that turns voice into speech audio.
     image_text_window_s: float = 3.0
     # Hosts (host or host:port) besides the Dify app's own origin that answer files may be fetched from.
@@ -144,6 +147,7 @@ TEXT_KEYS = (
     "needs_human_input",
     *MESSAGE_TEMPLATE_KEYS,
     "suggestions_head",
+    "conversation_name",
 )
 
 
@@ -252,6 +256,15 @@ def _file_hosts(value: str) -> tuple[str, ...]:
         if match is None or (match.group(1) is not None and not 0 < int(match.group(1)) < 65536):
             raise ValueError(host)
     return hosts
+
+
+def _on_off(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("on", "yes", "true", "1"):
+        return True
+    if lowered in ("off", "no", "false", "0"):
+        return False
+    raise ValueError(value)
 
 
 def _words(value: str) -> tuple[str, ...]:
@@ -401,6 +414,8 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         recovery_interval_s=r.typed("BOT", "RECOVERY_INTERVAL", 60.0, _positive_float, "seconds (0 = off)"),
         message_lease_s=max(1.0, r.typed("BOT", "MESSAGE_LEASE", 60.0, _positive_float, "seconds ≥ 1")),
         pull_lease_s=max(1.0, r.typed("BOT", "PULL_LEASE", 15.0, _positive_float, "seconds ≥ 1")),
+        feedback_window_s=r.typed("BOT", "FEEDBACK_WINDOW", 600.0, _positive_float, "seconds (a number ≥ 0)"),
+        handoff_feedback=r.typed("BOT", "HANDOFF_FEEDBACK", True, _on_off, "on or off"),
         image_text_window_s=r.typed(
             "BOT", "IMAGE_TEXT_WINDOW", 3.0, _positive_float, "seconds (0 = never wait for a text)"
         ),
@@ -416,15 +431,6 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
     if r.problems:
         raise ConfigError(r.problems, source)
     return settings
-
-
-def _on_off(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("on", "yes", "true", "1"):
-        return True
-    if lowered in ("off", "no", "false", "0"):
-        return False
-    raise ValueError(value)
 
 
 def _voice_format(r: _Reader) -> str:

@@ -41,6 +41,8 @@ def build_options(settings: Settings) -> BotOptions:
         pull_lease_s=settings.pull_lease_s,
         image_text_window_s=settings.image_text_window_s,
         suggestions=settings.suggestions,
+        feedback_window_s=settings.feedback_window_s,
+        handoff_feedback=settings.handoff_feedback,
     )
 
 

@@ -22,6 +22,7 @@ from adapters.outbound.http_transport import async_client
 from adapters.outbound.outside_text import escape_outside_text
 from application.errors import ChatEngineError, ConversationGone
 from application.ports import AnswerProgress
+from domain.app_form import parse_input_form
 from domain.chat import Answer, AnswerFile, AppInfo, AppParameters, Question
 from domain.media import MediaBlob, UploadedFile, extension_of
 
@@ -74,6 +75,9 @@ _INFORMATIONAL_EVENTS = frozenset(
 # A Human Input node paused the chatflow: the stream ends, the run waits for a form nobody here can fill.
 _PAUSE_EVENTS = frozenset({"human_input_required", "workflow_paused"})
 _MAX_NODE_NAME = 100
+# Ids this adapter puts into URL paths (message and conversation ids are UUIDs; docs/dify.md).
+_PATH_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
+_MAX_CACHED_URLS = 32
 
 
 class DifyChatEngine:
@@ -230,6 +234,7 @@ class DifyChatEngine:
             audio_file_size_limit_mb=_int(limits.get("audio_file_size_limit")),
             moderation_enabled=_enabled(body.get("sensitive_word_avoidance")),
             suggestions_after_answer=_enabled(body.get("suggested_questions_after_answer")),
+            input_form=parse_input_form(body.get("user_input_form")),
         )
 
     @property
@@ -287,6 +292,18 @@ class DifyChatEngine:
         # Only from Dify's origin and the listed file hosts, never with the app key (file_fetch.py).
         return await self._files.fetch(url, max_bytes=max_bytes)
 
+    async def give_feedback(self, message_id: str, *, user: str, rating: str, content: str) -> None:
+        # docs/dify.md: {"rating": "like"|"dislike"|null, "user", "content"}; the id goes into the path.
+        path = f"/messages/{_path_id(message_id)}/feedbacks"
+        body = {"rating": rating, "user": user, "content": content}
+        await self._request_json("POST", path, what="POST /messages/{id}/feedbacks", json=body)
+
+    async def name_conversation(self, conversation_id: str, *, user: str, name: str) -> None:
+        # docs/dify.md: {"name", "auto_generate": false, "user"}.
+        path = f"/conversations/{_path_id(conversation_id)}/name"
+        body = {"name": name, "auto_generate": False, "user": user}
+        await self._request_json("POST", path, what="POST /conversations/{id}/name", json=body)
+
     # --- request building -------------------------------------------------------------------------------
 
     def _url(self, path: str) -> httpx.URL:
@@ -294,7 +311,9 @@ class DifyChatEngine:
         # per path (httpx spends ~50 us parsing a string URL on every request).
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = httpx.URL(f"{self._base_url}{path}")
+            url = httpx.URL(f"{self._base_url}{path}")
+            if len(self._urls) < _MAX_CACHED_URLS:  # paths with ids (feedback, names) would grow it forever
+                self._urls[path] = url
         return url
 
     def _headers(self, trace_id: str = "") -> dict[str, str]:
@@ -760,6 +779,13 @@ def _blames_conversation_id(message: str) -> bool:
     if "conversation_id" in message:
         return True
     return "valid uuid" in message.lower() and "file" not in message.lower()
+
+
+def _path_id(value: str) -> str:
+    """A Dify id (a UUID) placed in a URL path: anything else is refused before it is sent."""
+    if not _PATH_ID.fullmatch(value):
+        raise ChatEngineError("invalid_param", "not a Dify id", status=400)
+    return value
 
 
 def _text(value: object) -> str:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import inspect
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 
 from application.errors import ChatEngineError, ConversationGone, MediaTooLarge
 from application.ports import AnswerProgress
+from domain.app_form import FormField
 from domain.chat import Answer, AnswerFile, AppInfo, AppParameters, Attachment, Question
 from domain.media import (
     DIFY_SPEECH_LIMIT_BYTES,
@@ -62,6 +64,35 @@ class FakeConversation:
     ended: bool = False  # Dify: the conversation's status is no longer "normal"
 
 
+@dataclass(frozen=True, slots=True)
+class RecordedFeedback:
+    message_id: str
+    user: str
+    rating: str
+    content: str
+
+
+def refused_inputs(form: Sequence[FormField], inputs: Mapping[str, Any]) -> str:
+    """What Dify's input validation says to `inputs` for an app declaring `form` ("" when it passes;
+    undeclared names are ignored): a required variable missing, a select value outside its options, a text
+    longer than its max_length (docs/dify.md)."""
+    for form_field in form:
+        name = form_field.variable
+        value = inputs.get(name)
+        if value is None or value == "":
+            if form_field.required:
+                return f"{name} is required in input form"
+            continue
+        if form_field.kind == "select" and value not in form_field.options:
+            return f"{name} in input form must be one of the following: {list(form_field.options)}"
+        if form_field.kind in ("text-input", "paragraph"):
+            if not isinstance(value, str):
+                return f"{name} in input form must be a string"
+            if form_field.max_length and len(value) > form_field.max_length:
+                return f"{name} in input form must be less than {form_field.max_length} characters"
+    return ""
+
+
 class FakeChatEngine:
     """Keeps conversations per user like Dify (docs/dify.md §0 #4); answers through a programmable
     responder."""
@@ -101,6 +132,11 @@ class FakeChatEngine:
         self.suggestions: Callable[[str, str], Sequence[str]] | None = None
         self.suggestion_requests: list[tuple[str, str]] = []  # (user, message_id)
         self._answers: dict[str, tuple[str, str, str]] = {}  # message id → (user, query, answer)
+        # Message feedback and conversation names, as Dify's logs would show them.
+        self.answers: dict[str, tuple[str, str]] = {}  # message_id → (user, conversation_id)
+        self.feedbacks: list[RecordedFeedback] = []
+        self.conversation_names: dict[str, str] = {}
+        self.name_requests: list[tuple[str, str]] = []  # (conversation_id, name), every call
 
     # --- knobs ------------------------------------------------------------------------------------------
 
@@ -109,8 +145,8 @@ class FakeChatEngine:
         self._failures.extend([error] * times)
 
     def fail_next_media(self, operation: str, error: ChatEngineError, *, times: int = 1) -> None:
-        """The next `times` calls of `operation` ("upload_file", "transcribe", "fetch_file", "suggested")
-        raise `error`."""
+        """The next `times` calls of `operation` ("upload_file", "transcribe", "fetch_file", "suggested",
+        "give_feedback", "name_conversation") raise `error`."""
         self._media_failures.setdefault(operation, deque()).extend([error] * times)
 
     def host_file(self, url: str, data: bytes, content_type: str, filename: str = "") -> str:
@@ -157,6 +193,8 @@ class FakeChatEngine:
         if not question.query:
             raise ChatEngineError("invalid_param", "query is required", status=400)
         self._check_files(question.user, question.files)
+        if refusal := refused_inputs(self.app_parameters.input_form, question.inputs):
+            raise ChatEngineError("invalid_param", refusal, status=400)
         conversation = self._conversation_for(question)
         if progress is not None:
             progress.accepted()
@@ -190,6 +228,7 @@ class FakeChatEngine:
         self._answers[message_id] = (question.user, question.query, text)
         while len(self._answers) > 1000:
             del self._answers[next(iter(self._answers))]
+        self.answers[message_id] = (question.user, conversation.id)
         return Answer(text=text, conversation_id=conversation.id, message_id=message_id, files=reply.files)
 
     async def _stream(self, text: str, progress: AnswerProgress) -> None:
@@ -287,6 +326,25 @@ class FakeChatEngine:
         if blob.size > max_bytes:
             raise MediaTooLarge(max_bytes, blob.size, what="file")
         return blob
+
+    async def give_feedback(self, message_id: str, *, user: str, rating: str, content: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._take_media_failure("give_feedback")
+        found = self.answers.get(message_id)
+        if found is None or found[0] != user:
+            raise ChatEngineError("not_found", "Message Not Exists.", status=404)
+        if rating not in ("like", "dislike"):
+            raise ChatEngineError("invalid_param", "rating must be like, dislike or null", status=400)
+        self.feedbacks.append(RecordedFeedback(message_id, user, rating, content))
+
+    async def name_conversation(self, conversation_id: str, *, user: str, name: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._take_media_failure("name_conversation")
+        found = self.conversations.get(conversation_id)
+        if found is None or found.user != user:
+            raise ChatEngineError("not_found", "Conversation Not Exists.", status=404)
+        self.name_requests.append((conversation_id, name))
+        self.conversation_names[conversation_id] = name
 
     def _take_media_failure(self, operation: str) -> None:
         queue = self._media_failures.get(operation)

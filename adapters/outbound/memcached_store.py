@@ -93,6 +93,7 @@ from adapters.outbound.memcached_client import MemcacheClient, StoreCommand
 from application.errors import StoreUnavailable
 from application.ports import MessageState
 from domain.conversation import Conversation
+from domain.customer import CustomerProfile
 from domain.dedupe import DedupeKey
 from domain.messages import CustomerRef, InboundMessage
 
@@ -179,6 +180,7 @@ class MemcachedStateStore:
         conversation_idle_ttl_s: float = 86400,
         done_ttl_s: float = 4 * 86400,
         max_pool_size: int = 16,
+        profile_ttl_s: float = 86400,
     ) -> None:
         if not _SAFE_PREFIX.fullmatch(prefix):
             raise ValueError("prefix must be 1-64 characters of [A-Za-z0-9_.-]")
@@ -197,6 +199,7 @@ class MemcachedStateStore:
         self._inbox_reads: dict[str, InboxRead] = {}
         self._conversation_reads: dict[str, tuple[float, bytes | None]] = {}  # key → (monotonic time, value)
         self._done_mark = codec.encode_mark(codec.Mark(codec.DONE))
+        self._profile_ttl = profile_ttl_s
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -672,6 +675,24 @@ class MemcachedStateStore:
 
     async def known_kfs(self) -> list[str]:
         return _id_list(await self._client.get(await self._key("kfs")))
+
+    # --- ProfileStore ---------------------------------------------------------------------------------
+
+    async def get_profile(self, customer: CustomerRef) -> CustomerProfile | None:
+        raw = await self._client.get(await self._key("profile", customer.open_kfid, customer.external_userid))
+        if raw is None:
+            return None
+        try:
+            return CustomerProfile.from_dict(codec.loads(raw))
+        except (codec.UndecodableValue, ValueError):
+            log.warning("ignoring an unreadable customer profile kf=%s", customer.open_kfid)
+            return None
+
+    async def put_profile(self, customer: CustomerRef, profile: CustomerProfile) -> None:
+        key = await self._key("profile", customer.open_kfid, customer.external_userid)
+        await self._client.set(
+            key, codec.dumps(profile.to_dict()), expire_for(self._profile_ttl, now=time.time())
+        )
 
     # --- StoreAdmin -----------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from application.ports import MessageState
 from domain.conversation import Conversation
+from domain.customer import CustomerProfile
 from domain.dedupe import DedupeKey
 from domain.messages import CustomerRef, InboundMessage
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # Dedupe marks outlive WeCom's three-day history window, so a replayed history is never answered twice.
 DEFAULT_DONE_TTL_S = 4 * 24 * 3600
 DEFAULT_CONVERSATION_IDLE_TTL_S = 24 * 3600
+DEFAULT_PROFILE_TTL_S = 24 * 3600
 # A full store looks for expired entries (a scan of everything) at most this often.
 EXPIRY_SWEEP_INTERVAL_S = 60.0
 
@@ -62,6 +64,7 @@ class MemoryStateStore:
         done_ttl_s: float = DEFAULT_DONE_TTL_S,
         clock: Callable[[], float] = time.time,
         max_keys: int = 200_000,
+        profile_ttl_s: float = DEFAULT_PROFILE_TTL_S,
     ) -> None:
         if max_keys < 1:
             raise ValueError("max_keys must be at least 1")
@@ -77,6 +80,8 @@ class MemoryStateStore:
         self._inbox: OrderedDict[CustomerRef, dict[str, InboundMessage]] = OrderedDict()
         self._inbox_size = 0  # messages in all inboxes
         self._kfs: dict[str, None] = {}
+        # Profiles live with the conversations (evictable, least recently used first, forgotten by clear()).
+        self._profile_ttl = profile_ttl_s
 
     @property
     def size(self) -> int:
@@ -328,6 +333,15 @@ class MemoryStateStore:
 
     async def known_kfs(self) -> list[str]:
         return list(self._kfs)
+
+    # --- ProfileStore ---------------------------------------------------------------------------------
+
+    async def get_profile(self, customer: CustomerRef) -> CustomerProfile | None:
+        value = self._get(("profile", customer.open_kfid, customer.external_userid))
+        return value if isinstance(value, CustomerProfile) else None
+
+    async def put_profile(self, customer: CustomerRef, profile: CustomerProfile) -> None:
+        self._set(("profile", customer.open_kfid, customer.external_userid), profile, self._profile_ttl)
 
     # --- StoreAdmin -----------------------------------------------------------------------------------
 

@@ -20,9 +20,11 @@ import httpx
 
 from adapters.outbound.http_transport import async_client
 from adapters.outbound.outside_text import escape_outside_text as escape_outside_text
+from adapters.outbound.wecom_customers import MAX_IDS_PER_CALL, batchget_body, parse_batchget
 from adapters.outbound.wecom_messages import parse_sync_item
 from adapters.outbound.wecom_paths import (
     CGI_BIN,
+    CUSTOMER_BATCHGET,
     GETTOKEN,
     MEDIA_GET,
     MEDIA_UPLOAD,
@@ -34,6 +36,7 @@ from adapters.outbound.wecom_paths import (
 )
 from application.errors import MediaTooLarge, WeComError
 from application.ports import ServiceState
+from domain.customer import CustomerBatch
 from domain.media import MediaBlob, bare_type, filename_from_disposition
 from domain.messages import CustomerRef, SyncPage
 
@@ -222,6 +225,16 @@ class WeComKfChannel:
             self._invalidate(token)
         token = await self._access_token()
         return await self._download(media_id, token, max_bytes)
+
+    # --- CustomerDirectory -----------------------------------------------------------------------------
+
+    async def get_customers(self, external_userids: Sequence[str], *, with_context: bool) -> CustomerBatch:
+        """`kf/customer/batchget` (docs/wecom-kf.md §11), at most 100 ids a call."""
+        ids = list(dict.fromkeys(external_userids))
+        if not ids or len(ids) > MAX_IDS_PER_CALL:
+            raise ValueError(f"batchget takes 1 to {MAX_IDS_PER_CALL} ids, not {len(ids)}")
+        data = await self._call(CUSTOMER_BATCHGET, batchget_body(ids, with_context=with_context))
+        return parse_batchget(data, now=time.time())
 
     # --- access token ----------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ SERVICE_STATE_GET: Final = "kf/service_state/get"
 SERVICE_STATE_TRANS: Final = "kf/service_state/trans"
 MEDIA_GET: Final = "media/get"
 MEDIA_UPLOAD: Final = "media/upload"
+CUSTOMER_BATCHGET: Final = "kf/customer/batchget"
 
 APIS: Final = (
     GETTOKEN,
@@ -27,4 +28,5 @@ APIS: Final = (
     SERVICE_STATE_TRANS,
     MEDIA_GET,
     MEDIA_UPLOAD,
+    CUSTOMER_BATCHGET,
 )

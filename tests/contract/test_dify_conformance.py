@@ -38,7 +38,12 @@ OPERATIONS = {
     ("GET", "/v1/parameters"): "GET /parameters",
     ("GET", "/v1/info"): "GET /info",
 }
-SUGGESTED_PATH = re.compile(r"/v1/messages/[^/]+/suggested")
+# Operations whose path carries an id: (method, path pattern) → operation.
+TEMPLATED_OPERATIONS = {
+    ("GET", re.compile(r"/v1/messages/[^/]+/suggested")): "GET /messages/{message_id}/suggested",
+    ("POST", re.compile(r"/v1/messages/[^/]+/feedbacks")): "POST /messages/{message_id}/feedbacks",
+    ("POST", re.compile(r"/v1/conversations/[^/]+/name")): "POST /conversations/{conversation_id}/name",
+}
 # What the local server streams for each kind of app and feature (recorded shapes of the published ones).
 STREAMS: dict[str, tuple[str, Fault]] = {
     "chat": ("chat", Fault()),
@@ -101,9 +106,14 @@ async def engine(dify_host: tuple[FakeDifyHost, str], anyio_backend: str) -> Asy
 
 def request_problems(request: RecordedRequest) -> list[str]:
     """How a request the local server received breaks Dify's published request schema."""
-    operation = OPERATIONS.get((request.method, request.path))
-    if operation is None and request.method == "GET" and SUGGESTED_PATH.fullmatch(request.path):
-        operation = "GET /messages/{message_id}/suggested"
+    operation = OPERATIONS.get((request.method, request.path)) or next(
+        (
+            op
+            for (method, path), op in TEMPLATED_OPERATIONS.items()
+            if method == request.method and path.fullmatch(request.path)
+        ),
+        None,
+    )
     if operation is None:
         return [] if request.path.startswith("/files/tools/") else [f"unknown operation {request.path}"]
     schema = dify_schemas()["requests"][operation]
@@ -178,6 +188,7 @@ class TestTheSchemaDocument:
             ("get", "/info", "200"),
             ("post", "/messages/{message_id}/feedbacks", "200"),
             ("get", "/messages/{message_id}/suggested", "200"),
+            ("post", "/conversations/{conversation_id}/name", "200"),
         ]
         paths = {p: {m: {**operation, "responses": {s: {"content": {}}}}} for m, p, s in endpoints}
         event_enum = {"event": {"type": "string", "enum": ["message", "ping"]}}

@@ -20,6 +20,7 @@ from application.ports import (
     KfRegistry,
     MessageHandling,
     MessageLedger,
+    ProfileStore,
     PullCoordination,
     StateStore,
     StoreAdmin,
@@ -36,6 +37,7 @@ ROLES: tuple[type[Any], ...] = (
     StoreAdmin,
     CustomerCounters,
     CustomerNotes,
+    ProfileStore,
 )
 STORES: tuple[type[Any], ...] = (MemoryStateStore, MemcachedStateStore, FailoverStateStore)
 

@@ -19,6 +19,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from adapters.outbound.fake_dify import RecordedFeedback, refused_inputs
+from domain.app_form import parse_input_form
 from tests.support.multipart import MultipartError, Part, parse_form
 from tests.support.schema_check import dify_schemas, problems
 
@@ -194,6 +196,7 @@ class FakeDifyServer:
         not_found_suffix: str = "",
         hang_on_unknown_conversation: bool = False,
         transcribe: TranscribeFunction = default_transcript,
+        user_input_form: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         self.api_key = api_key
         self.mode = mode
@@ -243,6 +246,12 @@ class FakeDifyServer:
         # (chunk index, condition): streams wait before that answer chunk until the condition holds (what the
         # client did meanwhile, e.g. a part of the answer already reached the customer).
         self.hold: tuple[int, Callable[[], bool]] | None = None
+        # The app's declared input variables, as /parameters lists them (docs/dify.md); chat requests are
+        # checked against them as Dify does. What the app's logs show: feedback and conversation names.
+        self.user_input_form: list[dict[str, Any]] = [dict(item) for item in user_input_form]
+        self.answers: dict[str, tuple[str, str]] = {}  # message_id → (user, conversation_id)
+        self.feedbacks: list[RecordedFeedback] = []
+        self.conversation_names: dict[str, str] = {}
         self._app = Starlette(
             routes=[
                 Route("/v1/chat-messages", self._chat_messages, methods=["POST"]),
@@ -251,6 +260,8 @@ class FakeDifyServer:
                 Route("/v1/files/upload", self._files_upload, methods=["POST"]),
                 Route("/v1/audio-to-text", self._audio_to_text, methods=["POST"]),
                 Route("/v1/messages/{message_id}/suggested", self._suggested, methods=["GET"]),
+                Route("/v1/messages/{message_id}/feedbacks", self._feedbacks, methods=["POST"]),
+                Route("/v1/conversations/{conversation_id}/name", self._rename, methods=["POST"]),
                 Route("/files/tools/{name}", self._hosted_file, methods=["GET"]),
             ],
             exception_handlers={HTTPException: self._http_exception},
@@ -325,6 +336,8 @@ class FakeDifyServer:
             return refused
         if (refused := self._nonconforming("POST /chat-messages", body)) is not None:
             return refused
+        if refusal := refused_inputs(parse_input_form(self.user_input_form), body["inputs"]):
+            return _error(400, "invalid_param", refusal)
         streaming = response_mode == "streaming"
         if not streaming and self.mode in ("agent-chat", "agent"):
             if fault is not None:  # the app never ran: the scripted run is the next one's
@@ -362,6 +375,7 @@ class FakeDifyServer:
         def remember() -> None:
             conversation.turns.append((query, final))
             self.answered[message_id] = (user, query, final)
+            self.answers[message_id] = (user, conversation.id)
 
         if streaming or fault.sse_for_blocking:
             return self._stream(self._events(conversation, query, text, message_id, task_id, fault, remember))
@@ -423,7 +437,7 @@ class FakeDifyServer:
                     "type": "keywords" if self.moderation else "",
                     "configs": [],
                 },
-                "user_input_form": [],
+                "user_input_form": self.user_input_form,
                 "file_upload": self.file_upload,
                 "system_parameters": self.system_parameters,
             }
@@ -446,6 +460,42 @@ class FakeDifyServer:
             return _error(404, "not_found", "Message Not Exists.")
         questions = [q for q in self.suggest(answered[1], answered[2]) if isinstance(q, str)]
         return JSONResponse({"result": "success", "data": questions})
+
+    async def _feedbacks(self, request: Request) -> Response:
+        """POST /messages/{message_id}/feedbacks (docs/dify.md): the answer must be this user's."""
+        body = await self._record(request)
+        if (denied := self._auth(request)) is not None:
+            return denied
+        if (early := await self._fault_response(request.url.path)) is not None:
+            return early
+        if (refused := self._nonconforming("POST /messages/{message_id}/feedbacks", body)) is not None:
+            return refused
+        message_id = request.path_params["message_id"]
+        found = self.answers.get(message_id)
+        if found is None or found[0] != body["user"]:
+            return _error(404, "not_found", "Message Not Exists.")
+        self.feedbacks.append(
+            RecordedFeedback(message_id, body["user"], body.get("rating") or "", body.get("content") or "")
+        )
+        return JSONResponse({"result": "success"})
+
+    async def _rename(self, request: Request) -> Response:
+        """POST /conversations/{conversation_id}/name (docs/dify.md): the conversation must be this user's."""
+        body = await self._record(request)
+        if (denied := self._auth(request)) is not None:
+            return denied
+        if (early := await self._fault_response(request.url.path)) is not None:
+            return early
+        if (refused := self._nonconforming("POST /conversations/{conversation_id}/name", body)) is not None:
+            return refused
+        conversation = self.conversations.get(request.path_params["conversation_id"])
+        if conversation is None or conversation.user != body.get("user"):
+            return _error(404, "not_found", "Conversation Not Exists.")
+        name = body.get("name") or ""
+        if not name and body.get("auto_generate") is not True:
+            return _error(400, "invalid_param", "name is required")
+        self.conversation_names[conversation.id] = name
+        return JSONResponse({"id": conversation.id, "name": name, "status": conversation.status})
 
     async def _files_upload(self, request: Request) -> Response:
         """POST /files/upload (docs/dify.md §5.1–5.3): one `file` part with a name, an extension and a

@@ -26,6 +26,7 @@ from adapters.outbound.fake_wecom import KfWorld, media_filename
 from adapters.outbound.wecom_paths import (
     APIS,
     CGI_BIN,
+    CUSTOMER_BATCHGET,
     GETTOKEN,
     MEDIA_GET,
     MEDIA_UPLOAD,
@@ -98,6 +99,7 @@ class FakeWeComServer:
             SEND_MSG_ON_EVENT: self._send_msg_on_event,
             SERVICE_STATE_GET: self._service_state_get,
             SERVICE_STATE_TRANS: self._service_state_trans,
+            CUSTOMER_BATCHGET: self._customer_batchget,
         }
         routes = [
             Route(CGI_BIN + GETTOKEN, self._gettoken, methods=["GET"]),
@@ -349,6 +351,10 @@ class FakeWeComServer:
         state = _int_field(api, body, "service_state", default=-1)
         code = self.world.transfer(customer, state, _str_field(api, body, "servicer_userid"))
         return {"msg_code": code} if code else {}
+
+    def _customer_batchget(self, body: dict[str, Any]) -> dict[str, Any]:
+        with_context = _int_field(CUSTOMER_BATCHGET, body, "need_enter_session_context", default=0)
+        return self.world.batchget(body.get("external_userid_list"), with_context=with_context == 1)
 
     # --- internals -------------------------------------------------------------------------------------
 

@@ -9,10 +9,12 @@ import anyio.lowlevel
 
 from adapters.outbound.fake_wecom.records import media_filename
 from adapters.outbound.fake_wecom.world import KfWorld
+from adapters.outbound.wecom_customers import parse_batchget
 from adapters.outbound.wecom_messages import parse_sync_item
 from adapters.outbound.wecom_paths import GETTOKEN, SEND_MSG, SEND_MSG_ON_EVENT
 from application.errors import MediaTooLarge, WeComError
 from application.ports import ServiceState
+from domain.customer import CustomerBatch
 from domain.media import MediaBlob
 from domain.messages import CustomerRef, SyncPage
 
@@ -102,3 +104,10 @@ class FakeKfChannel:
         if self.world.take_lost_response(api):
             raise WeComError(None, f"{api} unreachable: ReadTimeout", api=api)
         return msgid
+
+    # --- CustomerDirectory -----------------------------------------------------------------------------
+
+    async def get_customers(self, external_userids: Sequence[str], *, with_context: bool) -> CustomerBatch:
+        await anyio.lowlevel.checkpoint()
+        answer = self.world.batchget(list(external_userids), with_context=with_context)
+        return parse_batchget(answer, now=self.world.clock())

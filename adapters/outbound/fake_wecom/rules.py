@@ -34,6 +34,9 @@ ERR_INVALID_MEDIA_ID = 40007
 ERR_IMAGE_SIZE = 40009
 ERR_VIDEO_SIZE = 40011
 ERR_EMPTY_MEDIA = 44001
+# kf/customer/batchget (docs/wecom-kf.md §11)
+ERR_NO_CUSTOMER_PERMISSION = 48002  # the app may not read customer info
+MAX_BATCHGET_IDS = 100
 MEDIA_TTL_S = 3 * 86400  # media_id lives 3 days
 SEND_MEDIA_MSGTYPES = frozenset({"image", "voice", "video", "file"})
 

@@ -71,6 +71,14 @@ class KfState:
         self._outbound_msgids: dict[str, set[str]] = {}
         self._failures: dict[str, list[tuple[int, str]]] = {}
         self._lost_responses: dict[str, int] = {}
+        # kf/customer/batchget: profiles by external_userid (seeded), and each customer's newest entry
+        # context (from enter_session events) with its time. `unionid_bound`: the corp has bound a WeChat
+        # open platform account (else batchget gives no unionid).
+        self.customer_profiles: dict[str, dict[str, Any]] = {}
+        self.entry_contexts: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.unionid_bound = True
+        # APIs this app has no permission for: they answer 48002 (e.g. batchget without customer-info rights).
+        self.forbidden_apis: set[str] = set()
 
     # --- seeding (tests) -------------------------------------------------------------------------------
 
@@ -152,13 +160,17 @@ class KfState:
         scene_param: str = "",
         welcome: bool = True,
         send_time: int | None = None,
+        wechat_channels: Mapping[str, Any] | None = None,
     ) -> tuple[str, str]:
-        """An enter_session event; returns (msgid, welcome_code or "")."""
+        """An enter_session event; returns (msgid, welcome_code or ""). `scene_param` goes out as given
+        (WeCom hands it over URL-encoded)."""
         fields: dict[str, Any] = {}
         if scene:
             fields["scene"] = scene
         if scene_param:
             fields["scene_param"] = scene_param
+        if wechat_channels:
+            fields["wechat_channels"] = dict(wechat_channels)
         with self._lock:
             code = self._next_id("welcome") if welcome else ""
             if code:
@@ -167,6 +179,25 @@ class KfState:
                 open_kfid, "enter_session", external_userid=external_userid, send_time=send_time, **fields
             )
         return msgid, code
+
+    def add_customer_profile(
+        self,
+        external_userid: str,
+        *,
+        nickname: str = "",
+        gender: int = 0,
+        unionid: str = "",
+        avatar: str = "",
+    ) -> None:
+        """What kf/customer/batchget tells about a customer (docs/wecom-kf.md §11)."""
+        with self._lock:
+            self.customer_profiles[external_userid] = {
+                "external_userid": external_userid,
+                "nickname": nickname,
+                "avatar": avatar,
+                "gender": gender,
+                "unionid": unionid,
+            }
 
     def add_media(self, data: bytes, content_type: str, *, filename: str = "", kind: str = "file") -> str:
         """Temporary media as a customer's message carries it (valid 3 days); returns its media_id."""
@@ -312,6 +343,8 @@ class KfState:
         event = message.event
         assert event is not None
         customer = CustomerRef(message.open_kfid, message.external_userid)
+        if event.event_type == "enter_session" and customer.external_userid:
+            self._remember_entry(message)
         if event.welcome_code and event.welcome_code not in self._codes:
             self._codes[event.welcome_code] = EventCode(
                 customer, self.clock() + self.welcome_code_ttl_s, frozenset({"text", "msgmenu"}), None
@@ -331,6 +364,17 @@ class KfState:
             else:
                 ttl, msgtypes = LONG_CODE_TTL_S, frozenset({"text"})
             self._codes[event.msg_code] = EventCode(customer, self.clock() + ttl, msgtypes, session.state)
+
+    def _remember_entry(self, message: InboundMessage) -> None:
+        """batchget's enter_session_context: the newest entry, as the event carried it (raw item fields)."""
+        for item in reversed(self._logs.get(message.open_kfid, [])):
+            if item.get("msgid") == message.msgid:
+                raw = item.get("event", {})
+                context = {
+                    k: copy.deepcopy(raw[k]) for k in ("scene", "scene_param", "wechat_channels") if k in raw
+                }
+                self.entry_contexts[message.external_userid] = (float(message.send_time), context)
+                return
 
     def _session(self, customer: CustomerRef) -> Session:
         return self._sessions.setdefault(customer, Session())

@@ -29,6 +29,7 @@ from adapters.outbound.fake_wecom.rules import (
     ERR_ILLEGAL_TRANSITION,
     ERR_IMAGE_SIZE,
     ERR_INVALID_MEDIA_ID,
+    ERR_NO_CUSTOMER_PERMISSION,
     ERR_NOT_SERVICER,
     ERR_OUTSIDE_48H,
     ERR_SEND_QUOTA,
@@ -36,6 +37,7 @@ from adapters.outbound.fake_wecom.rules import (
     ERR_SESSION_NOT_SENDABLE,
     ERR_VIDEO_SIZE,
     LONG_CODE_TTL_S,
+    MAX_BATCHGET_IDS,
     MAX_CURSOR_BYTES,
     MAX_SYNC_LIMIT,
     MAX_SYNC_TOKEN_BYTES,
@@ -52,6 +54,7 @@ from adapters.outbound.fake_wecom.rules import (
 )
 from adapters.outbound.fake_wecom.state import KfState
 from adapters.outbound.wecom_paths import (
+    CUSTOMER_BATCHGET,
     MEDIA_GET,
     MEDIA_UPLOAD,
     SEND_MSG,
@@ -264,3 +267,56 @@ class KfWorld(KfState):
             session.state = state
             session.servicer_userid = servicer_userid if state == 3 else ""
             return code
+
+    # --- kf/customer/batchget (docs/wecom-kf.md §11) ----------------------------------------------------
+
+    def batchget(self, external_userids: object, *, with_context: bool) -> dict[str, Any]:
+        """`kf/customer/batchget`: {"customer_list": [...], "invalid_external_userid": [...]}, as WeCom
+        answers.
+        Customers are known when seeded (`add_customer_profile`) or once they wrote or entered a session;
+        the entry context comes only for customers active within the last 48 h."""
+        with self._lock:
+            self.check_failure(CUSTOMER_BATCHGET)
+            if not isinstance(external_userids, list) or not external_userids:
+                raise invalid(CUSTOMER_BATCHGET, "external_userid_list required")
+            if len(external_userids) > MAX_BATCHGET_IDS:
+                raise invalid(CUSTOMER_BATCHGET, f"at most {MAX_BATCHGET_IDS} external_userid")
+            if CUSTOMER_BATCHGET in self.forbidden_apis:
+                raise WeComError(ERR_NO_CUSTOMER_PERMISSION, "api forbidden", api=CUSTOMER_BATCHGET)
+            found: list[dict[str, Any]] = []
+            invalid_ids: list[str] = []
+            for userid in dict.fromkeys(external_userids):
+                if not isinstance(userid, str):
+                    raise invalid(CUSTOMER_BATCHGET, "external_userid must be a string")
+                entry = self._customer_entry(userid, with_context=with_context)
+                if entry is None:
+                    invalid_ids.append(userid)
+                else:
+                    found.append(entry)
+            return {"customer_list": found, "invalid_external_userid": invalid_ids}
+
+    def _customer_entry(self, userid: str, *, with_context: bool) -> dict[str, Any] | None:
+        profile = self.customer_profiles.get(userid)
+        if profile is None and not self._has_written(userid) and userid not in self.entry_contexts:
+            return None
+        entry = (
+            copy.deepcopy(profile)
+            if profile is not None
+            else {
+                "external_userid": userid,
+                "nickname": "微信用户",
+                "avatar": "",
+                "gender": 0,
+                "unionid": "",
+            }
+        )
+        if not self.unionid_bound or not entry.get("unionid"):
+            entry.pop("unionid", None)
+        if with_context:
+            seen = self.entry_contexts.get(userid)
+            if seen is not None and self.clock() - seen[0] <= SESSION_WINDOW_S:
+                entry["enter_session_context"] = copy.deepcopy(seen[1])
+        return entry
+
+    def _has_written(self, userid: str) -> bool:
+        return any(c.external_userid == userid for c in self._sessions)

@@ -1,0 +1,54 @@
+"""`bootstrap.py simulate --scene/--scene-param/--nickname`: try how the app behaves for a given entry."""
+
+from __future__ import annotations
+
+import io
+
+import bootstrap
+from adapters.inbound.cli_simulate import run_simulate
+from adapters.inbound.config_file import Settings
+from tests.support.dify_server import FakeDifyServer
+from tests.support.http_server import serve
+
+FORM = [
+    {"text-input": {"variable": "nickname", "label": "昵称", "required": False}},
+    {"paragraph": {"variable": "scene_param", "label": "来源", "required": False}},
+    {"text-input": {"variable": "scene", "label": "场景", "required": False}},
+]
+
+
+def test_the_simulated_customer_comes_from_the_given_entry() -> None:
+    dify = FakeDifyServer(user_input_form=FORM)
+    with serve(dify.app) as url:
+        settings = Settings(
+            corp_id="wwsimulation0001",
+            corp_secret="simulation-corp-secret",
+            token="simulationtoken",
+            encoding_aes_key="A" * 43,
+            dify_api_base=f"{url}/v1",
+            dify_api_key=dify.api_key,
+            interim_after_s=0.0,
+        )
+        args = bootstrap._parse_args(
+            ["simulate", "--scene", "product", "--scene-param", "商品页 A-42", "--nickname", "小李"]
+        )
+        parts = bootstrap.build_simulation(
+            settings, scene=args.scene, scene_param=args.scene_param, nickname=args.nickname
+        )
+        out = io.StringIO()
+        code = run_simulate(
+            push_text=parts.push_text,
+            sent_texts=parts.sent_texts,
+            notify=parts.notify,
+            idle=parts.idle,
+            start=parts.start,
+            stop=parts.stop,
+            app_label=parts.app_label,
+            stdin=io.StringIO("你好\n/quit\n"),
+            stdout=out,
+            entry_note=bootstrap.entry_note(args.scene, args.scene_param, args.nickname),
+        )
+    assert code == 0
+    (request,) = dify.chat_requests()
+    assert request.json["inputs"] == {"nickname": "小李", "scene_param": "商品页 A-42", "scene": "product"}
+    assert "scene_param=商品页 A-42" in out.getvalue() and "nickname=小李" in out.getvalue()
