@@ -100,8 +100,9 @@ def test_each_implementation_provides_its_port(port: type[Any], implementation: 
             assert isinstance(provided, property), f"{where}: {name} is not a property"
             continue
         assert callable(provided) and not isinstance(provided, property), f"{where}: {name} is not a method"
-        assert inspect.iscoroutinefunction(provided) == inspect.iscoroutinefunction(wanted), (
-            f"{where}: {name} is {'not ' if inspect.iscoroutinefunction(wanted) else ''}async in the port"
+        is_async = inspect.iscoroutinefunction(wanted)
+        assert inspect.iscoroutinefunction(provided) == is_async, (
+            f"{where}: {name} must {'' if is_async else 'not '}be async, as in the port"
         )
         expected = inspect.signature(wanted)
         actual = inspect.signature(provided)
