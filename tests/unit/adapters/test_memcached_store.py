@@ -633,7 +633,10 @@ async def test_many_customers_recording_and_removing_at_once_never_exhaust_cas(
     server: MemcachedProcess,
 ) -> None:
     """One index key per kf account must not become a hot spot: a busy shop drains 100 customers at once."""
-    stores = [MemcachedStateStore(servers=[server.server], prefix="contended", **FAST) for _ in range(2)]
+    # About CAS contention, not timeouts: 200 commands at once on a loaded machine may take longer than FAST's
+    # 0.5 s per command, which would fail the test with a timeout that says nothing about contention.
+    patient = {"connect_timeout": 10, "timeout": 10}
+    stores = [MemcachedStateStore(servers=[server.server], prefix="contended", **patient) for _ in range(2)]
     try:
 
         async def customer(i: int) -> None:
