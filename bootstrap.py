@@ -8,15 +8,12 @@ concrete classes. How settings become options, texts, routes and start notes: ad
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import os
-import socket
 import sys
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any
 from urllib.parse import quote
@@ -25,8 +22,15 @@ from dependency_injector import containers, providers
 
 from adapters.inbound import settings as settings_map
 from adapters.inbound.admin_api import AdminApi
-from adapters.inbound.cli_simulate import entry_note
-from adapters.inbound.config_file import ConfigError, Settings, load_settings
+from adapters.inbound.cli_simulate import (
+    SIMULATED_CUSTOMER,
+    SIMULATED_KF,
+    SimulationParts,
+    entry_note,
+    run_parts,
+)
+from adapters.inbound.command_line import load_for_check, load_or_exit, parse_args
+from adapters.inbound.config_file import Settings
 from adapters.inbound.console_api import Bubble, ConsoleApi, TryChat, TrySessions
 from adapters.inbound.http import create_app, lifespan_for
 from adapters.inbound.log_setup import configure_logging
@@ -35,6 +39,7 @@ from adapters.inbound.settings import build_options as build_options  # re-expor
 from adapters.inbound.settings import build_texts as build_texts
 from adapters.inbound.wecom_crypto import WeComCrypto
 from adapters.inbound.wecom_webhook import WeComWebhook
+from adapters.inbound.wiring import accepting_flag, closers_of, is_persistent, owner_id, started_now
 from adapters.outbound.audio import FfmpegAudioConverter
 from adapters.outbound.dify import DifyChatEngine
 from adapters.outbound.fake_wecom import FakeKfChannel
@@ -57,7 +62,7 @@ from application.insights import Insights
 from application.lifecycle import Lifecycle
 from application.media import MediaSupport
 from application.options import BotOptions
-from application.ports import ChatEngine, Clock, StateStore
+from application.ports import ChatEngine, StateStore
 from application.pull_messages import PullMessages
 from application.rate_limiter import CustomerRateLimiter
 from application.rejections import RejectedCustomers
@@ -143,32 +148,6 @@ def _route_engine(settings: Settings, base_url: str, api_key: str) -> DifyChatEn
     return build_dify(settings, base_url=base_url, api_key=api_key)
 
 
-def owner_id() -> str:
-    """Names this process in leases: host, pid and a random part (pids repeat across restarts)."""
-    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def closers_of(*parts: object, routing: Routing) -> list[Callable[[], Awaitable[object]]]:
-    """The `aclose` of each distinct part and of every route's chat engine, in that order: what the
-    lifecycle closes at stop."""
-    closers: list[Callable[[], Awaitable[object]]] = []
-    seen: set[int] = set()
-    for part in (*parts, *(route.engine for route in routing.all_routes())):
-        close = getattr(part, "aclose", None)
-        if close is not None and id(part) not in seen:
-            closers.append(close)
-        seen.add(id(part))
-    return closers
-
-
-def started_now(clock: Clock) -> float:
-    return clock.now()
-
-
-def is_persistent(store_backend: str) -> bool:
-    return store_backend != "memory"
-
-
 def shared_with_instances(store: StateStore) -> StateStore | None:
     """The store, when several instances share it (Memcached): then the rate limit, session owners and
     refusals are shared through it. None for the in-process store: those stay in this instance's memory."""
@@ -191,15 +170,6 @@ def start_then_report(
         app_inputs.start_report(routing)
 
     return started
-
-
-def accepting_flag(lifecycle: Lifecycle) -> Callable[[], bool]:
-    """The webhook's "are we accepting callbacks" question, answered by the lifecycle."""
-
-    def accepting() -> bool:
-        return lifecycle.accepting
-
-    return accepting
 
 
 def build_insights(telemetry: Telemetry, instance: str) -> Insights:
@@ -444,25 +414,6 @@ def build_container(settings: Settings, adapters: containers.Container | None = 
 # --- command line --------------------------------------------------------------------------------------
 
 
-def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bootstrap.py", description="kf-dify: WeCom kf × Dify bridge")
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "check", "simulate"])
-    parser.add_argument("--config", default=None, help="path to config.ini (default ./config.ini)")
-    # simulate: the customer's entry and profile, to try how the app behaves for them (issue #17).
-    parser.add_argument("--scene", default="", help="simulate: the entry scene (enter_session's scene)")
-    parser.add_argument("--scene-param", default="", help="simulate: the entry link's scene_param")
-    parser.add_argument("--nickname", default="", help="simulate: the customer's WeChat nickname")
-    return parser.parse_args(list(argv))
-
-
-def load_or_exit(path: str | None, environ: Mapping[str, str]) -> Settings:
-    try:
-        return load_settings(path, environ)
-    except ConfigError as exc:
-        print(f"kf-dify: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def serve(settings: Settings) -> None:
     from adapters.inbound.server import listeners_from
     from adapters.inbound.server import serve as serve_listeners
@@ -475,25 +426,6 @@ def serve(settings: Settings) -> None:
     gc.collect()
     gc.freeze()
     serve_listeners(app, listeners_from(settings))
-
-
-@dataclass(frozen=True, slots=True)
-class SimulationParts:
-    """The real application core and Dify adapter with an in-process WeCom and store, for `simulate`."""
-
-    push_text: Callable[[str], None]
-    sent_texts: Callable[[], list[str]]
-    notify: Callable[[], None]
-    idle: Callable[[], Awaitable[None]]
-    start: Callable[[], Awaitable[None]]
-    stop: Callable[[], Awaitable[None]]
-    app_label: str
-    sent_menus: Callable[[], list[tuple[str, tuple[tuple[str, str], ...]]]] | None = None
-    push_tap: Callable[[str, str], None] | None = None
-
-
-SIMULATED_KF = "wk-simulate"
-SIMULATED_CUSTOMER = "wm-operator"
 
 
 def build_simulation(
@@ -598,22 +530,16 @@ def seed_simulated_customer(
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     env = os.environ if environ is None else environ
     if args.command == "check":
         from adapters.inbound.cli_check import run_check
 
         # Quiet: the report is the output; adapters' own error logs would only repeat it.
         configure_logging(level="CRITICAL", fmt="text")
-        try:
-            loaded = load_settings(args.config, env)
-            settings: Settings | None = loaded
-            problems: list[str] = []
-            source = loaded.source
-        except ConfigError as exc:
-            settings, problems, source = None, exc.problems, exc.source
+        checked, problems, source = load_for_check(args.config, env)
         return run_check(
-            settings,
+            checked,
             problems,
             channel_factory=build_channel,
             engine_factory=build_dify,
@@ -626,23 +552,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if args.command == "serve":
         serve(settings)
         return 0
-    from adapters.inbound.cli_simulate import run_simulate
 
     configure_logging(level="ERROR", fmt="text", secrets=settings.secrets())
     parts = build_simulation(settings, scene=args.scene, scene_param=args.scene_param, nickname=args.nickname)
-    return run_simulate(
-        push_text=parts.push_text,
-        sent_texts=parts.sent_texts,
-        notify=parts.notify,
-        idle=parts.idle,
-        start=parts.start,
-        stop=parts.stop,
-        app_label=parts.app_label,
+    return run_parts(
+        parts,
         stdin=sys.stdin,
         stdout=sys.stdout,
         reset_words=build_options(settings).reset_words,
-        sent_menus=parts.sent_menus,
-        push_tap=parts.push_tap,
         entry_note=entry_note(args.scene, args.scene_param, args.nickname),
     )
 

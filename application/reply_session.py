@@ -182,4 +182,4 @@ def refuses_repeated_msgid(exc: WeComError) -> bool:
 
 def backoff(base_s: float, attempt: int) -> float:
     """Exponential backoff with jitter: base, 2×base, 4×base ... each stretched by up to 2×."""
-    return base_s * (2**attempt) * (1 + random.random())
+    return base_s * (2.0**attempt) * (1 + random.random())

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh machine: installs memcached and chromium (Debian) and the Python
-# dependencies into .venv, then lints and runs pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k webhook).
+# dependencies into .venv, then lints, checks types (mypy) and runs pytest. Extra arguments go to pytest
+# (e.g. scripts/test.sh -k webhook).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,4 +30,6 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 
 .venv/bin/python -m ruff check .
+# Types: the files and strictness are in pyproject.toml ([tool.mypy]); any error fails the run.
+.venv/bin/python -m mypy
 .venv/bin/python -m pytest "$@"

@@ -5,9 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from tests.support.memcached import MemcachedProcess, start_memcached
 from tests.support.stack import Servers, fake_servers
+
+# Hypothesis for every property test: no per-example deadline (the properties here are about results, not
+# speed, and on a loaded machine a slow example is not a failure) and no example database in the repo.
+settings.register_profile("kf-dify", deadline=None, database=None)
+settings.load_profile("kf-dify")
 
 
 @pytest.fixture

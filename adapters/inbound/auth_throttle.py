@@ -84,7 +84,7 @@ class FailedAuthThrottle:
         record.failures.append(now)
         if record.strikes == 0 and len(record.failures) < self._threshold:
             return 0
-        lockout = min(self._base * 2 ** min(record.strikes, 30), self._max)
+        lockout = min(self._base * 2.0 ** min(record.strikes, 30), self._max)
         record.strikes += 1
         record.failures = []
         record.locked_until = now + lockout

@@ -220,4 +220,4 @@ def bounded_protocol(
         else:
             base = BoundedHttpToolsProtocol
     cls = type(base.__name__, (base,), {"limits": limits})
-    return cls  # type: ignore[return-value]
+    return cls

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Final, TextIO
 
 QUIT_WORDS: Final = frozenset({"/quit", "/exit"})
@@ -21,6 +22,51 @@ PROMPT: Final = "you> "
 _POLL_S: Final = 0.05
 
 Menu = tuple[str, Sequence[tuple[str, str]]]  # head, (id, content) click items
+
+SIMULATED_KF: Final = "wk-simulate"
+SIMULATED_CUSTOMER: Final = "wm-operator"
+
+
+@dataclass(frozen=True, slots=True)
+class SimulationParts:
+    """The real application core and Dify adapter with an in-process WeCom and store, for `simulate`
+    (bootstrap.build_simulation wires them)."""
+
+    push_text: Callable[[str], None]
+    sent_texts: Callable[[], list[str]]
+    notify: Callable[[], None]
+    idle: Callable[[], Awaitable[None]]
+    start: Callable[[], Awaitable[None]]
+    stop: Callable[[], Awaitable[None]]
+    app_label: str
+    sent_menus: Callable[[], Sequence[Menu]] | None = None
+    push_tap: Callable[[str, str], None] | None = None
+
+
+def run_parts(
+    parts: SimulationParts,
+    *,
+    stdin: TextIO,
+    stdout: TextIO,
+    reset_words: Sequence[str] = (),
+    entry_note: str = "",
+) -> int:
+    """run_simulate with the wired parts."""
+    return run_simulate(
+        push_text=parts.push_text,
+        sent_texts=parts.sent_texts,
+        notify=parts.notify,
+        idle=parts.idle,
+        start=parts.start,
+        stop=parts.stop,
+        app_label=parts.app_label,
+        stdin=stdin,
+        stdout=stdout,
+        reset_words=reset_words,
+        sent_menus=parts.sent_menus,
+        push_tap=parts.push_tap,
+        entry_note=entry_note,
+    )
 
 
 def run_simulate(

@@ -446,7 +446,7 @@ class MemcachedStateStore:
         key = await self._key("inbox", customer.open_kfid, customer.external_userid)
         raw, token = await self._client.gets(key)
         box = _decode_inbox(raw, customer)
-        if raw is not None and box and len(raw) <= INBOX_READ_MAX_BYTES:
+        if raw is not None and token is not None and box and len(raw) <= INBOX_READ_MAX_BYTES:
             self._keep_inbox_read(key, (raw, token, box))
         return list(box)
 
@@ -471,6 +471,7 @@ class MemcachedStateStore:
         # hot path: under load every drain rewriting it made CAS retries run out.
         expire = expire_for(self._done_ttl, now=time.time())
         fresh = False
+        token: bytes | None
         for attempt in range(CAS_ATTEMPTS):
             if kept_read is not None:
                 _, token, box = kept_read

@@ -3,6 +3,13 @@
 Dify answers 500, 429, an HTML gateway page, a stream that stops mid-answer; WeCom answers busy (-1), rate
 limited (45009) and slowly; Memcached is killed and restarted mid-run. Every customer message gets exactly
 one reply (the answer, or the polite fallback), per customer in order, and the webhook never answers 5xx.
+
+The outage is made deterministic: Memcached dies between rounds, comes back only once both instances are in
+degraded mode, and the next round starts once both have recovered. While degraded, instances do not see
+each other's claims (README, "When Memcached is down"), so order across instances is only promised outside
+the outage: a later message answered by an instance on Memcached while an earlier one is still claimed in
+another instance's memory may overtake it. Letting the outage overlap rounds at random made this test fail
+now and then for exactly that, documented, reason.
 """
 
 from __future__ import annotations
@@ -50,28 +57,40 @@ def test_messages_in_equal_replies_out_under_mixed_faults(
         lambda: servers.wecom.world.fail_next("kf/send_msg", 45009),
         lambda: servers.wecom.delay_next("kf/sync_msg", 1.0),
     ]
+    outage_round = 1
+
+    def replies_to_rounds(n: int) -> None:
+        wait_for(
+            lambda: len(servers.wecom.world.sent) >= len(customers) * n,
+            90,
+            what=f"a reply to every message of {n} round(s)",
+        )
+
+    def every_instance_logged(text: str) -> None:
+        wait_for(lambda: all(text in service.logs() for service in instances), 60, what=repr(text))
+
     try:
         with httpx.Client(timeout=10) as client:
             for round_ in range(rounds):
                 for fault in faults:
                     fault()
-                if round_ == 1:
+                if round_ == outage_round:
+                    replies_to_rounds(round_)  # nothing of an earlier round in flight across the outage
                     memcached.kill()
                 for c in customers:
                     servers.wecom.world.add_customer_text(KF, c, f"{c}/{round_}")
-                for i, service in enumerate(instances * 2):
+                for service in instances * 2:
                     params, body = signed_callback(servers.wecom.corp_id, KF)
                     statuses.append(
                         client.post(service.url + "/webhook", params=params, content=body).status_code
                     )
-                    if i == 1 and round_ == 1:
-                        memcached.restart()
-                time.sleep(0.5)
-        wait_for(
-            lambda: len(servers.wecom.world.sent) >= len(customers) * rounds,
-            90,
-            what="a reply to every message",
-        )
+                if round_ == outage_round:
+                    # Each instance pulled on its callback and found Memcached gone: both are degraded.
+                    every_instance_logged("degraded mode")
+                    memcached.restart()
+                    replies_to_rounds(round_ + 1)
+                    every_instance_logged("state store reachable again")
+        replies_to_rounds(rounds)
         time.sleep(3.0)  # a duplicate, if any, would arrive by now
 
         assert statuses == [200] * len(statuses)
@@ -93,5 +112,5 @@ def test_messages_in_equal_replies_out_under_mixed_faults(
             service.stop()
     logs = [service.logs() for service in instances]
     assert not any("Traceback" in log for log in logs)
-    # The Memcached outage really happened under load: at least one instance went into degraded mode.
-    assert any("degraded mode" in log for log in logs)
+    # The Memcached outage really happened under load: each instance went into degraded mode.
+    assert all("degraded mode" in log for log in logs)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -102,15 +103,39 @@ class MemcachedProcess:
         self._reap()
 
     def pause(self) -> None:
-        """SIGSTOP: connections are still accepted by the kernel but nothing answers (a hung server)."""
+        """SIGSTOP: connections are still accepted by the kernel but nothing answers (a hung server).
+
+        Returns once every thread of the server has stopped. kill(SIGSTOP) only queues the signal and wakes
+        one thread, which then stops the others; until it has run, a worker thread may still answer a
+        request, which is how a test that expected no answer got one on a loaded machine."""
         if self.running:
             assert self._process is not None
             self._process.send_signal(signal.SIGSTOP)
+            self._wait_for_threads(stopped=True)
+
+    def _wait_for_threads(self, *, stopped: bool) -> None:
+        """Wait until every thread of the process is stopped (or none is), as /proc tells (Linux)."""
+        assert self._process is not None
+        tasks = Path(f"/proc/{self._process.pid}/task")
+        if not tasks.is_dir():  # no procfs: nothing to wait on
+            return
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                return
+            with suppress(FileNotFoundError):
+                states = [_thread_state(task / "stat") for task in tasks.iterdir()]
+                if all((state in "tT") == stopped for state in states if state):
+                    return
+            time.sleep(0.001)
+        raise RuntimeError(f"memcached pid {self._process.pid} did not {'stop' if stopped else 'resume'}")
 
     def resume(self) -> None:
+        """SIGCONT; returns once every thread runs again."""
         if self.running:
             assert self._process is not None
             self._process.send_signal(signal.SIGCONT)
+            self._wait_for_threads(stopped=False)
 
     def restart(self) -> None:
         """Stop if running, then start again on the same port (empty, as after a real restart)."""
@@ -149,6 +174,16 @@ class MemcachedProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _thread_state(stat: Path) -> str:
+    """The state letter of /proc/PID/task/TID/stat ("" when the thread is gone)."""
+    try:
+        text = stat.read_text()
+    except OSError:
+        return ""
+    # "tid (comm) S ...": comm may hold spaces and parentheses, so split after the last ")".
+    return text.rpartition(")")[2].split()[0]
 
 
 def start_memcached(*, attempts: int = 3) -> MemcachedProcess:

@@ -32,19 +32,40 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+# The service's exit status when it cannot bind its port (adapters/inbound/server.py).
+CANNOT_LISTEN = 3
+PORT_ATTEMPTS = 5
+
+
 class ServiceProcess:
     def __init__(self, config: Path, *, port: int | None = None, env: dict[str, str] | None = None) -> None:
         self.config = config
-        self.port = port or free_port()
-        self.log_path = config.with_suffix(f".{self.port}.log")
-        self._env = {**os.environ, "SERVER_PORT": str(self.port), "SERVER_HOST": "127.0.0.1", **(env or {})}
+        self._own_port = port is None
+        self._extra_env = env or {}
+        self._use_port(port or free_port())
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _use_port(self, port: int) -> None:
+        self.port = port
+        self.log_path = self.config.with_suffix(f".{self.port}.log")
+        self._env = {**os.environ, "SERVER_PORT": str(port), "SERVER_HOST": "127.0.0.1", **self._extra_env}
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> ServiceProcess:
+    def start(self, timeout: float = 30.0) -> ServiceProcess:
+        """Start and wait until /healthz answers. A port picked here (free_port) may be taken by someone
+        else before the service binds it: the service then exits with CANNOT_LISTEN and starts again on
+        another port."""
+        for _ in range(PORT_ATTEMPTS - 1):
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                self._use_port(free_port())
+        return self._start_once(timeout)
+
+    def _start_once(self, timeout: float) -> ServiceProcess:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "bootstrap.py"), "--config", str(self.config)],
@@ -57,6 +78,8 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._log.close()
+                if self._own_port and self.proc.returncode == CANNOT_LISTEN:
+                    raise _PortTaken(self.port)
                 raise RuntimeError(f"service exited early with {self.proc.returncode}:\n{self.logs()}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=0.5).status_code == 200:
@@ -85,6 +108,10 @@ class ServiceProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+
+class _PortTaken(Exception):
+    """The port picked for the service was taken before it could listen."""
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:

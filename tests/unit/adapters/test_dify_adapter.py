@@ -253,12 +253,12 @@ class TestStreaming:
     ) -> None:
         dify.mode = "advanced-chat"
         dify.inject(Fault(keep_open_after_end=True))  # Dify #21568
-        started = time.monotonic()
 
-        answer = await make_engine(idle_timeout=3).ask(QUESTION)
+        # An engine that waited for the stream to close would wait out its idle timeout (60 s) here.
+        with anyio.fail_after(30):
+            answer = await make_engine(idle_timeout=60).ask(QUESTION)
 
         assert answer.text == "答：保修期多久？"
-        assert time.monotonic() - started < 1.5
         # and the stream was closed, freeing Dify's concurrency slot (docs/dify.md §8.1)
         with anyio.fail_after(2):
             while dify.active_streams:
@@ -376,7 +376,7 @@ class TestStreamFailures:
 
         assert (error.code, error.retryable) == ("idle_timeout", True)
         assert not isinstance(error, ConversationGone)
-        assert 0.3 <= time.monotonic() - started < 1.5
+        assert time.monotonic() - started >= 0.3  # not before the idle timeout
         assert dify.pings_sent >= 3  # pings kept arriving: they do not count as progress
 
     async def test_a_ping_only_stream_on_an_unknown_conversation_is_conversation_gone(
@@ -414,8 +414,9 @@ class TestStreamFailures:
 
         error = await ask_failing(make_engine(idle_timeout=1, total_timeout=0.5))
 
+        # "timeout" (not an answer, not idle_timeout): the total timeout cut the trickle.
         assert (error.code, error.retryable) == ("timeout", True)
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started >= 0.5
 
     async def test_no_response_headers_within_the_read_timeout_is_timeout(
         self, dify: FakeDifyServer, make_engine: MakeEngine

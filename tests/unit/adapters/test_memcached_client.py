@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import pytest
 from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
@@ -291,10 +291,9 @@ class TestFailures:
 
         async with fake_server(stall_first) as fake:
             client = MemcacheClient([fake.address], **FAST)
-            started = time.monotonic()
-            with pytest.raises(StoreUnavailable, match="did not answer within 0.2 s"):
+            # The server stalls for 10 s: only the client's own deadline (named in the error) ends the wait.
+            with anyio.fail_after(5), pytest.raises(StoreUnavailable, match="did not answer within 0.2 s"):
                 await client.get("k")
-            assert time.monotonic() - started < 0.5
             assert await client.get("k2") == b"K2"
             assert fake.connections == 2
             await client.aclose()
@@ -391,10 +390,8 @@ class TestFailures:
 
     async def test_an_unreachable_server_fails_fast(self) -> None:
         client = MemcacheClient([("127.0.0.1", free_port())], **FAST)
-        started = time.monotonic()
-        with pytest.raises(StoreUnavailable, match="unreachable"):
+        with anyio.fail_after(5), pytest.raises(StoreUnavailable, match="unreachable"):
             await client.get(SECRET)
-        assert time.monotonic() - started < 0.5
         await client.aclose()
 
     @pytest.mark.parametrize("key", ["", "with space", "new\nline", "nul\x00", "客户", "x" * 251])
@@ -425,10 +422,12 @@ class TestPool:
 
         async with fake_server(stall) as fake:
             client = MemcacheClient([fake.address], connect_timeout=0.1, timeout=0.2, max_pool_size=1)
-            started = time.monotonic()
-            results = await asyncio.gather(*(client.get(f"k{i}") for i in range(4)), return_exceptions=True)
+            # The server stalls for 10 s: the waiters give up at their deadline (0.1 + 2 * 0.2 s).
+            with anyio.fail_after(5):
+                results = await asyncio.gather(
+                    *(client.get(f"k{i}") for i in range(4)), return_exceptions=True
+                )
             assert all(isinstance(r, StoreUnavailable) for r in results)
-            assert time.monotonic() - started < 0.8  # the deadline, 0.1 + 2 * 0.2, and some slack
             await client.aclose()
 
     async def test_a_command_cancelled_mid_reply_does_not_desync_the_next_one(self) -> None:
