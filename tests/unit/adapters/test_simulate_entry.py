@@ -6,6 +6,7 @@ import io
 
 import bootstrap
 from adapters.inbound.cli_simulate import run_simulate
+from adapters.inbound.command_line import parse_args
 from adapters.inbound.config_file import Settings
 from tests.support.dify_server import FakeDifyServer
 from tests.support.http_server import serve
@@ -29,7 +30,7 @@ def test_the_simulated_customer_comes_from_the_given_entry() -> None:
             dify_api_key=dify.api_key,
             interim_after_s=0.0,
         )
-        args = bootstrap._parse_args(
+        args = parse_args(
             ["simulate", "--scene", "product", "--scene-param", "商品页 A-42", "--nickname", "小李"]
         )
         parts = bootstrap.build_simulation(
