@@ -83,3 +83,5 @@ class BotOptions:
     busy_poll_s: float = 0.5
     # An image followed by a text within this many seconds is asked as one question (0 = never wait).
     image_text_window_s: float = 3.0
+    # Texts a customer sends within this many seconds of each other are asked as one question (0 = off).
+    merge_window_s: float = 0.0

@@ -40,6 +40,7 @@ def build_options(settings: Settings) -> BotOptions:
         message_lease_s=settings.message_lease_s,
         pull_lease_s=settings.pull_lease_s,
         image_text_window_s=settings.image_text_window_s,
+        merge_window_s=settings.merge_window_s,
     )
 
 
