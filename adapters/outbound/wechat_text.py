@@ -41,6 +41,8 @@ from html.parser import HTMLParser
 
 from markdown_it import MarkdownIt
 from markdown_it.common.utils import isMdAsciiPunct, isPunctChar, isWhiteSpace
+from markdown_it.rules_block.state_block import StateBlock
+from markdown_it.rules_block.table import table as _gfm_table
 from markdown_it.rules_inline.state_inline import Delimiter, StateInline
 from markdown_it.token import Token
 
@@ -72,6 +74,8 @@ _BR_TAG = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _TASK_MARK = {"[ ]": "☐", "[x]": "☑", "[X]": "☑"}
 _LIST_TYPES = frozenset({"bullet_list", "ordered_list"})
 _HR = "——————"
+# A line opening a list item, a quote or a heading is that block, never a table header row (as on GitHub).
+_BLOCK_START = re.compile(r"(?:[-+*]|\d{1,9}[.)]|>|#{1,6})(?:[ \t]|$)")
 _QUOTE_PREFIX = "｜ "
 
 
@@ -81,6 +85,7 @@ class WeChatTextRenderer:
     def __init__(self, *, strip_reasoning: bool = True) -> None:
         self._strip_reasoning = strip_reasoning
         self._md = MarkdownIt("commonmark").enable(["table", "strikethrough"])
+        self._md.block.ruler.at("table", _table_not_in_another_block)
         self._md.inline.ruler.at("emphasis", _cjk_friendly_emphasis)
         self._md.inline.ruler.at("strikethrough", _cjk_friendly_strikethrough)
 
@@ -342,6 +347,11 @@ class _HtmlText(HTMLParser):
         if not self._silent:
             self.parts.append(_WHITESPACE_RUN.sub(" ", data))
 
+    def unknown_decl(self, data: str) -> None:
+        # `<![CDATA[...]]>` is text a browser shows as is.
+        if data.startswith("CDATA["):
+            self.handle_data(data.removeprefix("CDATA["))
+
 
 def _html_text(html: str) -> str:
     parser = _HtmlText()
@@ -376,6 +386,13 @@ def _int(value: object) -> int:
 
 def _is_cjk(ch: str) -> bool:
     return unicodedata.east_asian_width(ch) in ("W", "F") and unicodedata.category(ch) != "So"
+
+
+def _table_not_in_another_block(state: StateBlock, start: int, end: int, silent: bool) -> bool:
+    """markdown-it's GFM table rule, except that `- a | b` over `--- | ---` is a list item holding a table."""
+    if _BLOCK_START.match(state.src, state.bMarks[start] + state.tShift[start]):
+        return False
+    return _gfm_table(state, start, end, silent)
 
 
 # CJK-friendly emphasis
