@@ -378,6 +378,8 @@ class SimulationParts:
     start: Callable[[], Awaitable[None]]
     stop: Callable[[], Awaitable[None]]
     app_label: str
+    # How many texts the merge window has folded into an earlier one's question so far.
+    merged_count: Callable[[], int] = lambda: 0
 
 
 SIMULATED_KF = "wk-simulate"
@@ -409,6 +411,7 @@ def build_simulation(settings: Settings) -> SimulationParts:
         start=lifecycle.start,
         stop=lifecycle.stop,
         app_label=settings.dify_api_base,
+        merged_count=lambda: container.telemetry().counters["merged_messages"],
     )
 
 
@@ -456,6 +459,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         stdin=sys.stdin,
         stdout=sys.stdout,
         reset_words=build_options(settings).reset_words,
+        merge_window_s=settings.merge_window_s,
+        merged_count=parts.merged_count,
     )
 
 

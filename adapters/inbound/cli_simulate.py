@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 QUIT_WORDS: Final = frozenset({"/quit", "/exit"})
 PROMPT: Final = "you> "
@@ -29,12 +29,18 @@ def run_simulate(
     stdin: TextIO,
     stdout: TextIO,
     reset_words: Sequence[str] = (),
+    merge_window_s: float = 0.0,
+    merged_count: Callable[[], int] | None = None,
 ) -> int:
     """Run the REPL until /quit, /exit or end of input; 0 then, 1 when start() fails, 130 on Ctrl-C.
 
     push_text(line) puts a customer message into the fake WeChat; notify() tells the core new messages wait
     (as a callback would); idle() returns once the core has handled everything; sent_texts() lists every
     text the bot sent so far, oldest first. start()/stop() are the service's lifecycle.
+
+    With `merge_window_s` > 0 the bot asks a burst of lines as one question, as in WeChat: lines typed (or
+    piped) while it still waits for more are sent at once, its replies shown when it is done, and a note
+    says how many lines were merged (`merged_count()`: the core's `merged_messages` counter).
     """
     repl = _Repl(
         push_text=push_text,
@@ -45,6 +51,8 @@ def run_simulate(
         stop=stop,
         stdin=stdin,
         stdout=stdout,
+        burst=merge_window_s > 0,
+        merged_count=merged_count,
     )
     _write(stdout, banner(app_label, reset_words))
     try:
@@ -89,7 +97,12 @@ class _Repl:
         stop: Callable[[], Awaitable[None]],
         stdin: TextIO,
         stdout: TextIO,
+        burst: bool = False,
+        merged_count: Callable[[], int] | None = None,
     ) -> None:
+        self._burst = burst
+        self._merged_count = merged_count or (lambda: 0)
+        self._ahead: asyncio.Future[str] | None = None  # a line read while the bot was busy
         self._push_text = push_text
         self._sent_texts = sent_texts
         self._notify = notify
@@ -111,7 +124,7 @@ class _Repl:
             while True:
                 if self._interactive:
                     _write(self._stdout, PROMPT)
-                line = await _readline(self._stdin)
+                line = await self._next_line()
                 if line == "":  # end of input
                     if self._interactive:
                         _write(self._stdout, "\n")
@@ -123,20 +136,58 @@ class _Repl:
                     return 0
                 seen = await self._turn(text, seen)
         finally:
+            if self._ahead is not None:
+                self._ahead.cancel()
             await self._stop()
+
+    def _next_line(self) -> asyncio.Future[str]:
+        ahead, self._ahead = self._ahead, None
+        return ahead if ahead is not None else asyncio.ensure_future(_readline(self._stdin))
 
     async def _turn(self, text: str, seen: int) -> int:
         """Send one customer message, wait until the bot is done, print what it sent. Returns the new
         number of texts seen."""
+        merged_before = self._merged_count()
         try:
             self._push_text(text)
             self._notify()
-            await self._idle()
+            if self._burst:
+                await self._idle_taking_more_lines()
+            else:
+                await self._idle()
         except Exception as exc:  # show it and keep the session: the operator is debugging
             _write(self._stdout, f"[error · {type(exc).__name__}: {exc}]\n\n")
+        merged = self._merged_count() - merged_before
+        if merged > 0:
+            _write(
+                self._stdout,
+                f"[{merged} 条消息并入前一条一起提问 / {merged} line(s) asked with the one before]\n",
+            )
         sent = self._sent_texts()
         _write(self._stdout, format_bubbles(sent[seen:]))
         return len(sent)
+
+    async def _idle_taking_more_lines(self) -> None:
+        """Wait for the bot, sending on the lines typed meanwhile (it may merge them, as in WeChat)."""
+        idle: asyncio.Future[None] = asyncio.ensure_future(self._idle())
+        try:
+            while True:
+                line = self._next_line()
+                waiting: set[asyncio.Future[Any]] = {idle, line}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                text = line.result().strip() if line.done() else ""
+                if not line.done() or line.result() == "" or text.lower() in QUIT_WORDS:
+                    self._ahead = line  # the next turn's line, the end of input or /quit: after the bot
+                    await idle
+                    return
+                if text:
+                    self._push_text(text)
+                    self._notify()
+                    if idle.done():  # it finished just as the line came: wait for this one too
+                        idle = asyncio.ensure_future(self._idle())
+        finally:
+            if not idle.done():
+                idle.cancel()
 
 
 async def _readline(stdin: TextIO) -> str:
