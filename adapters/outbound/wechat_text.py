@@ -14,7 +14,13 @@ Choices made for a customer reading on a phone:
   be markup.
 - Lists use `•` (top level) and `◦` (nested, two spaces per level); ordered lists keep their numbers;
   task items become `☐`/`☑`. Horizontal rules become `——————`.
-- Links read `text (url)`, or just the url when the text is empty or is the url; images `alt: url`.
+- Links read `text (url)`, or just the url when the text is empty or is the url; images `alt: url`. Link and
+  image titles are tooltips, not text, and are left out.
+- Strikethrough is GFM's `~~x~~` only: the single `~x~` GitHub also accepts would eat the tildes of ranges
+  Chinese answers are full of ("3~5 个工作日，10~20 元").
+- A line that opens a list item, quote or heading is that block even when a table delimiter row follows
+  (`- a | b` over `--- | ---` is a list item holding a table, as on GitHub; markdown-it alone makes it a table
+  whose first cell keeps the `-`).
 - Emphasis delimiters next to CJK text are accepted (as markdown-it-cjk-friendly does): under plain
   CommonMark, `**注意：**请` is not bold, and the customer would see the asterisks.
 

@@ -98,6 +98,10 @@ def test_strong_next_to_chinese_punctuation_is_still_recognised() -> None:
     assert render("价格~~（原价）~~现价") == "价格（原价）现价"
 
 
+def test_single_tildes_of_ranges_are_kept_not_struck_through() -> None:
+    assert render("需要 3~5 个工作日，运费 10~20 元") == "需要 3~5 个工作日，运费 10~20 元"
+
+
 def test_unmatched_delimiters_are_content() -> None:
     assert render("2 ** 10 is big") == "2 ** 10 is big"
 
