@@ -85,27 +85,37 @@ class MergeWindow:
         if not self.enabled or not self._mergeable(first):
             return first
         burst = [first]
+        try:
+            await self._extend(burst, claimed)
+        except Exception:
+            # The store failed (Memcached down): answer what is gathered; the rest is answered on its own.
+            log.exception("merging the texts after msgid=%s failed", burst[-1].msgid)
+        if len(burst) > 1:
+            self._telemetry.count("merged_messages", len(burst) - 1)
+            log.info("%d messages asked as one: %s", len(burst), ",".join(m.msgid for m in burst))
+        return merged_question(burst)
+
+    async def _extend(
+        self, burst: list[InboundMessage], claimed: list[tuple[InboundMessage, DedupeKey]]
+    ) -> None:
+        """Claim and append the texts that follow the burst, waiting for them until the window closes."""
         started = int(self._clock.now())  # send_time is whole seconds
         while True:
             last = burst[-1]
             follower = await self._next_pending(last)
             if follower is not None:
                 if not self._joins(last, follower, started):
-                    break
+                    return
                 # claim() fails for anything but a NEW message nobody holds: another instance has it.
                 if not await self._store.claim(follower, owner=self._owner, lease_s=self._lease_s):
-                    break
+                    return
                 claimed.append((follower, DedupeKey.for_message(follower)))
                 burst.append(follower)
                 continue
             remaining = last.send_time + self._window_s - self._clock.now()
             if remaining <= 0:
-                break
+                return
             await asyncio.sleep(min(self._poll_s, remaining))
-        if len(burst) > 1:
-            self._telemetry.count("merged_messages", len(burst) - 1)
-            log.info("%d messages asked as one: %s", len(burst), ",".join(m.msgid for m in burst))
-        return merged_question(burst)
 
     def _mergeable(self, message: InboundMessage) -> bool:
         """A non-empty text that is not a command."""

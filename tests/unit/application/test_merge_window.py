@@ -355,3 +355,24 @@ async def test_the_merged_question_is_the_last_message_with_every_text() -> None
     assert (question.msgid, question.text, question.send_time) == ("m2", "a\nb", 999_991)
     assert [m.msgid for m, _ in claimed] == ["m1", "m2"]
     assert await store.state(DedupeKey(KF, "m3")) is MessageState.NEW
+
+
+class FailingInbox(MemoryStateStore):
+    """The in-process store, but reading the inbox fails (as Memcached going away would)."""
+
+    async def pending(self, customer: CustomerRef) -> list[InboundMessage]:
+        raise ConnectionError("store unreachable")
+
+
+async def test_when_the_store_fails_while_merging_the_first_text_is_still_asked() -> None:
+    clock = FakeClock(1_000_000.0)
+    store = FailingInbox(clock=clock.now)
+    first = inbound("m1", "a", 999_999)
+    await store.record([first, inbound("m2", "b", 999_999)])
+    assert await store.claim(first, owner="me", lease_s=30)
+    claimed = [(first, DedupeKey.for_message(first))]
+
+    question = await merger(store, clock).gather(first, claimed)
+
+    assert (question.msgid, question.text) == ("m1", "a")
+    assert [m.msgid for m, _ in claimed] == ["m1"]
