@@ -6,7 +6,8 @@ the output is either the renderer's own (the `1.` of an ordered list, the `: ` o
 parentheses around a url) or markup that leaked. "Text content" is what a browser would show of the
 rendered HTML: the words of paragraphs, headings, emphasis, code, link texts, image alts, table cells, list
 items, quotes and HTML blocks; link titles are tooltips, not text, and are not required. Urls are
-`https://example.com/<n>` and are removed before looking for markers.
+`https://example.com/<n>` and are removed before looking for markers. Documents whose markup is over the
+renderer's budget (it then skips the parser for a linear cleanup) are outside the property.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from adapters.outbound.wechat_text import WeChatTextRenderer
+from adapters.outbound.wechat_text import MARKUP_BUDGET, MAX_MARKDOWN_LINES, WeChatTextRenderer, markup_cost
 
 render = WeChatTextRenderer()
 
@@ -107,7 +108,7 @@ def _block_of_words(words: list[str]) -> str:
 
 
 @st.composite
-def leaf(draw: st.DrawFn) -> Doc:
+def leaf(draw: st.DrawFn, nested: bool = False) -> Doc:
     kind = draw(
         st.sampled_from(
             [
@@ -144,7 +145,10 @@ def leaf(draw: st.DrawFn) -> Doc:
         info = draw(st.sampled_from(["", "python", "json"]))
         return Doc(f"{fence}{info}\n{body}\n{fence}", words)
     if kind == "hr":
-        return Doc(draw(st.sampled_from(["***", "---", "___", "* * *", "- - -"])), [])
+        # In a list item, `- ---` or `* ***` is a thematic break, not an item holding one (CommonMark 4.1):
+        # the rest of the item would become something else. Underscores are never a list marker.
+        rules = ["___", "_ _ _"] if nested else ["***", "---", "___", "* * *", "- - -"]
+        return Doc(draw(st.sampled_from(rules)), [])
     if kind == "html":
         words = draw(st.lists(_word, min_size=1, max_size=4))
         tag = draw(st.sampled_from(["div", "p", "table", "section", "pre", "cdata", "comment"]))
@@ -161,7 +165,7 @@ def leaf(draw: st.DrawFn) -> Doc:
     # A GFM table: header, delimiter row (with alignments), body rows; cells are single lines.
     columns = draw(st.integers(1, 3))
     header = draw(st.lists(line(), min_size=columns, max_size=columns))
-    rows = draw(st.lists(st.lists(line(), min_size=columns, max_size=columns), min_size=0, max_size=3))
+    rows = draw(st.lists(st.lists(line(), min_size=columns, max_size=columns), min_size=0, max_size=2))
     aligns = draw(st.lists(st.sampled_from(["---", ":--", "--:", ":-:"]), min_size=columns, max_size=columns))
     outer = draw(st.booleans())
 
@@ -186,7 +190,7 @@ def block(draw: st.DrawFn, depth: int = 0) -> Doc:
         st.sampled_from(["leaf", "leaf", "quote", "bullets", "ordered", "tasks"] if depth < 2 else ["leaf"])
     )
     if kind == "leaf":
-        return draw(leaf())
+        return draw(leaf(nested=depth > 0))
     if kind == "quote":
         inner = draw(blocks(depth + 1))
         return Doc("\n".join(("> " + ln).rstrip() for ln in inner.source.split("\n")), inner.words)
@@ -215,7 +219,7 @@ def block(draw: st.DrawFn, depth: int = 0) -> Doc:
 
 @st.composite
 def blocks(draw: st.DrawFn, depth: int = 0) -> Doc:
-    parts = draw(st.lists(block(depth), min_size=1, max_size=3 if depth else 5))
+    parts = draw(st.lists(block(depth), min_size=1, max_size=2 if depth else 4))
     return Doc("\n\n".join(p.source for p in parts), [w for p in parts for w in p.words])
 
 
@@ -227,9 +231,12 @@ def _leftover_markup(text: str) -> list[str]:
     return problems
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=150, deadline=None, database=None)
 @given(blocks())
 def test_a_generated_document_loses_no_word_and_leaves_no_markup(doc: Doc) -> None:
+    # Past the budget the renderer does not parse (the linear-time guard) and a rougher cleanup may leave
+    # markers: the property is about what markdown-it renders.
+    assume(markup_cost(doc.source) <= MARKUP_BUDGET and doc.source.count("\n") <= MAX_MARKDOWN_LINES)
     out = render(doc.source)
     missing = [w for w in doc.words if w not in out]
     assert not missing, f"lost {missing} from {doc.source!r}: {out!r}"
