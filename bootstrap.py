@@ -455,7 +455,10 @@ def build_simulation(
         channel.world.add_customer_text(kf, SIMULATED_CUSTOMER, text)
 
     def push_tap(text: str, menu_id: str) -> None:
-        channel.world.add_customer_text(SIMULATED_KF, SIMULATED_CUSTOMER, text, menu_id=menu_id)
+        channel.world.add_customer_text(kf, SIMULATED_CUSTOMER, text, menu_id=menu_id)
+
+    def merged_count() -> int:
+        return container.telemetry().counters["merged_messages"]
 
     return SimulationParts(
         push_text=push_text,
@@ -465,8 +468,9 @@ def build_simulation(
         start=lifecycle.start,
         stop=lifecycle.stop,
         app_label=settings.dify_api_base,
-        sent_menus=partial(channel.world.menus_sent_to, CustomerRef(SIMULATED_KF, SIMULATED_CUSTOMER)),
+        sent_menus=partial(channel.world.menus_sent_to, CustomerRef(kf, SIMULATED_CUSTOMER)),
         push_tap=push_tap,
+        merged_count=merged_count,
     )
 
 
@@ -561,6 +565,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         stdout=sys.stdout,
         reset_words=build_options(settings).reset_words,
         entry_note=entry_note(args.scene, args.scene_param, args.nickname),
+        merge_window_s=build_options(settings).merge_window_s,
     )
 
 

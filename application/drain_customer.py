@@ -17,6 +17,7 @@ from typing import Protocol
 from application.answer_message import AnswerCustomerMessage
 from application.log_context import handling
 from application.media_port import ImagePairing
+from application.merge_window import MergeWindow
 from application.options import BotOptions
 from application.ports import Clock, Inbox, MessageHandling, MessageLedger, MessageState
 from application.telemetry import Telemetry
@@ -61,6 +62,16 @@ class DrainCustomer:
         self._clock = clock
         self._pairing = pairing
         self._commands = CommandSet.of(reset=options.reset_words, handoff=options.handoff_words)
+        # A burst of texts is one question (merge_window.py); off while `merge_window_s` is 0.
+        self._merge = MergeWindow(
+            store=store,
+            clock=clock,
+            telemetry=telemetry,
+            commands=self._commands,
+            owner=owner,
+            window_s=options.merge_window_s,
+            lease_s=options.message_lease_s,
+        )
 
     async def __call__(self, customer: CustomerRef) -> DrainOutcome:
         # Each removal hands back what is still pending: the inbox is read once per drain, not per message.
@@ -95,10 +106,13 @@ class DrainCustomer:
                     claimed.append((text, DedupeKey.for_message(text)))
                     self._telemetry.count("image_text_pairs")
                     log.info("image and text msgid=%s asked together", text.msgid)
-                    with handling(text):  # the question (and its replies) is the text's
-                        outcome = await self._answer(text, attached=(message,))
+                    question = await self._merge.gather(text, claimed)
+                    with handling(question):  # the question (and its replies) is the (last) text's
+                        outcome = await self._answer(question, attached=(message,))
                 else:
-                    outcome = await self._answer(message)
+                    question = await self._merge.gather(message, claimed)
+                    with handling(question):
+                        outcome = await self._answer(question)
                 self._telemetry.count_labelled("outcomes", outcome.value)
             except asyncio.CancelledError:
                 # Shutting down: hand the messages back so another instance (or our restart) answers them.

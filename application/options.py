@@ -113,3 +113,5 @@ class BotOptions:
     # Dify (application/handoff_feedback.py); `handoff_feedback` off: never.
     feedback_window_s: float = 600.0
     handoff_feedback: bool = True
+    # Texts a customer sends within this many seconds of each other are asked as one question (0 = off).
+    merge_window_s: float = 0.0

@@ -14,7 +14,7 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 QUIT_WORDS: Final = frozenset({"/quit", "/exit"})
 PROMPT: Final = "you> "
@@ -41,6 +41,8 @@ class SimulationParts:
     app_label: str
     sent_menus: Callable[[], Sequence[Menu]] | None = None
     push_tap: Callable[[str, str], None] | None = None
+    # How many texts the merge window has folded into an earlier one's question so far.
+    merged_count: Callable[[], int] | None = None
 
 
 def run_parts(
@@ -50,6 +52,7 @@ def run_parts(
     stdout: TextIO,
     reset_words: Sequence[str] = (),
     entry_note: str = "",
+    merge_window_s: float = 0.0,
 ) -> int:
     """run_simulate with the wired parts."""
     return run_simulate(
@@ -66,6 +69,8 @@ def run_parts(
         sent_menus=parts.sent_menus,
         push_tap=parts.push_tap,
         entry_note=entry_note,
+        merge_window_s=merge_window_s,
+        merged_count=parts.merged_count,
     )
 
 
@@ -84,6 +89,8 @@ def run_simulate(
     sent_menus: Callable[[], Sequence[Menu]] | None = None,
     push_tap: Callable[[str, str], None] | None = None,
     entry_note: str = "",
+    merge_window_s: float = 0.0,
+    merged_count: Callable[[], int] | None = None,
 ) -> int:
     """Run the REPL until /quit, /exit or end of input; 0 then, 1 when start() fails, 130 on Ctrl-C.
 
@@ -91,6 +98,10 @@ def run_simulate(
     (as a callback would); idle() returns once the core has handled everything; sent_texts() lists every
     text the bot sent so far, oldest first. start()/stop() are the service's lifecycle. sent_menus() lists
     every menu the bot sent so far; push_tap(content, menu_id) puts a tapped menu item into the fake WeChat.
+
+    With `merge_window_s` > 0 the bot asks a burst of lines as one question, as in WeChat: lines typed (or
+    piped) while it still waits for more are sent at once, its replies shown when it is done, and a note
+    says how many lines were merged (`merged_count()`: the core's `merged_messages` counter).
     """
     repl = _Repl(
         push_text=push_text,
@@ -103,6 +114,8 @@ def run_simulate(
         stop=stop,
         stdin=stdin,
         stdout=stdout,
+        burst=merge_window_s > 0,
+        merged_count=merged_count,
     )
     _write(stdout, banner(app_label, reset_words))
     if entry_note:
@@ -173,7 +186,12 @@ class _Repl:
         stdout: TextIO,
         sent_menus: Callable[[], Sequence[Menu]] | None = None,
         push_tap: Callable[[str, str], None] | None = None,
+        burst: bool = False,
+        merged_count: Callable[[], int] | None = None,
     ) -> None:
+        self._burst = burst
+        self._merged_count = merged_count or (lambda: 0)
+        self._ahead: asyncio.Future[str] | None = None  # a line read while the bot was busy
         self._push_text = push_text
         self._sent_texts = sent_texts
         self._sent_menus = sent_menus or (lambda: ())
@@ -200,7 +218,7 @@ class _Repl:
             while True:
                 if self._interactive:
                     _write(self._stdout, PROMPT)
-                line = await _readline(self._stdin)
+                line = await self._next_line()
                 if line == "":  # end of input
                     if self._interactive:
                         _write(self._stdout, "\n")
@@ -212,29 +230,47 @@ class _Repl:
                     return 0
                 seen = await self._turn(text, seen)
         finally:
+            if self._ahead is not None:
+                self._ahead.cancel()
             await self._stop()
+
+    def _next_line(self) -> asyncio.Future[str]:
+        ahead, self._ahead = self._ahead, None
+        return ahead if ahead is not None else asyncio.ensure_future(_readline(self._stdin))
 
     async def _turn(self, text: str, seen: int) -> int:
         """Send one customer message (or tap a menu item by its number), print each bubble as the bot sends
         it and any menu at the end. Returns the new number of texts seen."""
         printed = seen
+        merged_before = self._merged_count()
         try:
             self._send(text)
             self._notify()
-            idle = asyncio.ensure_future(self._idle())
-            try:
-                while not (await asyncio.wait({idle}, timeout=_POLL_S))[0]:
-                    sent = self._sent_texts()
-                    if len(sent) > printed:  # sent while the bot still answers
-                        _write(
-                            self._stdout, format_bubbles(sent[printed:], first=printed - seen + 1, total=0)
-                        )
-                        printed = len(sent)
-            finally:
-                idle.cancel()
-            idle.result()
+            if self._burst:
+                # Lines typed meanwhile go out too (the bot may merge them); the replies follow at the end.
+                await self._idle_taking_more_lines()
+            else:
+                idle = asyncio.ensure_future(self._idle())
+                try:
+                    while not (await asyncio.wait({idle}, timeout=_POLL_S))[0]:
+                        sent = self._sent_texts()
+                        if len(sent) > printed:  # sent while the bot still answers
+                            _write(
+                                self._stdout,
+                                format_bubbles(sent[printed:], first=printed - seen + 1, total=0),
+                            )
+                            printed = len(sent)
+                finally:
+                    idle.cancel()
+                idle.result()
         except Exception as exc:  # show it and keep the session: the operator is debugging
             _write(self._stdout, f"[error · {type(exc).__name__}: {exc}]\n\n")
+        merged = self._merged_count() - merged_before
+        if merged > 0:
+            _write(
+                self._stdout,
+                f"[{merged} 条消息并入前一条一起提问 / {merged} line(s) asked with the one before]\n",
+            )
         sent = self._sent_texts()
         if printed == seen or len(sent) > printed:
             _write(
@@ -256,6 +292,28 @@ class _Repl:
             self._push_tap(content, item_id)
             return
         self._push_text(text)
+
+    async def _idle_taking_more_lines(self) -> None:
+        """Wait for the bot, sending on the lines typed meanwhile (it may merge them, as in WeChat)."""
+        idle: asyncio.Future[None] = asyncio.ensure_future(self._idle())
+        try:
+            while True:
+                line = self._next_line()
+                waiting: set[asyncio.Future[Any]] = {idle, line}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                text = line.result().strip() if line.done() else ""
+                if not line.done() or line.result() == "" or text.lower() in QUIT_WORDS:
+                    self._ahead = line  # the next turn's line, the end of input or /quit: after the bot
+                    await idle
+                    return
+                if text:
+                    self._push_text(text)
+                    self._notify()
+                    if idle.done():  # it finished just as the line came: wait for this one too
+                        idle = asyncio.ensure_future(self._idle())
+        finally:
+            if not idle.done():
+                idle.cancel()
 
 
 async def _readline(stdin: TextIO) -> str:

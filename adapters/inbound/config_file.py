@@ -108,6 +108,8 @@ class Settings:
     handoff_feedback: bool = True
     # Media: image + text pairing, and the ffmpeg that turns voice into speech audio.
     image_text_window_s: float = 3.0
+    # Texts of one customer within this many seconds of each other are one question (0 = off).
+    merge_window_s: float = 0.0
     # Hosts (host or host:port) besides the Dify app's own origin that answer files may be fetched from.
     file_hosts: tuple[str, ...] = ()
     ffmpeg: str = ""  # "" = ffmpeg on PATH, else the imageio-ffmpeg package's; "off" = no voice
@@ -419,6 +421,7 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         image_text_window_s=r.typed(
             "BOT", "IMAGE_TEXT_WINDOW", 3.0, _positive_float, "seconds (0 = never wait for a text)"
         ),
+        merge_window_s=r.typed("BOT", "MERGE_WINDOW", 0.0, _positive_float, "seconds (0 = off)"),
         file_hosts=r.typed("BOT", "FILE_HOSTS", (), _file_hosts, "host or host:port, separated by commas"),
         ffmpeg=r.text("BOT", "FFMPEG", ""),
         ffmpeg_timeout_s=max(1.0, r.typed("BOT", "FFMPEG_TIMEOUT", 30.0, _positive_float, "seconds ≥ 1")),

@@ -81,6 +81,7 @@ _HELP: Final[Mapping[str, str]] = {
     "callback_events": "Callback notices by event",
     "callbacks_rejected": "Callbacks refused, by HTTP status",
     "outcomes": "Handled customer messages by outcome",
+    "merged_messages": "Customer texts asked together with an earlier one (MERGE_WINDOW)",
     CALLBACK_ACK: "Time to acknowledge a WeCom callback",
     PULL: "Duration of one kf/sync_msg pull",
     DIFY: "Duration of one Dify answer",

@@ -43,6 +43,7 @@ def build_options(settings: Settings) -> BotOptions:
         suggestions=settings.suggestions,
         feedback_window_s=settings.feedback_window_s,
         handoff_feedback=settings.handoff_feedback,
+        merge_window_s=settings.merge_window_s,
     )
 
 

@@ -14,7 +14,13 @@ Choices made for a customer reading on a phone:
   be markup.
 - Lists use `•` (top level) and `◦` (nested, two spaces per level); ordered lists keep their numbers;
   task items become `☐`/`☑`. Horizontal rules become `——————`.
-- Links read `text (url)`, or just the url when the text is empty or is the url; images `alt: url`.
+- Links read `text (url)`, or just the url when the text is empty or is the url; images `alt: url`. Link and
+  image titles are tooltips, not text, and are left out.
+- Strikethrough is GFM's `~~x~~` only: the single `~x~` GitHub also accepts would eat the tildes of ranges
+  Chinese answers are full of ("3~5 个工作日，10~20 元").
+- A line that opens a list item, quote or heading is that block even when a table delimiter row follows
+  (`- a | b` over `--- | ---` is a list item holding a table, as on GitHub; markdown-it alone makes it a table
+  whose first cell keeps the `-`).
 - Emphasis delimiters next to CJK text are accepted (as markdown-it-cjk-friendly does): under plain
   CommonMark, `**注意：**请` is not bold, and the customer would see the asterisks.
 
@@ -41,6 +47,8 @@ from html.parser import HTMLParser
 
 from markdown_it import MarkdownIt
 from markdown_it.common.utils import isMdAsciiPunct, isPunctChar, isWhiteSpace
+from markdown_it.rules_block.state_block import StateBlock
+from markdown_it.rules_block.table import table as _gfm_table
 from markdown_it.rules_inline.state_inline import Delimiter, StateInline
 from markdown_it.token import Token
 
@@ -72,6 +80,8 @@ _BR_TAG = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _TASK_MARK = {"[ ]": "☐", "[x]": "☑", "[X]": "☑"}
 _LIST_TYPES = frozenset({"bullet_list", "ordered_list"})
 _HR = "——————"
+# A line opening a list item, a quote or a heading is that block, never a table header row (as on GitHub).
+_BLOCK_START = re.compile(r"(?:[-+*]|\d{1,9}[.)]|>|#{1,6})(?:[ \t]|$)")
 _QUOTE_PREFIX = "｜ "
 
 
@@ -81,6 +91,7 @@ class WeChatTextRenderer:
     def __init__(self, *, strip_reasoning: bool = True) -> None:
         self._strip_reasoning = strip_reasoning
         self._md = MarkdownIt("commonmark").enable(["table", "strikethrough"])
+        self._md.block.ruler.at("table", _table_not_in_another_block)
         self._md.inline.ruler.at("emphasis", _cjk_friendly_emphasis)
         self._md.inline.ruler.at("strikethrough", _cjk_friendly_strikethrough)
 
@@ -342,6 +353,11 @@ class _HtmlText(HTMLParser):
         if not self._silent:
             self.parts.append(_WHITESPACE_RUN.sub(" ", data))
 
+    def unknown_decl(self, data: str) -> None:
+        # `<![CDATA[...]]>` is text a browser shows as is.
+        if data.startswith("CDATA["):
+            self.handle_data(data.removeprefix("CDATA["))
+
 
 def _html_text(html: str) -> str:
     parser = _HtmlText()
@@ -376,6 +392,13 @@ def _int(value: object) -> int:
 
 def _is_cjk(ch: str) -> bool:
     return unicodedata.east_asian_width(ch) in ("W", "F") and unicodedata.category(ch) != "So"
+
+
+def _table_not_in_another_block(state: StateBlock, start: int, end: int, silent: bool) -> bool:
+    """markdown-it's GFM table rule, except that `- a | b` over `--- | ---` is a list item holding a table."""
+    if _BLOCK_START.match(state.src, state.bMarks[start] + state.tShift[start]):
+        return False
+    return _gfm_table(state, start, end, silent)
 
 
 # CJK-friendly emphasis

@@ -98,6 +98,10 @@ def test_strong_next_to_chinese_punctuation_is_still_recognised() -> None:
     assert render("价格~~（原价）~~现价") == "价格（原价）现价"
 
 
+def test_single_tildes_of_ranges_are_kept_not_struck_through() -> None:
+    assert render("需要 3~5 个工作日，运费 10~20 元") == "需要 3~5 个工作日，运费 10~20 元"
+
+
 def test_unmatched_delimiters_are_content() -> None:
     assert render("2 ** 10 is big") == "2 ** 10 is big"
 
@@ -200,6 +204,11 @@ def test_a_link_without_destination_keeps_its_text() -> None:
     assert render("[click]()") == "click"
 
 
+def test_link_and_image_titles_are_tooltips_and_leave_no_quotes() -> None:
+    source = '[订单](https://example.com/1 "查看订单") 与 ![图](https://example.com/2 (示意))'
+    assert render(source) == "订单 (https://example.com/1) 与 图: https://example.com/2"
+
+
 def test_images_read_alt_then_url_or_just_the_url() -> None:
     assert render("![产品图](https://img.example.com/p.png)") == "产品图: https://img.example.com/p.png"
     assert render("![](https://img.example.com/p.png)") == "https://img.example.com/p.png"
@@ -241,6 +250,14 @@ def test_a_table_is_separated_from_surrounding_paragraphs() -> None:
 # Blockquotes and rules
 
 
+def test_a_table_in_a_list_item_is_the_items_table_not_a_table_of_markers() -> None:
+    assert render("- 型号 | 价格\n  --- | ---\n  A1 | 99 元") == "• 型号：A1；价格：99 元"
+
+
+def test_a_table_in_a_quote_keeps_the_quote_bar() -> None:
+    assert render("> 型号 | 价格\n> --- | ---\n> A1 | 99 元") == "｜ 型号：A1；价格：99 元"
+
+
 def test_blockquotes_are_marked_with_a_full_width_bar() -> None:
     assert render("> 温馨提示\n> 请保留发票") == "｜ 温馨提示\n｜ 请保留发票"
 
@@ -271,6 +288,10 @@ def test_html_comments_vanish() -> None:
 
 def test_html_blocks_keep_their_text() -> None:
     assert render("<div>\n  <p>Hello <b>there</b></p>\n</div>\n\nBye") == "Hello there\n\nBye"
+
+
+def test_cdata_in_html_keeps_its_text() -> None:
+    assert render("<![CDATA[\n原样显示\n]]>") == "原样显示"
 
 
 def test_scripts_and_styles_in_html_blocks_vanish() -> None:
