@@ -42,7 +42,9 @@ from adapters.outbound.wecom_api import WeComKfChannel
 from application.admin import ConversationAdmin, StatusReport
 from application.answer_message import AnswerCustomerMessage
 from application.app_parameters import AppParametersCache
-from application.ask_dify import AskDify
+from application.ask_dify import AskDify, limiter_settings, retry_settings
+from application.concurrency import AdaptiveLimiter
+from application.dify_retry import RetryPolicy
 from application.dispatcher import Dispatcher
 from application.drain_customer import DrainCustomer
 from application.handoff import HandOffToHuman
@@ -228,8 +230,20 @@ class Application(containers.DeclarativeContainer):
         options=options,
         telemetry=telemetry,
     )
+    dify_limiter = providers.Singleton(
+        AdaptiveLimiter, clock=adapters.clock, settings=providers.Callable(limiter_settings, options)
+    )
+    dify_retry = providers.Singleton(
+        RetryPolicy, clock=adapters.clock, settings=providers.Callable(retry_settings, options)
+    )
     ask = providers.Singleton(
-        AskDify, conversations=adapters.store, clock=adapters.clock, options=options, telemetry=telemetry
+        AskDify,
+        conversations=adapters.store,
+        clock=adapters.clock,
+        options=options,
+        telemetry=telemetry,
+        limiter=dify_limiter,
+        retry=dify_retry,
     )
     answer = providers.Singleton(
         AnswerCustomerMessage,
@@ -312,14 +326,20 @@ class Application(containers.DeclarativeContainer):
         store=adapters.store,
         configured_kfs=providers.Callable(settings_map.configured_kfs, settings),
     )
-    status = providers.Singleton(StatusReport, store=adapters.store, telemetry=telemetry, version=VERSION)
+    status = providers.Singleton(
+        StatusReport,
+        store=adapters.store,
+        telemetry=telemetry,
+        version=VERSION,
+        extra=dify_limiter.provided.status_section,
+    )
     admin = providers.Singleton(
         AdminApi,
         admin_token=settings.provided.admin_token,
         conversations=conversation_admin,
         status=status,
     )
-    metrics = providers.Singleton(PrometheusMetrics, telemetry)
+    metrics = providers.Singleton(PrometheusMetrics, telemetry, dify_apps=dify_limiter.provided.status)
     app = providers.Singleton(
         create_app,
         webhook=webhook,

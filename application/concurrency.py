@@ -375,6 +375,10 @@ class AdaptiveLimiter:
         """`snapshot()` as plain data, for /status and /metrics."""
         return {key: state.as_dict() for key, state in self.snapshot().items()}
 
+    def status_section(self) -> dict[str, object]:
+        """The /status section: `{"dify_apps": {app_key: {limit, in_flight, queued, ...}}}`."""
+        return {"dify_apps": self.status()}
+
     async def acquire(self, app_key: str, customer: Hashable) -> Slot:
         """A granted slot; give it back with `release()` (prefer `slot()`, which does that itself).
 

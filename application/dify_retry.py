@@ -60,6 +60,13 @@ def is_quota_exhausted(error: ChatEngineError) -> bool:
     return any(word in text for word in _QUOTA_WORDS)
 
 
+def is_refusal(error: ChatEngineError) -> bool:
+    """Dify refused the request for now (429 that is no exhausted quota, 503): worth asking again later."""
+    if is_quota_exhausted(error):
+        return False
+    return overload_of(error) is Overload.RATE_LIMITED or error.status == 503 or error.code == "http_503"
+
+
 def overload_of(error: ChatEngineError) -> Overload | None:
     """The overload signal `error` carries, or None when it says nothing about the app's load."""
     if is_quota_exhausted(error):
@@ -104,6 +111,9 @@ class RetrySettings:
     quota_cooldown_s: float = 300.0
     # Retry-After beyond this is not waited for within one answer.
     max_retry_after_s: float = 60.0
+    # Attempts in total after refusals (429 too_many_requests, 503): the app said "not now", so asking again
+    # later is the point; 0 = the same bound as other failures (`max_attempts`).
+    overload_max_attempts: int = 0
 
 
 def parse_retry_after(value: str | float | None, *, now: float) -> float | None:
@@ -183,7 +193,10 @@ class RetryPolicy:
             return RetryDecision(False, reason="timed out")
         if not error.retryable and kind is None:
             return RetryDecision(False, reason="not retryable")
-        if attempt >= s.max_attempts:
+        limit = (
+            s.overload_max_attempts if s.overload_max_attempts > 0 and is_refusal(error) else s.max_attempts
+        )
+        if attempt >= limit:
             return RetryDecision(False, reason="attempts used up")
         room = deadline - now - s.min_attempt_s
         if wait is not None:

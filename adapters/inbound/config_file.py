@@ -80,7 +80,7 @@ class Settings:
     # [BOT]: behaviour knobs, already typed.
     max_message_age_s: float = 600.0
     conversation_idle_ttl_s: float = 86400.0
-    dify_concurrency: int = 32
+    dify_concurrency: int = 1000
     dify_connect_timeout_s: float = 10.0
     dify_idle_timeout_s: float = 45.0
     dify_total_timeout_s: float = 180.0
@@ -104,6 +104,7 @@ class Settings:
     ffmpeg: str = ""  # "" = ffmpeg on PATH, else the imageio-ffmpeg package's; "off" = no voice
     ffmpeg_timeout_s: float = 30.0
     voice_format: str = "wav"
+    dify_min_concurrency: int = 4
     texts: dict[str, str] = field(default_factory=dict)
     kf_routes: tuple[KfRouteSettings, ...] = ()
     source: str = ""
@@ -371,7 +372,9 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         conversation_idle_ttl_s=r.typed(
             "BOT", "CONVERSATION_IDLE_TTL", 86400.0, _positive_float, "seconds (a number ≥ 0)"
         ),
-        dify_concurrency=max(1, r.typed("BOT", "DIFY_CONCURRENCY", 32, _positive_int, "a whole number ≥ 1")),
+        dify_concurrency=max(
+            1, r.typed("BOT", "DIFY_CONCURRENCY", 1000, _positive_int, "a whole number ≥ 1")
+        ),
         dify_connect_timeout_s=r.typed("BOT", "DIFY_CONNECT_TIMEOUT", 10.0, _positive_float, "seconds"),
         dify_idle_timeout_s=r.typed("BOT", "DIFY_IDLE_TIMEOUT", 45.0, _positive_float, "seconds"),
         dify_total_timeout_s=r.typed("BOT", "DIFY_TOTAL_TIMEOUT", 180.0, _positive_float, "seconds"),
@@ -395,6 +398,9 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         ffmpeg=r.text("BOT", "FFMPEG", ""),
         ffmpeg_timeout_s=max(1.0, r.typed("BOT", "FFMPEG_TIMEOUT", 30.0, _positive_float, "seconds ≥ 1")),
         voice_format=_voice_format(r),
+        dify_min_concurrency=max(
+            1, r.typed("BOT", "DIFY_MIN_CONCURRENCY", 4, _positive_int, "a whole number ≥ 1")
+        ),
         texts=texts,
         kf_routes=_routes(r, dify_key),
         source=source,
