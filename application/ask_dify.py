@@ -34,6 +34,11 @@ log = logging.getLogger("kfdify.answer")
 
 # A refusal (429, 503) is asked again while the deadline allows; this only bounds a pathological loop.
 OVERLOAD_ATTEMPTS = 64
+# Dify refuses an app's excess calls at once (its concurrency check runs before the answer starts,
+# docs/dify.md §8.1). A call not refused within this long counts as accepted, so the limiter's slow start
+# grows while answers are still being produced even when the engine reports acceptance only with the whole
+# answer (blocking mode, gateways that buffer the response head).
+PRESUMED_ACCEPTED_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +132,9 @@ class AskDify:
         while asked is None:
             attempt += 1
             question = self._question(message, prepared, conversation_id)
-            result = await self._attempt(question, route, app_key, customer, deadline, progress)
+            result = await self._attempt(
+                question, route, app_key, customer, deadline, progress, retry=attempt > 1
+            )
             if isinstance(result, Asked):
                 asked = result
             elif isinstance(result, ConversationGone):
@@ -185,6 +192,8 @@ class AskDify:
         customer: CustomerRef,
         deadline: float,
         progress: AnswerProgress | None,
+        *,
+        retry: bool = False,
     ) -> Asked | ChatEngineError:
         """One call to Dify within the deadline: its answer, or the failure (counted) for the loop."""
         started = time.monotonic()
@@ -193,17 +202,17 @@ class AskDify:
             return ChatEngineError("timeout", "no answer before the deadline", retryable=False)
         try:
             async with asyncio.timeout(remaining):
-                async with self._limiter.slot(app_key, customer) as slot:
+                async with self._limiter.slot(app_key, customer, retry=retry) as slot:
                     asking = time.monotonic()
                     log.info("asking dify conversation=%s", question.conversation_id or "new")
+                    presumed = asyncio.get_running_loop().call_later(PRESUMED_ACCEPTED_S, slot.accepted)
                     try:
                         answer = await route.engine.ask(question, _Progress(slot, progress))
-                    except TimeoutError:
-                        slot.record(ChatEngineError("timeout", "deadline", retryable=False))
-                        raise
                     except ChatEngineError as exc:
                         slot.record(exc)
                         raise
+                    finally:
+                        presumed.cancel()
                     slot.success(time.monotonic() - asking)
         except TimeoutError:
             self._telemetry.observe(t.DIFY, time.monotonic() - started)
