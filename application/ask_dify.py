@@ -38,7 +38,7 @@ OVERLOAD_ATTEMPTS = 64
 # docs/dify.md §8.1). A call not refused within this long counts as accepted, so the limiter's slow start
 # grows while answers are still being produced even when the engine reports acceptance only with the whole
 # answer (blocking mode, gateways that buffer the response head).
-PRESUMED_ACCEPTED_S = 0.25
+PRESUMED_ACCEPTED_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ class LimiterSettings:
     # Bounds of the number of Dify calls in flight per app ([BOT] DIFY_CONCURRENCY, DIFY_MIN_CONCURRENCY).
     max_limit: int = 1000
     min_limit: int = 4
-    initial_limit: int = 16
+    initial_limit: int = 32
     # Multiplicative decrease on an overload episode.
     backoff_ratio: float = 0.7
     # ... on a 429 (the app's concurrency cap): the cap is known to lie just below what was in flight when
@@ -72,7 +72,7 @@ class LimiterSettings:
     slow_start_restart_s: float = 300.0
 
     @classmethod
-    def from_config(cls, *, concurrency: int, min_concurrency: int, initial: int = 16) -> LimiterSettings:
+    def from_config(cls, *, concurrency: int, min_concurrency: int, initial: int = 32) -> LimiterSettings:
         """From `[BOT] DIFY_CONCURRENCY` (ceiling) and `DIFY_MIN_CONCURRENCY` (floor): a ceiling set below
         the floor wins (an operator who writes DIFY_CONCURRENCY = 2 means at most 2)."""
         ceiling = max(1, concurrency)

@@ -291,7 +291,7 @@ def test_settings_refuse_impossible_bounds() -> None:
         LimiterSettings(backoff_ratio=1.0)
     assert LimiterSettings(min_limit=2, max_limit=3, initial_limit=50).initial_limit == 50
     assert LimiterSettings.from_config(concurrency=1000, min_concurrency=4) == LimiterSettings(
-        max_limit=1000, min_limit=4, initial_limit=16
+        max_limit=1000, min_limit=4, initial_limit=32
     )
     # An old-style small DIFY_CONCURRENCY still means "at most that many".
     small = LimiterSettings.from_config(concurrency=2, min_concurrency=4)
