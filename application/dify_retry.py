@@ -199,6 +199,8 @@ class RetryPolicy:
         if attempt >= limit:
             return RetryDecision(False, reason="attempts used up")
         room = deadline - now - s.min_attempt_s
+        if room <= 0:
+            return RetryDecision(False, reason="no time left before the deadline")
         if wait is not None:
             if wait > s.max_retry_after_s or wait > room:
                 return RetryDecision(False, reason=f"Retry-After {wait:g} s does not fit")

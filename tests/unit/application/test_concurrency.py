@@ -441,6 +441,27 @@ async def test_customers_take_turns_and_each_keeps_their_own_order() -> None:
     assert served[11:] == [f"heavy{n}" for n in range(2, 51)]
 
 
+async def test_a_retry_waits_at_the_head_of_the_queue() -> None:
+    limiter = limiter_with(initial_limit=1, max_limit=1)
+    served: list[str] = []
+    gate = Holders(limiter)
+    gate.start(1, lambda i: "gate")
+    await gate.granted(1)
+
+    async def ask(customer: str, *, retry: bool = False) -> None:
+        async with limiter.slot(APP, customer, retry=retry) as slot:
+            served.append(customer)
+            slot.success(1.0)
+
+    tasks = [asyncio.create_task(ask(f"c{k}")) for k in range(5)]
+    await until(lambda: snap(limiter).queued == 5)
+    tasks.append(asyncio.create_task(ask("refused-earlier", retry=True)))
+    await until(lambda: snap(limiter).queued == 6)
+    await gate.finish()
+    await asyncio.gather(*tasks)
+    assert served == ["refused-earlier", "c0", "c1", "c2", "c3", "c4"]
+
+
 async def test_round_robin_between_several_heavy_customers() -> None:
     limiter = limiter_with(initial_limit=1, max_limit=1)
     served: list[str] = []
