@@ -553,7 +553,7 @@ class Bench:
                     probe = start_loadgen(
                         port=services[0].port,
                         connections=16,
-                        duration=5.0,
+                        duration=8.0,
                         warmup=0.3,
                         rate=200.0,
                         seed=f"ack{tag}",
