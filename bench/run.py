@@ -1129,10 +1129,9 @@ def render(results: Results) -> str:
         f"| Commit | `{m.get('commit')}` (worktree {m.get('worktree')}) |",
         "",
         f"Service settings: `LOG_LEVEL = WARNING` (logging is not what we measure), "
-        f"`[BOT] DIFY_CONCURRENCY = {DIFY_CONCURRENCY}` (default 32; set above the "
-        f"{QUICK.concurrency_customers} "
-        "concurrent customers of the concurrency run), `RECOVERY_INTERVAL = 0`, in-process store unless a "
-        "row says Memcached. Everything on 127.0.0.1.",
+        f"`[BOT] DIFY_CONCURRENCY = {DIFY_CONCURRENCY}` (the adaptive limit's ceiling; default 1000), "
+        "`RECOVERY_INTERVAL = 0`, in-process store unless a row says Memcached; the burst rows (§6) run "
+        "with the service's defaults instead. Everything on 127.0.0.1.",
         "",
     ]
     if results.what_if:
