@@ -4,7 +4,8 @@ when to ask again.
 `overload_of` turns a `ChatEngineError` into an overload signal for the concurrency limiter
 (application/concurrency.py). `RetryPolicy` decides how long to wait before asking again (exponential
 backoff with jitter, honouring Retry-After, within the answer's deadline) or to give up; an exhausted quota
-is told apart from momentary overload (docs/dify.md §4.2) and is not asked again for a while.
+is told apart from momentary overload (docs/dify.md §4.2): reported once per episode, never retried, and an
+app that Dify itself refuses for its quota (429) is not asked again for a while.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ class RetryPolicy:
         self._clock = clock
         self._settings = settings or RetrySettings()
         self._rng = rng
-        self._quota_until: dict[str, float] = {}
+        self._quota_until: dict[str, float] = {}  # app → not asked until then
+        self._quota_reported_until: dict[str, float] = {}  # app → its quota episode was logged; not again
 
     @property
     def settings(self) -> RetrySettings:
@@ -182,9 +184,17 @@ class RetryPolicy:
         now = self._clock.now()
         wait = parse_retry_after(retry_after, now=now)
         if is_quota_exhausted(error):
-            first = not self.quota_blocked(app_key)
+            cooldown = max(s.quota_cooldown_s, wait or 0.0)
+            reported = self._quota_reported_until.get(app_key)
+            first = reported is None or now >= reported
             if first:
-                cooldown = max(s.quota_cooldown_s, wait or 0.0)
+                self._quota_reported_until[app_key] = now + cooldown
+            # A 429 is Dify refusing the app itself (its daily limit, the plan's quota): asking again during
+            # the cooldown cannot succeed. A model provider's quota (400) can end the moment the operator
+            # changes the provider's credentials in Dify: the next question is still asked (once, no retry).
+            if (error.status == 429 or error.code.lower() == "rate_limit_error") and not self.quota_blocked(
+                app_key
+            ):
                 self._quota_until[app_key] = now + cooldown
             return RetryDecision(False, reason="quota exhausted", quota_exhausted=True, report_quota=first)
         kind = overload_of(error)

@@ -141,6 +141,22 @@ async def test_an_exhausted_quota_is_logged_once_and_not_asked_during_the_cooldo
     assert asked.answer.text and len(s.engine.questions) == 2
 
 
+async def test_a_providers_quota_is_logged_once_but_each_new_question_is_still_asked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = Setup()
+    s.engine.fail_next(ChatEngineError("provider_quota_exceeded", "quota exhausted", status=400), times=2)
+
+    with caplog.at_level(logging.INFO):
+        for n in range(2):
+            with pytest.raises(ChatEngineError):
+                await s.ask(message(f"wmProvider{n}", f"m{n}"), s.route, QUESTION)
+        asked = await s.ask(message("wmFixed", "m3"), s.route, QUESTION)  # the operator fixed the credentials
+
+    assert asked.answer.text and len(s.engine.questions) == 3 and s.slept == []  # asked, never retried
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+
+
 async def test_every_dify_app_has_its_own_limit() -> None:
     s = Setup()
     other = KfRoute(name="wkOther", engine=FakeChatEngine(), texts=ReplyTexts(), dify_app="app-b")
