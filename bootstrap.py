@@ -39,7 +39,14 @@ from adapters.inbound.settings import build_options as build_options  # re-expor
 from adapters.inbound.settings import build_texts as build_texts
 from adapters.inbound.wecom_crypto import WeComCrypto
 from adapters.inbound.wecom_webhook import WeComWebhook
-from adapters.inbound.wiring import accepting_flag, closers_of, is_persistent, owner_id, started_now
+from adapters.inbound.wiring import (
+    accepting_flag,
+    closers_of,
+    is_persistent,
+    merged_sections,
+    owner_id,
+    started_now,
+)
 from adapters.outbound.audio import FfmpegAudioConverter
 from adapters.outbound.dify import DifyChatEngine
 from adapters.outbound.fake_wecom import FakeKfChannel
@@ -51,9 +58,11 @@ from application.admin import ConversationAdmin, StatusReport
 from application.answer_message import AnswerCustomerMessage
 from application.app_inputs import AppInputs
 from application.app_parameters import AppParametersCache
-from application.ask_dify import AskDify
+from application.ask_dify import AskDify, limiter_settings, retry_settings
+from application.concurrency import AdaptiveLimiter
 from application.conversation_names import ConversationNamer
 from application.customer_profile import ProfileBook
+from application.dify_retry import RetryPolicy
 from application.dispatcher import Dispatcher
 from application.drain_customer import DrainCustomer
 from application.handoff import HandOffToHuman
@@ -160,6 +169,12 @@ def drains_per_instance(options: BotOptions, store_backend: str) -> int:
     return options.dify_concurrency if is_persistent(store_backend) else 0
 
 
+def room_when_shared(limiter: AdaptiveLimiter, store_backend: str) -> AdaptiveLimiter | None:
+    """With instances sharing the store, one takes more customers only while its Dify limiter has room, so a
+    burst spreads over all of them; a single instance (in-process store) drains everything it pulls."""
+    return limiter if is_persistent(store_backend) else None
+
+
 def start_then_report(
     start: Callable[[], Awaitable[None]], app_inputs: AppInputs, routing: Routing
 ) -> Callable[[], Awaitable[None]]:
@@ -248,8 +263,20 @@ class Application(containers.DeclarativeContainer):
         options=options,
         telemetry=telemetry,
     )
+    dify_limiter = providers.Singleton(
+        AdaptiveLimiter, clock=adapters.clock, settings=providers.Callable(limiter_settings, options)
+    )
+    dify_retry = providers.Singleton(
+        RetryPolicy, clock=adapters.clock, settings=providers.Callable(retry_settings, options)
+    )
     ask = providers.Singleton(
-        AskDify, conversations=adapters.store, clock=adapters.clock, options=options, telemetry=telemetry
+        AskDify,
+        conversations=adapters.store,
+        clock=adapters.clock,
+        options=options,
+        telemetry=telemetry,
+        limiter=dify_limiter,
+        retry=dify_retry,
     )
     answer = providers.Singleton(
         AnswerCustomerMessage,
@@ -330,6 +357,7 @@ class Application(containers.DeclarativeContainer):
         telemetry=telemetry,
         owner=owner,
         max_drains=providers.Callable(drains_per_instance, options, adapters.store.provided.backend),
+        capacity=providers.Callable(room_when_shared, dify_limiter, adapters.store.provided.backend),
     )
     # The console's try-it chats: stopped with the service.
     try_sessions = providers.Singleton(TrySessions, providers.Callable(try_chat_factory, settings))
@@ -372,7 +400,9 @@ class Application(containers.DeclarativeContainer):
         store=adapters.store,
         telemetry=telemetry,
         version=VERSION,
-        extra=insights.provided.status_section,
+        extra=providers.Callable(
+            merged_sections, insights.provided.status_section, dify_limiter.provided.status_section
+        ),
     )
     admin = providers.Singleton(
         AdminApi,
@@ -380,7 +410,7 @@ class Application(containers.DeclarativeContainer):
         conversations=conversation_admin,
         status=status,
     )
-    metrics = providers.Singleton(PrometheusMetrics, telemetry)
+    metrics = providers.Singleton(PrometheusMetrics, telemetry, dify_apps=dify_limiter.provided.status)
     console = providers.Singleton(
         ConsoleApi,
         admin=admin,

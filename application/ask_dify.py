@@ -1,22 +1,28 @@
 """Ask the route's Dify app one question within the customer's conversation.
 
-Bounded concurrency (`dify_concurrency`), a new conversation when Dify lost the old one (once), and a few
-retries for transient failures, never after a timeout (the customer already waited the whole time).
+How many calls run at once toward each Dify app is learnt by the adaptive limiter
+(application/concurrency.py): waiting customers are served in turns, and an app that refuses (429, 503)
+makes the limit shrink. A refused request is asked again with backoff while the answer's deadline allows
+(application/dify_retry.py); other retryable failures get `dify_retries` more tries; a timed-out one is
+never asked again (the customer already waited the whole time). An exhausted quota is reported once per
+episode and not asked again during its cooldown. A new conversation is started when Dify lost the old one
+(once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from application import telemetry as t
 from application.app_inputs import AppInputs
+from application.concurrency import AdaptiveLimiter, LimiterSettings, Slot
 from application.conversation_names import ConversationNamer
+from application.dify_retry import RetryPolicy, RetrySettings, is_quota_exhausted, overload_of
 from application.errors import ChatEngineError, ConversationGone
 from application.media_port import PreparedQuestion
 from application.options import BotOptions
@@ -30,8 +36,13 @@ from domain.messages import CustomerRef, InboundMessage
 
 log = logging.getLogger("kfdify.answer")
 
-# Failures where asking again would make the customer wait a second time as long.
-_NOT_RETRIED = frozenset({"timeout", "idle_timeout"})
+# A refusal (429, 503) is asked again while the deadline allows; this only bounds a pathological loop.
+OVERLOAD_ATTEMPTS = 64
+# Dify refuses an app's excess calls at once (its concurrency check runs before the answer starts,
+# docs/dify.md §8.1). A call not refused within this long counts as accepted, so the limiter's slow start
+# grows while answers are still being produced even when the engine reports acceptance only with the whole
+# answer (blocking mode, gateways that buffer the response head).
+PRESUMED_ACCEPTED_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +51,43 @@ class Asked:
     elapsed: float
 
 
+def limiter_settings(options: BotOptions) -> LimiterSettings:
+    """`[BOT] DIFY_CONCURRENCY` is the ceiling of the adaptive limit, `DIFY_MIN_CONCURRENCY` its floor."""
+    return LimiterSettings.from_config(
+        concurrency=options.dify_concurrency, min_concurrency=options.dify_min_concurrency
+    )
+
+
+def retry_settings(options: BotOptions) -> RetrySettings:
+    """`dify_retries` more tries for ordinary transient failures; refusals until the deadline."""
+    return RetrySettings(
+        max_attempts=max(options.dify_retries, 0) + 1,
+        overload_max_attempts=OVERLOAD_ATTEMPTS,
+        base_delay_s=max(options.dify_retry_delay_s, 0.0),
+    )
+
+
+class _Progress:
+    """Tells the limiter when Dify took the request (slow start grows on it), and passes everything on."""
+
+    __slots__ = ("_slot", "_outer")
+
+    def __init__(self, slot: Slot, outer: AnswerProgress | None) -> None:
+        self._slot = slot
+        self._outer = outer
+
+    def accepted(self) -> None:
+        self._slot.accepted()
+        if self._outer is not None:
+            self._outer.accepted()
+
+    def streamed(self, text: str) -> None:
+        if self._outer is not None:
+            self._outer.streamed(text)
+
+
 class AskDify:
-    """The question in, Dify's answer out; raises ChatEngineError when no answer could be had."""
+    """The question in, Dify's answer out; raises ChatEngineError when no answer could be had in time."""
 
     def __init__(
         self,
@@ -52,6 +98,9 @@ class AskDify:
         telemetry: Telemetry,
         inputs: AppInputs | None = None,
         namer: ConversationNamer | None = None,
+        limiter: AdaptiveLimiter | None = None,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """`inputs`: fills the app's declared variables (else `options.inputs` only); `namer`: names each
         conversation Dify starts."""
@@ -61,7 +110,13 @@ class AskDify:
         self._clock = clock
         self._options = options
         self._telemetry = telemetry
-        self._slots = asyncio.Semaphore(max(options.dify_concurrency, 1))
+        self._limiter = limiter or AdaptiveLimiter(clock=clock, settings=limiter_settings(options))
+        self._retry = retry or RetryPolicy(clock=clock, settings=retry_settings(options))
+        self._sleep = sleep
+
+    @property
+    def limiter(self) -> AdaptiveLimiter:
+        return self._limiter
 
     async def __call__(
         self,
@@ -73,16 +128,25 @@ class AskDify:
     ) -> Asked:
         """`progress` hears the answer as it streams (progressive replies)."""
         customer = message.customer
+        app_key = route.dify_app or route.name
+        deadline = self._clock.now() + self._options.dify_deadline_s
+        if self._retry.quota_blocked(app_key):
+            self._telemetry.count_labelled("dify_errors", "quota_exhausted")
+            raise ChatEngineError(
+                "quota_exhausted", "the Dify app's quota is used up; not asking until it resets"
+            )
         idle = self._options.conversation_idle_ttl_s
         conversation = await self._conversations.get_conversation(customer)
         conversation_id = current_conversation_id(conversation, now=self._clock.now(), idle_ttl_s=idle)
-        retries_left = max(self._options.dify_retries, 0)
         restarted = False
+        attempt = 0
         asked: Asked | None = None
         inputs = await self._inputs.for_message(message, route) if self._inputs is not None else None
         while asked is None:
+            attempt += 1
+            question = self._question(message, prepared, conversation_id, inputs)
             result = await self._attempt(
-                self._question(message, prepared, conversation_id, inputs), route, progress
+                question, route, app_key, customer, deadline, progress, retry=attempt > 1
             )
             if isinstance(result, Asked):
                 asked = result
@@ -93,11 +157,11 @@ class AskDify:
                 self._telemetry.count("conversations_restarted")
                 await self._conversations.delete_conversation(customer)
                 conversation, conversation_id, restarted = None, None, True
-            elif result.retryable and retries_left > 0 and result.code not in _NOT_RETRIED:
-                retries_left -= 1
-                await asyncio.sleep(self._options.dify_retry_delay_s * (1 + random.random()))
+                attempt -= 1  # a restart is not a retry
+            elif progress_committed(progress):
+                raise result  # part of the answer is out: another attempt would show a second answer
             else:
-                raise result
+                await self._after_failure(result, attempt, deadline, app_key)
         updated = after_answer(
             conversation, conversation_id=asked.answer.conversation_id, now=self._clock.now(), idle_ttl_s=idle
         )
@@ -112,16 +176,67 @@ class AskDify:
         """Start the customer's next question in a new conversation (a reset); True when there was one."""
         return await self._conversations.delete_conversation(customer)
 
+    async def _after_failure(
+        self, error: ChatEngineError, attempt: int, deadline: float, app_key: str
+    ) -> None:
+        """Wait before the next attempt, or raise `error` when there is none."""
+        decision = self._retry.decide(
+            error, attempt=attempt, deadline=deadline, retry_after=error.retry_after_s, app_key=app_key
+        )
+        if decision.quota_exhausted:
+            if decision.report_quota:
+                self._telemetry.count("dify_quota_exhausted")
+                log.error(
+                    "Dify app %s: quota exhausted (%s: %s); customers get the fallback text and the app is "
+                    "not asked again for %g s",
+                    app_key,
+                    error.code,
+                    error.message[:200],
+                    self._retry.settings.quota_cooldown_s,
+                )
+            raise error
+        if not decision.retry:
+            raise error
+        self._telemetry.count_labelled("dify_retries", decision.reason or error.code)
+        log.info("dify %s (attempt %d): asking again in %.1f s", error.code, attempt, decision.delay_s)
+        if decision.delay_s > 0:
+            await self._sleep(decision.delay_s)
+
     async def _attempt(
-        self, question: Question, route: KfRoute, progress: AnswerProgress | None = None
+        self,
+        question: Question,
+        route: KfRoute,
+        app_key: str,
+        customer: CustomerRef,
+        deadline: float,
+        progress: AnswerProgress | None,
+        *,
+        retry: bool = False,
     ) -> Asked | ChatEngineError:
-        """One call to Dify: its answer, or the failure (counted) for the loop to decide about. Once part of
-        the answer went out (progressive replies), a failure is final: asking again would show another."""
+        """One call to Dify within the deadline: its answer, or the failure (counted) for the loop. Once part
+        of the answer went out (progressive replies), a failure is final: asking again would show another."""
         started = time.monotonic()
+        remaining = deadline - self._clock.now()
+        if remaining <= 0:
+            return ChatEngineError("timeout", "no answer before the deadline", retryable=False)
         try:
-            async with self._slots:
-                log.info("asking dify conversation=%s", question.conversation_id or "new")
-                answer = await route.engine.ask(question, progress)
+            async with asyncio.timeout(remaining):
+                async with self._limiter.slot(app_key, customer, retry=retry) as slot:
+                    asking = time.monotonic()
+                    log.info("asking dify conversation=%s", question.conversation_id or "new")
+                    presumed = asyncio.get_running_loop().call_later(PRESUMED_ACCEPTED_S, slot.accepted)
+                    try:
+                        answer = await route.engine.ask(question, _Progress(slot, progress))
+                    except ChatEngineError as exc:
+                        slot.record(exc)
+                        raise
+                    finally:
+                        presumed.cancel()
+                    slot.success(time.monotonic() - asking)
+        except TimeoutError:
+            self._telemetry.observe(t.DIFY, time.monotonic() - started)
+            self._telemetry.count_labelled("dify_errors", "deadline")
+            return ChatEngineError("timeout", "no answer before the deadline", retryable=False)
         except ConversationGone as gone:
             return _final(gone) if progress_committed(progress) else gone
         except ChatEngineError as exc:
@@ -129,7 +244,11 @@ class AskDify:
                 exc = _final(exc)
             self._telemetry.observe(t.DIFY, time.monotonic() - started)
             self._telemetry.count_labelled("dify_errors", exc.code)
-            self._telemetry.reachability("dify", exc.code not in ("unreachable",), exc.code)
+            kind = overload_of(exc)
+            if kind is not None:
+                self._telemetry.count_labelled("dify_overloads", kind.value)
+            reachable = exc.code not in ("unreachable",) or is_quota_exhausted(exc)
+            self._telemetry.reachability("dify", reachable, exc.code)
             return exc
         elapsed = time.monotonic() - started
         self._telemetry.observe(t.DIFY, elapsed)

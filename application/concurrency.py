@@ -55,9 +55,12 @@ class LimiterSettings:
     # Bounds of the number of Dify calls in flight per app ([BOT] DIFY_CONCURRENCY, DIFY_MIN_CONCURRENCY).
     max_limit: int = 1000
     min_limit: int = 4
-    initial_limit: int = 16
+    initial_limit: int = 32
     # Multiplicative decrease on an overload episode.
     backoff_ratio: float = 0.7
+    # ... on a 429 (the app's concurrency cap): the cap is known to lie just below what was in flight when
+    # the refused call was sent, so the limit goes a little below that instead of a third down.
+    rate_limited_ratio: float = 0.9
     # The limit counts as used (so it may grow) when someone waits or in-flight reaches this share of it.
     used_ratio: float = 0.9
     # Growth stops while the recent median latency exceeds this multiple of the long-run median.
@@ -69,7 +72,7 @@ class LimiterSettings:
     slow_start_restart_s: float = 300.0
 
     @classmethod
-    def from_config(cls, *, concurrency: int, min_concurrency: int, initial: int = 16) -> LimiterSettings:
+    def from_config(cls, *, concurrency: int, min_concurrency: int, initial: int = 32) -> LimiterSettings:
         """From `[BOT] DIFY_CONCURRENCY` (ceiling) and `DIFY_MIN_CONCURRENCY` (floor): a ceiling set below
         the floor wins (an operator who writes DIFY_CONCURRENCY = 2 means at most 2)."""
         ceiling = max(1, concurrency)
@@ -79,8 +82,8 @@ class LimiterSettings:
     def __post_init__(self) -> None:
         if self.min_limit < 1 or self.max_limit < self.min_limit:
             raise ValueError("need 1 <= min_limit <= max_limit")
-        if not 0 < self.backoff_ratio < 1:
-            raise ValueError("backoff_ratio must be between 0 and 1")
+        if not 0 < self.backoff_ratio < 1 or not 0 < self.rate_limited_ratio < 1:
+            raise ValueError("backoff ratios must be between 0 and 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,11 +196,12 @@ class _App:
         if slot_seq < self.decrease_seq:
             return  # granted before the last decrease: part of the episode already answered
         s = self.settings
-        base = self.limit
+        base, ratio = self.limit, s.backoff_ratio
         if kind is Overload.RATE_LIMITED:
             # Refused at its door: the app's ceiling is below what was in flight when this one was sent.
             base = min(base, float(max(in_flight_at_grant, s.min_limit)))
-        self.limit = max(float(s.min_limit), base * s.backoff_ratio)
+            ratio = s.rate_limited_ratio
+        self.limit = max(float(s.min_limit), base * ratio)
         self.slow_start = False
         self.decrease_seq = self.seq + 1
         self.decreases += 1
@@ -316,14 +320,15 @@ class Slot:
 
 
 class _SlotContext:
-    def __init__(self, limiter: AdaptiveLimiter, app_key: str, customer: Hashable) -> None:
+    def __init__(self, limiter: AdaptiveLimiter, app_key: str, customer: Hashable, retry: bool) -> None:
         self._limiter = limiter
         self._app_key = app_key
         self._customer = customer
+        self._retry = retry
         self._slot: Slot | None = None
 
     async def __aenter__(self) -> Slot:
-        self._slot = await self._limiter.acquire(self._app_key, self._customer)
+        self._slot = await self._limiter.acquire(self._app_key, self._customer, first=self._retry)
         return self._slot
 
     async def __aexit__(
@@ -361,12 +366,19 @@ class AdaptiveLimiter:
     def now(self) -> float:
         return self._clock.now()
 
-    def slot(self, app_key: str, customer: Hashable) -> _SlotContext:
-        """Wait for a turn toward `app_key` on behalf of `customer` (e.g. a CustomerRef)."""
-        return _SlotContext(self, app_key, customer)
+    def slot(self, app_key: str, customer: Hashable, *, retry: bool = False) -> _SlotContext:
+        """Wait for a turn toward `app_key` on behalf of `customer` (e.g. a CustomerRef). A `retry` (the
+        app refused an earlier attempt) waits at the head of the queue: it arrived before the others."""
+        return _SlotContext(self, app_key, customer, retry)
 
     def limit(self, app_key: str) -> int:
         return self._app(app_key).capacity
+
+    def has_room(self) -> bool:
+        """True while a new call to any app this instance asks would be granted at once (nobody queued, a slot
+        free): an instance that shares a burst with others takes more customers only then
+        (application/work_sharing.py)."""
+        return all(not app.queue and app.in_flight < app.capacity for app in self._apps.values())
 
     def snapshot(self) -> dict[str, AppSnapshot]:
         return {key: app.snapshot() for key, app in self._apps.items()}
@@ -375,7 +387,11 @@ class AdaptiveLimiter:
         """`snapshot()` as plain data, for /status and /metrics."""
         return {key: state.as_dict() for key, state in self.snapshot().items()}
 
-    async def acquire(self, app_key: str, customer: Hashable) -> Slot:
+    def status_section(self) -> dict[str, object]:
+        """The /status section: `{"dify_apps": {app_key: {limit, in_flight, queued, ...}}}`."""
+        return {"dify_apps": self.status()}
+
+    async def acquire(self, app_key: str, customer: Hashable, *, first: bool = False) -> Slot:
         """A granted slot; give it back with `release()` (prefer `slot()`, which does that itself).
 
         Cancelled while waiting (task cancelled, deadline passed): the place in the queue is dropped, and a
@@ -385,7 +401,7 @@ class AdaptiveLimiter:
         if len(app.queue) == 0 and app.in_flight < app.capacity:
             return Slot(self, app, self._grant(app), self._clock.now())
         waiter: asyncio.Future[_Turn] = asyncio.get_running_loop().create_future()
-        app.queue.push(customer, waiter)
+        app.queue.push(customer, waiter, first=first)
         self._dispatch(app)  # normally a no-op: whoever made room has handed it out already
         try:
             turn = await waiter

@@ -4,7 +4,8 @@ when to ask again.
 `overload_of` turns a `ChatEngineError` into an overload signal for the concurrency limiter
 (application/concurrency.py). `RetryPolicy` decides how long to wait before asking again (exponential
 backoff with jitter, honouring Retry-After, within the answer's deadline) or to give up; an exhausted quota
-is told apart from momentary overload (docs/dify.md §4.2) and is not asked again for a while.
+is told apart from momentary overload (docs/dify.md §4.2): reported once per episode, never retried, and an
+app that Dify itself refuses for its quota (429) is not asked again for a while.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def is_quota_exhausted(error: ChatEngineError) -> bool:
     return any(word in text for word in _QUOTA_WORDS)
 
 
+def is_refusal(error: ChatEngineError) -> bool:
+    """Dify refused the request for now (429 that is no exhausted quota, 503): worth asking again later."""
+    if is_quota_exhausted(error):
+        return False
+    return overload_of(error) is Overload.RATE_LIMITED or error.status == 503 or error.code == "http_503"
+
+
 def overload_of(error: ChatEngineError) -> Overload | None:
     """The overload signal `error` carries, or None when it says nothing about the app's load."""
     if is_quota_exhausted(error):
@@ -104,6 +112,9 @@ class RetrySettings:
     quota_cooldown_s: float = 300.0
     # Retry-After beyond this is not waited for within one answer.
     max_retry_after_s: float = 60.0
+    # Attempts in total after refusals (429 too_many_requests, 503): the app said "not now", so asking again
+    # later is the point; 0 = the same bound as other failures (`max_attempts`).
+    overload_max_attempts: int = 0
 
 
 def parse_retry_after(value: str | float | None, *, now: float) -> float | None:
@@ -141,7 +152,8 @@ class RetryPolicy:
         self._clock = clock
         self._settings = settings or RetrySettings()
         self._rng = rng
-        self._quota_until: dict[str, float] = {}
+        self._quota_until: dict[str, float] = {}  # app → not asked until then
+        self._quota_reported_until: dict[str, float] = {}  # app → its quota episode was logged; not again
 
     @property
     def settings(self) -> RetrySettings:
@@ -172,9 +184,17 @@ class RetryPolicy:
         now = self._clock.now()
         wait = parse_retry_after(retry_after, now=now)
         if is_quota_exhausted(error):
-            first = not self.quota_blocked(app_key)
+            cooldown = max(s.quota_cooldown_s, wait or 0.0)
+            reported = self._quota_reported_until.get(app_key)
+            first = reported is None or now >= reported
             if first:
-                cooldown = max(s.quota_cooldown_s, wait or 0.0)
+                self._quota_reported_until[app_key] = now + cooldown
+            # A 429 is Dify refusing the app itself (its daily limit, the plan's quota): asking again during
+            # the cooldown cannot succeed. A model provider's quota (400) can end the moment the operator
+            # changes the provider's credentials in Dify: the next question is still asked (once, no retry).
+            if (error.status == 429 or error.code.lower() == "rate_limit_error") and not self.quota_blocked(
+                app_key
+            ):
                 self._quota_until[app_key] = now + cooldown
             return RetryDecision(False, reason="quota exhausted", quota_exhausted=True, report_quota=first)
         kind = overload_of(error)
@@ -183,9 +203,14 @@ class RetryPolicy:
             return RetryDecision(False, reason="timed out")
         if not error.retryable and kind is None:
             return RetryDecision(False, reason="not retryable")
-        if attempt >= s.max_attempts:
+        limit = (
+            s.overload_max_attempts if s.overload_max_attempts > 0 and is_refusal(error) else s.max_attempts
+        )
+        if attempt >= limit:
             return RetryDecision(False, reason="attempts used up")
         room = deadline - now - s.min_attempt_s
+        if room <= 0:
+            return RetryDecision(False, reason="no time left before the deadline")
         if wait is not None:
             if wait > s.max_retry_after_s or wait > room:
                 return RetryDecision(False, reason=f"Retry-After {wait:g} s does not fit")

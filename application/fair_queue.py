@@ -25,8 +25,14 @@ class FairQueue(Generic[T]):
     def customers(self) -> int:
         return len(self._by_customer)
 
-    def push(self, customer: Hashable, waiter: asyncio.Future[T]) -> None:
-        self._by_customer.setdefault(customer, deque()).append(waiter)
+    def push(self, customer: Hashable, waiter: asyncio.Future[T], *, first: bool = False) -> None:
+        """Queue `waiter`; `first`: at the head of the queue (a retry: it arrived before everyone waiting)."""
+        if first:
+            waiters = self._by_customer.pop(customer, deque())
+            waiters.appendleft(waiter)
+            self._by_customer = {customer: waiters, **self._by_customer}
+        else:
+            self._by_customer.setdefault(customer, deque()).append(waiter)
         self.size += 1
 
     def pop(self) -> asyncio.Future[T] | None:

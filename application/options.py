@@ -67,7 +67,8 @@ class BotOptions:
     # Customer messages older than this are recorded but never answered (history replays, long outages).
     max_message_age_s: float = 600.0
     conversation_idle_ttl_s: float = 24 * 3600.0
-    dify_concurrency: int = 32
+    # Ceiling of the adaptive number of Dify calls at once per Dify app (application/concurrency.py).
+    dify_concurrency: int = 1000
     dify_retries: int = 1
     # Pause before asking Dify again after a retryable failure (429, 5xx, transient model error).
     dify_retry_delay_s: float = 1.5
@@ -115,3 +116,7 @@ class BotOptions:
     handoff_feedback: bool = True
     # Texts a customer sends within this many seconds of each other are asked as one question (0 = off).
     merge_window_s: float = 0.0
+    # Floor of the adaptive number of Dify calls at once per Dify app.
+    dify_min_concurrency: int = 4
+    # An answer's total deadline (queue, retries and Dify together); past it the customer gets the fallback.
+    dify_deadline_s: float = 180.0

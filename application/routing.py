@@ -16,6 +16,8 @@ class KfRoute:
     texts: ReplyTexts
     # Handoff target: this servicer (service_state 3), or the queue (2) when empty.
     servicer_userid: str = ""
+    # The Dify app's name for the concurrency limiter and /status (`dify_app_key`; never the API key).
+    dify_app: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,13 +5,20 @@ A bare ASGI app (no router, no recording) in its own process, so it is never the
 `chunk` characters and a `message_end`, each as its own write, as Dify does.
 
     python -m bench.fake_dify --port P
-    POST /_bench/config {"delay": 2.0, "chunk": 4}      GET /_bench/stats      POST /_bench/reset
+    POST /_bench/config {"delay": 2.0, "chunk": 4, "capacity": 40}   GET /_bench/stats   POST /_bench/reset
 
 Progressive replies row: config `{"answer": "long", "stream_s": 10, "moderation": 0}` streams LONG_ANSWER
 (about 6 KB) evenly over `stream_s` seconds; `GET /v1/parameters` reports output moderation as configured.
 
 Stats: requests served, streams open now, the most streams open at once (`peak`), and how many TCP
 connections those requests came on (`connections`: distinct client ports since the last reset).
+Capacity mode (`capacity` > 0): like a Dify app with a concurrency limit, a request that arrives while
+`capacity` answers are in flight is refused at once with 429 `too_many_requests` (docs/dify.md), optionally
+with a `Retry-After` header (`retry_after` seconds; 0 = none). 0 = no limit.
+
+Stats: requests served, streams open now, the most streams open at once (`peak`), how many TCP
+connections those requests came on (`connections`: distinct client ports since the last reset), and how
+many requests were refused with 429 (`rejected`).
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ class FakeDify:
     def __init__(self) -> None:
         self.delay = 0.0
         self.chunk = 4
+        self.capacity = 0
+        self.retry_after = 0.0
+        self.rejected = 0
         self.requests = 0
         self.active = 0
         self.peak = 0
@@ -77,11 +87,13 @@ class FakeDify:
             self.answer = str(config.get("answer", self.answer))
             self.stream_s = float(config.get("stream_s", self.stream_s))
             self.moderation = bool(config.get("moderation", self.moderation))
+            self.capacity = max(0, int(config.get("capacity", self.capacity)))
+            self.retry_after = max(0.0, float(config.get("retry_after", self.retry_after)))
             await _json(send, self._stats())
         elif path == "/v1/parameters" and method == "GET":
             await _json(send, _parameters(self.moderation))
         elif path == "/_bench/reset" and method == "POST":
-            self.requests = self.peak = 0
+            self.requests = self.peak = self.rejected = 0
             self.clients.clear()
             await _json(send, self._stats())
         elif path in ("/_bench/stats", "/healthz"):
@@ -97,9 +109,17 @@ class FakeDify:
             "connections": len(self.clients),
             "delay": self.delay,
             "chunk": self.chunk,
+            "capacity": self.capacity,
+            "rejected": self.rejected,
         }
 
     async def _chat(self, question: dict[str, Any], send: Send) -> None:
+        if self.capacity and self.active >= self.capacity:
+            self.rejected += 1
+            headers = [(b"retry-after", f"{self.retry_after:g}".encode())] if self.retry_after else []
+            refusal = {"code": "too_many_requests", "message": "Too many requests.", "status": 429}
+            await _json(send, refusal, 429, headers)
+            return
         self.requests += 1
         self.active += 1
         self.peak = max(self.peak, self.active)
@@ -167,9 +187,12 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-async def _json(send: Send, payload: dict[str, Any], status: int = 200) -> None:
+async def _json(
+    send: Send, payload: dict[str, Any], status: int = 200, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += extra or []
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

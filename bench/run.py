@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import pstats
 import re
 import signal
@@ -63,7 +64,7 @@ from tests.support.http_server import serve
 from tests.support.wecom_server import FakeWeComServer
 
 DIFY_CONCURRENCY = 400  # [BOT] DIFY_CONCURRENCY for every service run: above the 300 concurrent customers
-SECTIONS = ("crypto", "webhook", "pipeline", "concurrency", "progressive")
+SECTIONS = ("crypto", "webhook", "pipeline", "concurrency", "progressive", "burst")
 _REPLY = re.compile(r"\br(\d+)-m(\d+)\b")
 
 
@@ -129,6 +130,12 @@ WEBHOOK_P99_MS_AT_64 = 10.0
 FLOOD_SYNC_MAX = 10  # "a handful" of sync_msg calls for the whole flood
 PIPELINE_CPU_MS_MAX = 2.0
 CONCURRENCY_MAX_S = 3.0
+# Bursts at the service's defaults (issue #14): all answered within these many seconds.
+BURST_300_MAX_S = 3.0
+BURST_1000_MAX_S = 5.0
+BURST_CAPACITY_FACTOR = 1.3  # × the ideal (customers / capacity × Dify delay)
+BURST_ACK_P99_MS = 100.0
+BURST_SPLIT = (35.0, 65.0)  # % of the burst each of two instances answers
 PEAK_RSS_MIB_MAX = 150.0
 GROWTH_MIB_MAX = 2.0  # per 1,000 messages: RSS after the last pipeline run minus after the one before
 MEMCACHED_COMMANDS = (
@@ -166,6 +173,7 @@ class Results:
     flood: dict[str, Any] = field(default_factory=dict)
     pipeline: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     concurrency: list[dict[str, Any]] = field(default_factory=list)
+    burst: list[dict[str, Any]] = field(default_factory=list)
     memory: list[dict[str, Any]] = field(default_factory=list)
     profiles: list[str] = field(default_factory=list)
     profiled: bool = False
@@ -222,7 +230,11 @@ class Bench:
         if self._memcached is not None:
             self._memcached.stop()
 
-    def start_service(self, name: str, wecom_url: str, store: str) -> Proc:
+    def start_service(
+        self, name: str, wecom_url: str, store: str, *, defaults: bool = False, memcached_prefix: str = ""
+    ) -> Proc:
+        """`defaults`: the service's own defaults (no LOG_LEVEL, no [BOT] settings), as an operator who
+        changed nothing runs it; only what must be configured (credentials, addresses) is set."""
         port = free_port()
         sections: dict[str, dict[str, Any]] = {
             "CONFIG": {
@@ -239,13 +251,15 @@ class Bench:
             "SERVER": {"HOST": HOST, "PORT": port, "SHUTDOWN_GRACE": 5},
             "BOT": {"DIFY_CONCURRENCY": DIFY_CONCURRENCY, "RECOVERY_INTERVAL": 0},
         }
+        if defaults:
+            del sections["CONFIG"]["LOG_LEVEL"], sections["BOT"]
         if store == "memcached":
             sections["MEMCACHE"] = {
                 "servers": self.memcached.address,
-                "prefix": f"bench{uuid.uuid4().hex[:8]}",
-                "connect_timeout": 2,
-                "timeout": 2,
+                "prefix": memcached_prefix or f"bench{uuid.uuid4().hex[:8]}",
             }
+            if not defaults:
+                sections["MEMCACHE"] |= {"connect_timeout": 2, "timeout": 2}
         config = write_ini(self.out / f"{name}.ini", sections)
         command = [str(ROOT / "bootstrap.py"), "--config", str(config)]
         if self.profile:
@@ -255,7 +269,10 @@ class Bench:
         proc = python_proc(
             name,
             command,
-            env={"BENCH_WHATIF": ",".join(self.what_if), "BENCH_DIFY_CONCURRENCY": str(DIFY_CONCURRENCY)},
+            env={
+                "BENCH_WHATIF": ",".join(self.what_if),
+                "BENCH_DIFY_CONCURRENCY": "1000" if defaults else str(DIFY_CONCURRENCY),
+            },
             port=port,
             ready_path="/readyz",
             log_dir=self.out,
@@ -484,6 +501,107 @@ class Bench:
         finally:
             self.dify_config(delay=0.0)
 
+    # --- 6. bursts at the service's defaults -------------------------------------------------------------
+
+    def run_burst(self) -> None:
+        """Customers writing at once to a service that runs with its defaults (nothing tuned: no
+        DIFY_CONCURRENCY, default LOG_LEVEL); the fakes' latency and capacity are the only knobs. Each row
+        has its own service process, so its peak RSS is the row's."""
+        b = self.budget
+        delay = b.dify_delay_s
+        rows: list[tuple[str, int, dict[str, float], bool, int]] = [
+            # (row, customers, fake Dify config, ack load, instances)
+            ("300 at once", 300, {"delay": delay}, False, 1),
+            ("1,000 at once", 1000, {"delay": delay}, False, 1),
+            ("300 at once, Dify capacity 40 (429 beyond)", 300, {"delay": delay, "capacity": 40}, False, 1),
+            ("1,000 at once + 200 callbacks/s ack probe", 1000, {"delay": delay}, True, 1),
+            ("1,000 at once, 2 instances, Memcached", 1000, {"delay": delay}, False, 2),
+        ]
+        wanted = {int(n) for n in os.environ.get("BENCH_BURST_ROWS", "").split(",") if n.strip()}
+        for tag, (label, count, dify, ack, instances) in enumerate(rows, start=300):
+            if wanted and tag - 300 + 1 not in wanted:
+                continue  # BENCH_BURST_ROWS=2,3: only those rows (1-based), for quicker iterations
+            self.dify_config(**({"delay": 0.0, "capacity": 0} | dify))
+            try:
+                row = self._burst_row(tag, label, count, ack=ack, instances=instances)
+            finally:
+                self.dify_config(delay=0.0, capacity=0)
+            row |= {"row": label, "dify_delay_s": dify["delay"], "capacity": int(dify.get("capacity", 0))}
+            row["ideal_s"] = row["capacity"] and count / row["capacity"] * dify["delay"] or dify["delay"]
+            self.results.burst.append(row)
+            log(
+                f"burst {label}: {row['answered']}/{row['messages']} answered in {row['elapsed_s']:.2f} s "
+                f"(ideal {row['ideal_s']:g} s), fallbacks {row['fallback_texts']}, interims "
+                f"{row['interim_texts']}, Dify 429s {row['dify_rejected']}, peak RSS "
+                f"{max(row['peak_rss_kib']) / 1024:.1f} MiB"
+                + (f", ack p50/p99 {row['ack']['p50_ms']:.1f}/{row['ack']['p99_ms']:.1f} ms" if ack else "")
+                + (f", split {row['split']}" if instances > 1 else "")
+            )
+
+    def _burst_row(self, tag: int, label: str, count: int, *, ack: bool, instances: int) -> dict[str, Any]:
+        store = "memcached" if instances > 1 else "memory"
+        prefix = f"burst{uuid.uuid4().hex[:8]}"
+        with fake_wecom() as (wecom, wecom_url):
+            services = [
+                self.start_service(
+                    f"burst{tag}-{n}", wecom_url, store, defaults=True, memcached_prefix=prefix
+                )
+                for n in range(instances)
+            ]
+            try:
+                idle = sum(idle_cpu_rate(s, 0.5) for s in services)
+                before = [self.status(s)["counters"] for s in services]
+                customers = [f"wmB{tag}x{j:04d}" for j in range(count)]
+                probe: subprocess.Popen[str] | None = None
+                if ack:
+                    probe = start_loadgen(
+                        port=services[0].port,
+                        connections=16,
+                        duration=8.0,
+                        warmup=0.3,
+                        rate=200.0,
+                        seed=f"ack{tag}",
+                    )
+                    time.sleep(0.3)  # the probe's warm-up: the burst starts as its measured window does
+                try:
+                    row = self.drive(
+                        services[0],
+                        wecom,
+                        tag,
+                        customers,
+                        1,
+                        64,
+                        idle,
+                        stall_s=60.0,
+                        ports=[s.port for s in services],
+                    )
+                finally:
+                    if probe is not None:
+                        row_ack = finish_loadgen(probe)
+                if probe is not None:
+                    row["ack"] = {k: row_ack[k] for k in ("p50_ms", "p99_ms", "rps", "requests")}
+                    row["ack"]["non_200"] = sum(n for code, n in row_ack["statuses"].items() if code != "200")
+                time.sleep(0.3)
+                after = [self.status(s) for s in services]
+                pairs = zip(after, before, strict=True)
+                answered = [a["counters"].get("answered", 0) - b_.get("answered", 0) for a, b_ in pairs]
+                row["answered_by_instance"] = answered
+                total = sum(answered) or 1
+                row["split"] = " / ".join(f"{100 * n / total:.0f} %" for n in answered)
+                row["dify_apps"] = [a.get("dify_apps", {}) for a in after]
+                row["peak_rss_kib"] = [s.memory()["VmHWM"] for s in services]
+                for n, s in enumerate(services):
+                    self._memory_row(
+                        f"burst {label}",
+                        f"service {n + 1}" if instances > 1 else "service",
+                        s,
+                        note="defaults",
+                    )
+                return row
+            finally:
+                for s in services:
+                    self.stop_service(s)
+
     # --- the driver: messages in, replies out --------------------------------------------------------------
 
     # --- 6. progressive replies -----------------------------------------------------------------------------
@@ -521,6 +639,7 @@ class Bench:
         connections: int,
         idle_cpu_per_s: float,
         stall_s: float = 10.0,
+        ports: list[int] | None = None,
     ) -> dict[str, Any]:
         """Every customer writes `turns` messages, each after the reply to the previous one (see `_drive`);
         callbacks go over `connections` keep-alive connections. CPU is the service's, from the first message
@@ -535,7 +654,7 @@ class Bench:
         stats = asyncio.run(
             _drive(
                 wecom,
-                service.port,
+                ports or service.port,
                 tag,
                 customers,
                 turns,
@@ -560,7 +679,7 @@ class Bench:
             **{
                 f"dify_{k}": v
                 for k, v in self.dify_stats().items()
-                if k in ("requests", "connections", "peak")
+                if k in ("requests", "connections", "peak", "rejected")
             },
             "cpu_ms_per_msg": 1000 * max(cpu, 0.0) / answered if answered else float("nan"),
             "stall_s": stall_s,
@@ -577,7 +696,7 @@ class Bench:
 
 async def _drive(
     wecom: FakeWeComServer,
-    port: int,
+    port: int | list[int],
     tag: int,
     customers: list[str],
     turns: int,
@@ -592,15 +711,19 @@ async def _drive(
     world = wecom.world
     c = crypto()
     loop = asyncio.get_running_loop()
-    pool: asyncio.Queue[RawConnection] = asyncio.Queue()
-    for _ in range(max(1, min(connections, len(customers)))):
-        pool.put_nowait(await RawConnection(HOST, port).connect())
+    pool: asyncio.Queue[tuple[RawConnection, int]] = asyncio.Queue()
+    ports = port if isinstance(port, list) else [port]
+    for n in range(max(1, min(connections, len(customers)))):
+        target = ports[n % len(ports)]  # several instances: the connections alternate between them
+        pool.put_nowait((await RawConnection(HOST, target).connect(), target))
     sent_at: dict[int, float] = {}
     replied_at: dict[int, float] = {}
     waiters: dict[int, asyncio.Future[bool]] = {}
     messages = len(customers) * turns
     rejected = 0
     other_replies = 0
+    other_texts: dict[str, int] = {}
+    duplicates = 0
     stalled = False
     seen = len(world.sent)
     started = time.perf_counter()
@@ -615,19 +738,21 @@ async def _drive(
             waiters[i] = loop.create_future()
             world.add_customer_text(KF, customer, f"r{tag}-m{i}")
             sent_at[i] = time.perf_counter()
-            request = callback_request(c, port=port, open_kfid=KF, nonce=f"d{tag}-{i}", token=f"DT{tag}-{i}")
-            conn = await pool.get()
+            conn, target = await pool.get()
+            request = callback_request(
+                c, port=target, open_kfid=KF, nonce=f"d{tag}-{i}", token=f"DT{tag}-{i}"
+            )
             try:
                 status, _ = await conn.request(request)
             finally:
-                pool.put_nowait(conn)
+                pool.put_nowait((conn, target))
             if status != 200:
                 rejected += 1
             if not await waiters[i]:
                 return  # the run stalled or timed out: this customer's conversation ends here
 
     async def watch() -> None:
-        nonlocal seen, other_replies, stalled, progress_at, cpu_at_last_reply
+        nonlocal seen, other_replies, stalled, progress_at, cpu_at_last_reply, duplicates
         while len(replied_at) < messages:
             await asyncio.sleep(0.002)
             sent = world.sent
@@ -639,6 +764,7 @@ async def _drive(
                 match = _REPLY.search(reply.text)
                 if match and int(match.group(1)) == tag:
                     i = int(match.group(2))
+                    duplicates += i in replied_at
                     replied_at.setdefault(i, now)
                     progress_at = now
                     waiter = waiters.get(i)
@@ -646,6 +772,7 @@ async def _drive(
                         waiter.set_result(True)
                 else:
                     other_replies += 1
+                    other_texts[reply.text] = other_texts.get(reply.text, 0) + 1
             if now - progress_at > stall_s or now > deadline:
                 # No reply for stall_s: some message is stuck. Give up on the waiting customers.
                 stalled = True
@@ -656,7 +783,7 @@ async def _drive(
 
     await asyncio.gather(*(converse(j, name) for j, name in enumerate(customers)), watch())
     while not pool.empty():
-        await pool.get_nowait().close()
+        await pool.get_nowait()[0].close()
     last = max(replied_at.values()) if replied_at else time.perf_counter()
     latencies = sorted(replied_at[i] - sent_at[i] for i in replied_at)
     elapsed = last - started
@@ -668,6 +795,9 @@ async def _drive(
         "unanswered_msgids": sorted(set(waiters) - set(replied_at))[:20],
         "rejected_callbacks": rejected,
         "other_replies": other_replies,
+        "interim_texts": other_texts.get(ReplyTexts().interim, 0),
+        "fallback_texts": other_texts.get(ReplyTexts().fallback, 0),
+        "duplicate_answers": duplicates,
         "elapsed_s": elapsed,
         "msgs_per_s": len(replied_at) / elapsed if elapsed else 0.0,
         "p50_ms": percentile(latencies, 0.5) * 1000,
@@ -751,6 +881,40 @@ def loadgen(
     if result.returncode != 0:
         raise RuntimeError(f"loadgen failed ({result.returncode}):\n{result.stderr[-3000:]}")
     data: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return data
+
+
+def start_loadgen(
+    *, port: int, connections: int, duration: float, warmup: float, rate: float, seed: str
+) -> subprocess.Popen[str]:
+    """The load generator as a separate process, running while the caller does something else."""
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--port",
+        str(port),
+        "--connections",
+        str(connections),
+        "--duration",
+        str(duration),
+        "--warmup",
+        str(warmup),
+        "--rate",
+        str(rate),
+        "--seed",
+        seed,
+    ]
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish_loadgen(proc: subprocess.Popen[str], timeout: float = 120.0) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadgen failed ({proc.returncode}):\n{err[-3000:]}")
+    data: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return data
 
 
@@ -928,7 +1092,8 @@ def targets(results: Results) -> list[tuple[str, str, bool | None]]:
                 ok,
             )
         )
-    services = [m for m in results.memory if m["process"] == "service"]
+    out += burst_targets(results.burst)
+    services = [m for m in results.memory if m["process"].startswith("service")]
     if services:
         peak = max(m["peak_kib"] for m in services) / 1024
         out.append(
@@ -938,6 +1103,63 @@ def targets(results: Results) -> list[tuple[str, str, bool | None]]:
                 peak < PEAK_RSS_MIB_MAX,
             )
         )
+    return out
+
+
+def burst_targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
+    """The targets of issue #14 for the burst rows that ran."""
+    out: list[tuple[str, str, bool | None]] = []
+    for r in rows:
+        done = f"{r['answered']}/{r['messages']} in {r['elapsed_s']:.2f} s"
+        complete = r["answered"] == r["messages"] and not r["stalled"]
+        instances = len(r["peak_rss_kib"])
+        if r.get("ack"):
+            p99 = r["ack"]["p99_ms"]
+            out.append(
+                (
+                    f"defaults: ack p99 < {BURST_ACK_P99_MS:g} ms at 200 callbacks/s during the 1,000 burst",
+                    f"p50 {r['ack']['p50_ms']:.1f} / p99 {p99:.1f} ms",
+                    p99 < BURST_ACK_P99_MS,
+                )
+            )
+        elif r["capacity"]:
+            limit = BURST_CAPACITY_FACTOR * r["ideal_s"]
+            ok = complete and r["fallback_texts"] == 0 and r["elapsed_s"] <= limit
+            out.append(
+                (
+                    f"defaults: {r['messages']} customers, Dify capacity {r['capacity']}: all answered, "
+                    f"0 fallbacks, ≤ {limit:g} s ({BURST_CAPACITY_FACTOR:g} × ideal)",
+                    f"{done}, {r['fallback_texts']} fallbacks, {r['dify_rejected']} × 429",
+                    ok,
+                )
+            )
+        elif instances > 1:
+            shares = [100 * n / max(sum(r["answered_by_instance"]), 1) for n in r["answered_by_instance"]]
+            lo, hi = BURST_SPLIT
+            ok = (
+                complete
+                and r["duplicate_answers"] == 0
+                and r["elapsed_s"] <= BURST_1000_MAX_S
+                and all(lo <= s <= hi for s in shares)
+            )
+            out.append(
+                (
+                    f"defaults: {r['messages']} at once over {instances} instances + Memcached: answered "
+                    f"exactly once, ≤ {BURST_1000_MAX_S:g} s, each instance {lo:g}–{hi:g} %",
+                    f"{done}, {r['duplicate_answers']} duplicates, split {r['split']}",
+                    ok,
+                )
+            )
+        else:
+            limit = BURST_300_MAX_S if r["messages"] <= 300 else BURST_1000_MAX_S
+            out.append(
+                (
+                    f"defaults: {r['messages']} customers at once, Dify {r['dify_delay_s']:g} s: "
+                    f"all answered ≤ {limit:g} s",
+                    done,
+                    complete and r["elapsed_s"] <= limit,
+                )
+            )
     return out
 
 
@@ -991,10 +1213,9 @@ def render(results: Results) -> str:
         f"| Commit | `{m.get('commit')}` (worktree {m.get('worktree')}) |",
         "",
         f"Service settings: `LOG_LEVEL = WARNING` (logging is not what we measure), "
-        f"`[BOT] DIFY_CONCURRENCY = {DIFY_CONCURRENCY}` (default 32; set above the "
-        f"{QUICK.concurrency_customers} "
-        "concurrent customers of the concurrency run), `RECOVERY_INTERVAL = 0`, in-process store unless a "
-        "row says Memcached. Everything on 127.0.0.1.",
+        f"`[BOT] DIFY_CONCURRENCY = {DIFY_CONCURRENCY}` (the adaptive limit's ceiling; default 1000), "
+        "`RECOVERY_INTERVAL = 0`, in-process store unless a row says Memcached; the burst rows (§6) run "
+        "with the service's defaults instead. Everything on 127.0.0.1.",
         "",
     ]
     if results.what_if:
@@ -1105,6 +1326,35 @@ def render(results: Results) -> str:
         lines.append("")
     if results.progressive:
         lines += progressive_section(results.progressive)
+    if results.burst:
+        lines += [
+            "## 6. Bursts at the service's defaults (issue #14)",
+            "",
+            "Each row: a new service process with nothing tuned (no `DIFY_CONCURRENCY`, default `LOG_LEVEL` "
+            "INFO, default `RECOVERY_INTERVAL`; only credentials and addresses set), the customers' messages "
+            "added to the fake WeCom and their callbacks posted over 64 connections as fast as they go, the "
+            "fake Dify answering each after its delay (capacity rows: 429 `too_many_requests` beyond N "
+            "answers in flight). Ideal = Dify delay, or customers / capacity × delay. Interim and fallback "
+            "texts are counted at the fake WeCom; 429s at the fake Dify. The ack probe is a separate load "
+            "process sending 200 signed callbacks/s over 16 connections while the burst is answered.",
+            "",
+            "| row | answered | time to last answer | ideal | latency p50 / p99 | fallback texts "
+            "| interim texts | Dify 429s | Dify streams at once | ack p50 / p99 | split | CPU ms/msg "
+            "| peak RSS |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in results.burst:
+            ack = f"{r['ack']['p50_ms']:.1f} / {r['ack']['p99_ms']:.1f} ms" if r.get("ack") else "–"
+            split = r["split"] if len(r["peak_rss_kib"]) > 1 else "–"
+            rss = " / ".join(f"{k / 1024:.1f}" for k in r["peak_rss_kib"])
+            lines.append(
+                f"| {r['row']} | {r['answered']}/{r['messages']}{' (stalled)' if r['stalled'] else ''} "
+                f"| {r['elapsed_s']:.2f} s | {r['ideal_s']:g} s "
+                f"| {r['p50_ms'] / 1000:.2f} / {r['p99_ms'] / 1000:.2f} s | {r['fallback_texts']} "
+                f"| {r['interim_texts']} | {r['dify_rejected']} | {r['dify_peak']} | {ack} | {split} "
+                f"| {r['cpu_ms_per_msg']:.2f} | {rss} MiB |"
+            )
+        lines.append("")
     if results.memory:
         lines += [
             "## 4. Memory (VmHWM = peak RSS, from /proc/<pid>/status)",
@@ -1211,6 +1461,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline": bench.run_pipelines,
         "concurrency": bench.run_concurrency,
         "progressive": bench.run_progressive,
+        "burst": bench.run_burst,
     }
     try:
         for section in SECTIONS:

@@ -86,7 +86,7 @@ class Settings:
     # [BOT]: behaviour knobs, already typed.
     max_message_age_s: float = 600.0
     conversation_idle_ttl_s: float = 86400.0
-    dify_concurrency: int = 32
+    dify_concurrency: int = 1000
     dify_connect_timeout_s: float = 10.0
     dify_idle_timeout_s: float = 45.0
     dify_total_timeout_s: float = 180.0
@@ -117,6 +117,7 @@ class Settings:
     voice_format: str = "wav"
     # Suggested questions after an answer as a menu: follow the app's setting (True) or never (False).
     suggestions: bool = True
+    dify_min_concurrency: int = 4
     texts: dict[str, str] = field(default_factory=dict)
     kf_routes: tuple[KfRouteSettings, ...] = ()
     source: str = ""
@@ -399,7 +400,9 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         conversation_idle_ttl_s=r.typed(
             "BOT", "CONVERSATION_IDLE_TTL", 86400.0, _positive_float, "seconds (a number ≥ 0)"
         ),
-        dify_concurrency=max(1, r.typed("BOT", "DIFY_CONCURRENCY", 32, _positive_int, "a whole number ≥ 1")),
+        dify_concurrency=max(
+            1, r.typed("BOT", "DIFY_CONCURRENCY", 1000, _positive_int, "a whole number ≥ 1")
+        ),
         dify_connect_timeout_s=r.typed("BOT", "DIFY_CONNECT_TIMEOUT", 10.0, _positive_float, "seconds"),
         dify_idle_timeout_s=r.typed("BOT", "DIFY_IDLE_TIMEOUT", 45.0, _positive_float, "seconds"),
         dify_total_timeout_s=r.typed("BOT", "DIFY_TOTAL_TIMEOUT", 180.0, _positive_float, "seconds"),
@@ -427,6 +430,9 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         ffmpeg_timeout_s=max(1.0, r.typed("BOT", "FFMPEG_TIMEOUT", 30.0, _positive_float, "seconds ≥ 1")),
         voice_format=_voice_format(r),
         suggestions=r.typed("BOT", "SUGGESTIONS", True, _on_off, "on or off"),
+        dify_min_concurrency=max(
+            1, r.typed("BOT", "DIFY_MIN_CONCURRENCY", 4, _positive_int, "a whole number ≥ 1")
+        ),
         texts=texts,
         kf_routes=_routes(r, dify_key),
         source=source,

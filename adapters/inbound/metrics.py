@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -44,6 +46,8 @@ LABEL_NAMES: Final[Mapping[str, str]] = {
     "send_failures": "fail_type",
     "welcomes_skipped": "reason",
     "described_messages": "msgtype",
+    "dify_overloads": "kind",
+    "dify_retries": "reason",
 }
 DEFAULT_LABEL: Final = "label"
 
@@ -90,6 +94,9 @@ _HELP: Final[Mapping[str, str]] = {
 
 _UNSAFE: Final = re.compile(r"[^a-zA-Z0-9_]")
 
+# The adaptive limiter's per-app state (`AdaptiveLimiter.status()`): app key → limit, in_flight, queued, ...
+DifyAppsSource = Callable[[], Mapping[str, Mapping[str, object]]]
+
 
 def metric_name(name: str) -> str:
     """`kfdify_<name>` with everything outside [a-zA-Z0-9_] replaced by "_"."""
@@ -99,7 +106,7 @@ def metric_name(name: str) -> str:
 class PrometheusMetrics:
     """Mirrors a `Telemetry` into its own Prometheus registry and serves it."""
 
-    def __init__(self, telemetry: Telemetry) -> None:
+    def __init__(self, telemetry: Telemetry, dify_apps: DifyAppsSource | None = None) -> None:
         self.registry = CollectorRegistry()
         self._telemetry = telemetry
         self._counters: dict[str, Counter] = {}
@@ -122,6 +129,9 @@ class PrometheusMetrics:
             "Seconds since the service started",
             registry=self.registry,
         ).set_function(lambda: max(0.0, time.time() - telemetry.started_at))
+
+        if dify_apps is not None:
+            self.registry.register(DifyAppsCollector(dify_apps))
 
         self._seed(telemetry)
         telemetry.listeners.append(self)
@@ -236,3 +246,57 @@ class PrometheusMetrics:
             return
         self._broken.add(key)
         log.warning("metrics: cannot %s %s (name clash or bad value); it is left out of /metrics", what, key)
+
+
+class DifyAppsCollector(Collector):
+    """Per Dify app, read at scrape time: the adaptive limit, calls in flight, callers queued, and counters
+    of the overloads (429, 503, refusals, timeouts) and exhausted quotas the app answered with."""
+
+    def __init__(self, source: DifyAppsSource) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return []  # collected at scrape time only: the apps are not known before their first call
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            apps = dict(self._source())
+        except Exception:
+            log.exception("could not read the Dify limiter's state for /metrics")
+            return
+        gauges = {
+            "limit": GaugeMetricFamily(
+                metric_name("dify_limit"), "Adaptive limit of Dify calls at once", labels=["app"]
+            ),
+            "in_flight": GaugeMetricFamily(
+                metric_name("dify_in_flight"), "Dify calls in flight", labels=["app"]
+            ),
+            "queued": GaugeMetricFamily(
+                metric_name("dify_queued"), "Answers waiting for a Dify call slot", labels=["app"]
+            ),
+        }
+        overloads = CounterMetricFamily(
+            metric_name("dify_app_overloads"),
+            "Overload answers of a Dify app (429, 503, refused, timeout), by kind",
+            labels=["app", "kind"],
+        )
+        quota = CounterMetricFamily(
+            metric_name("dify_app_quota_exhausted"),
+            "Answers saying the Dify app's quota is used up",
+            labels=["app"],
+        )
+        for app, state in sorted(apps.items()):
+            for field, gauge in gauges.items():
+                gauge.add_metric([app], _number(state.get(field)))
+            kinds = state.get("overloads")
+            if isinstance(kinds, Mapping):
+                for kind, n in sorted(kinds.items()):
+                    overloads.add_metric([app, str(kind)], _number(n))
+            quota.add_metric([app], _number(state.get("quota_exhausted")))
+        yield from gauges.values()
+        yield overloads
+        yield quota
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from adapters.inbound.config_file import Settings
+from application.concurrency import dify_app_key
 from application.options import BotOptions, ReplyTexts
 from application.ports import ChatEngine
 from application.routing import KfRoute, Routing
@@ -44,6 +45,8 @@ def build_options(settings: Settings) -> BotOptions:
         feedback_window_s=settings.feedback_window_s,
         handoff_feedback=settings.handoff_feedback,
         merge_window_s=settings.merge_window_s,
+        dify_min_concurrency=settings.dify_min_concurrency,
+        dify_deadline_s=settings.dify_total_timeout_s,
     )
 
 
@@ -61,7 +64,10 @@ def build_routing(
 ) -> Routing:
     """One route per [KF:<open_kfid>] section: its own texts, servicer and, when it names another Dify app,
     its own engine (`engine_for`); the default route for every other account."""
-    default = KfRoute("default", default_engine, options.texts, settings.servicer_userid)
+    default_app = dify_app_key(settings.dify_api_base, settings.dify_api_key)
+    default = KfRoute(
+        "default", default_engine, options.texts, settings.servicer_userid, dify_app=default_app
+    )
     routes: dict[str, KfRoute] = {}
     for route in settings.kf_routes:
         base = route.dify_api_base or settings.dify_api_base
@@ -71,6 +77,9 @@ def build_routing(
             default_engine if same_app else engine_for(base, route.dify_api_key or settings.dify_api_key),
             build_texts(route.texts, options.texts),
             route.servicer_userid or settings.servicer_userid,
+            dify_app=default_app
+            if same_app
+            else dify_app_key(base, route.dify_api_key or settings.dify_api_key),
         )
     return Routing(default=default, routes=routes)
 

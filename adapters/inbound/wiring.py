@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from application.lifecycle import Lifecycle
 from application.ports import Clock
@@ -45,3 +46,15 @@ def accepting_flag(lifecycle: Lifecycle) -> Callable[[], bool]:
         return lifecycle.accepting
 
     return accepting
+
+
+def merged_sections(*sections: Callable[[], Mapping[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """One `extra` section provider for /status from several (the console's windows, the Dify limiter)."""
+
+    def merged() -> dict[str, Any]:
+        combined: dict[str, Any] = {}
+        for section in sections:
+            combined.update(section())
+        return combined
+
+    return merged

@@ -197,6 +197,8 @@ class FakeDifyServer:
         hang_on_unknown_conversation: bool = False,
         transcribe: TranscribeFunction = default_transcript,
         user_input_form: Sequence[Mapping[str, Any]] = (),
+        capacity: int | None = None,
+        capacity_retry_after: float | None = None,
     ) -> None:
         self.api_key = api_key
         self.mode = mode
@@ -227,6 +229,13 @@ class FakeDifyServer:
         # 404.
         self.hang_on_unknown_conversation = hang_on_unknown_conversation
         self.transcribe = transcribe
+        # An app's concurrency cap: a chat request arriving while `capacity` answers are in flight is refused
+        # at once with 429 too_many_requests (docs/dify.md), with Retry-After when `capacity_retry_after`.
+        self.capacity = capacity
+        self.capacity_retry_after = capacity_retry_after
+        self.answering = 0  # chat requests accepted and not yet answered in full
+        self.peak_answering = 0
+        self.over_capacity = 0  # requests refused with 429 for the cap
         self.uploads: dict[str, StoredUpload] = {}
         self.hosted: dict[str, HostedFile] = {}
         # Files chat requests carried that Dify ignored because the app's File Upload feature is off.
@@ -311,6 +320,20 @@ class FakeDifyServer:
             await anyio.sleep(fault.delay)
         if fault is not None and fault.status is not None:
             return _raw(fault.status, fault.body, fault.content_type, fault.headers)
+        if self.capacity is not None and self.answering >= self.capacity:
+            self.over_capacity += 1
+            after = self.capacity_retry_after
+            return _raw(
+                429,
+                {
+                    "code": "too_many_requests",
+                    "message": "Too many requests. The current maximum concurrent requests allowed "
+                    f"is {self.capacity}.",
+                    "status": 429,
+                },
+                None,
+                {"Retry-After": f"{after:g}"} if after is not None else None,
+            )
         if not isinstance(body, dict):
             return _error(400, "invalid_param", "Invalid JSON body")
         user = body.get("user")
@@ -378,7 +401,9 @@ class FakeDifyServer:
             self.answers[message_id] = (user, conversation.id)
 
         if streaming or fault.sse_for_blocking:
-            return self._stream(self._events(conversation, query, text, message_id, task_id, fault, remember))
+            self._answering(+1)
+            steps = self._events(conversation, query, text, message_id, task_id, fault, remember)
+            return self._stream([*steps, _Call(lambda: self._answering(-1))], counted=True)
         if fault.error_after is not None:
             return _error(fault.error_status, fault.error_code, fault.error_message)
         if fault.pings_only or fault.eof_after is not None or fault.stall_after is not None:
@@ -854,13 +879,18 @@ class FakeDifyServer:
             ]
         return steps
 
-    def _stream(self, steps: list[_Step]) -> StreamingResponse:
+    def _answering(self, change: int) -> None:
+        self.answering += change
+        self.peak_answering = max(self.peak_answering, self.answering)
+
+    def _stream(self, steps: list[_Step], *, counted: bool = False) -> StreamingResponse:
         return StreamingResponse(
-            self._sse(steps), media_type=_EVENT_STREAM, headers={"X-Version": "1.99.0-fake"}
+            self._sse(steps, counted=counted), media_type=_EVENT_STREAM, headers={"X-Version": "1.99.0-fake"}
         )
 
-    async def _sse(self, steps: list[_Step]) -> AsyncIterator[bytes]:
+    async def _sse(self, steps: list[_Step], *, counted: bool = False) -> AsyncIterator[bytes]:
         self.active_streams += 1
+        done = False
         try:
             last_ping = anyio.current_time()
             for step in steps:
@@ -885,8 +915,11 @@ class FakeDifyServer:
                             await anyio.sleep(min(end, last_ping + self.ping_interval) - now)
                 else:
                     yield b"data: " + json.dumps(step, ensure_ascii=False).encode() + b"\n\n"
+            done = True
         finally:
             self.active_streams -= 1
+            if counted and not done:  # the client went away mid-answer: the app stops working on it
+                self._answering(-1)
 
 
 class FakeDifyHost:

@@ -228,6 +228,8 @@ async def test_slow_start_runs_again_after_a_long_quiet_spell() -> None:
 
 @pytest.mark.parametrize("kind", list(Overload))
 async def test_each_overload_kind_shrinks_the_limit_once_per_episode(kind: Overload) -> None:
+    # A 429 is the app's concurrency cap, known to lie just below what was in flight: ×0.9; the rest ×0.7.
+    first, second = (18, 16) if kind is Overload.RATE_LIMITED else (14, 9)  # 18 × 0.9 = 16.2, 14 × 0.7 = 9.8
     limiter = limiter_with(initial_limit=20)
     holders = Holders(limiter)
     holders.start(60)
@@ -235,14 +237,19 @@ async def test_each_overload_kind_shrinks_the_limit_once_per_episode(kind: Overl
     for slot in reversed(holders.slots[:20]):  # the whole burst fails: one decrease
         slot.overload(kind)
     state = snap(limiter)
-    assert (state.limit, state.decreases, state.overloads[kind.value], state.slow_start) == (14, 1, 20, False)
+    assert (state.limit, state.decreases, state.overloads[kind.value], state.slow_start) == (
+        first,
+        1,
+        20,
+        False,
+    )
     assert state.failed == 20
 
     holders.leave(*range(20))
-    await until(lambda: len(holders.slots) == 34)  # 14 new grants, all after the decrease
+    await until(lambda: len(holders.slots) == 20 + first)  # new grants, all after the decrease
     holders.slots[20].overload(kind)
     state = snap(limiter)
-    assert (state.limit, state.decreases) == (9, 2)  # 14 × 0.7 = 9.8
+    assert (state.limit, state.decreases) == (second, 2)
     await holders.finish()
 
 
@@ -252,7 +259,7 @@ async def test_a_429_shrinks_from_what_was_in_flight_when_it_was_sent() -> None:
     holders.start(30)
     await holders.granted(30)
     holders.slots[29].overload(Overload.RATE_LIMITED)  # the app refused the 30th: its ceiling is below 30
-    assert snap(limiter).limit == 21
+    assert snap(limiter).limit == 27  # 30 × 0.9, not 100 × 0.9
     await holders.finish()
 
 
@@ -284,7 +291,7 @@ def test_settings_refuse_impossible_bounds() -> None:
         LimiterSettings(backoff_ratio=1.0)
     assert LimiterSettings(min_limit=2, max_limit=3, initial_limit=50).initial_limit == 50
     assert LimiterSettings.from_config(concurrency=1000, min_concurrency=4) == LimiterSettings(
-        max_limit=1000, min_limit=4, initial_limit=16
+        max_limit=1000, min_limit=4, initial_limit=32
     )
     # An old-style small DIFY_CONCURRENCY still means "at most that many".
     small = LimiterSettings.from_config(concurrency=2, min_concurrency=4)
@@ -308,8 +315,8 @@ async def test_apps_are_limited_separately() -> None:
     for slot in busy.slots:
         slot.accepted()
     assert limiter.snapshot()["calm"].limit == 10 and limiter.snapshot()["calm"].decreases == 0
-    # 10 -> 7 on the 429, then +1/limit for each of the 9 other accepted requests.
-    assert limiter.snapshot()["busy"].limit == 8 and limiter.snapshot()["busy"].queued == 20
+    # 10 -> 9 on the 429, then +1/limit for each of the 9 other accepted requests: just under 10.
+    assert limiter.snapshot()["busy"].limit == 9 and limiter.snapshot()["busy"].queued == 20
     await busy.finish()
     await calm.finish()
 
@@ -432,6 +439,27 @@ async def test_customers_take_turns_and_each_keeps_their_own_order() -> None:
     await asyncio.gather(*tasks)
     assert served[:12] == ["heavy1"] + [f"light{k}-1" for k in range(10)] + ["heavy2"]
     assert served[11:] == [f"heavy{n}" for n in range(2, 51)]
+
+
+async def test_a_retry_waits_at_the_head_of_the_queue() -> None:
+    limiter = limiter_with(initial_limit=1, max_limit=1)
+    served: list[str] = []
+    gate = Holders(limiter)
+    gate.start(1, lambda i: "gate")
+    await gate.granted(1)
+
+    async def ask(customer: str, *, retry: bool = False) -> None:
+        async with limiter.slot(APP, customer, retry=retry) as slot:
+            served.append(customer)
+            slot.success(1.0)
+
+    tasks = [asyncio.create_task(ask(f"c{k}")) for k in range(5)]
+    await until(lambda: snap(limiter).queued == 5)
+    tasks.append(asyncio.create_task(ask("refused-earlier", retry=True)))
+    await until(lambda: snap(limiter).queued == 6)
+    await gate.finish()
+    await asyncio.gather(*tasks)
+    assert served == ["refused-earlier", "c0", "c1", "c2", "c3", "c4"]
 
 
 async def test_round_robin_between_several_heavy_customers() -> None:
@@ -832,3 +860,19 @@ async def test_simulation_a_burst_of_1000_reaches_1000_in_flight_within_a_second
     assert len(attempts) == 1000 and app.rejected == 0 and app.peak == 1000
     assert app.all_busy_at is not None and app.all_busy_at - START <= 1.0
     assert snap(limiter).limit == 1000
+
+
+async def test_has_room_until_a_new_call_would_wait_and_again_once_one_ends() -> None:
+    limiter = AdaptiveLimiter(
+        clock=VirtualClock(), settings=LimiterSettings(max_limit=4, min_limit=2, initial=2)
+    )
+    assert limiter.has_room()  # nothing asked yet
+
+    first = await limiter.acquire("app", "wm-a")
+    assert limiter.has_room()
+    second = await limiter.acquire("app", "wm-b")
+    assert not limiter.has_room()  # both slots taken: a third call would queue
+
+    limiter.release(first)
+    assert limiter.has_room()
+    limiter.release(second)
