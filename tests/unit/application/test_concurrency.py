@@ -864,7 +864,7 @@ async def test_simulation_a_burst_of_1000_reaches_1000_in_flight_within_a_second
 
 async def test_has_room_until_a_new_call_would_wait_and_again_once_one_ends() -> None:
     limiter = AdaptiveLimiter(
-        clock=VirtualClock(), settings=LimiterSettings(max_limit=4, min_limit=2, initial=2)
+        clock=VirtualClock(), settings=LimiterSettings(max_limit=4, min_limit=2, initial_limit=2)
     )
     assert limiter.has_room()  # nothing asked yet
 
