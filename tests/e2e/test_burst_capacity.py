@@ -50,6 +50,9 @@ async def test_a_burst_beyond_the_apps_capacity_is_answered_without_fallbacks(ca
 
 async def test_a_429_with_retry_after_is_waited_out_and_answered() -> None:
     with fake_servers(capacity=2, capacity_retry_after=0.2, chunk_delay=0.01) as servers:
+        # The two answers in flight wait until Dify has refused a third caller, so the refusal does not hang
+        # on how fast the machine gets the next questions out.
+        servers.dify.hold = (0, lambda: servers.dify.over_capacity > 0)
         customers = [f"wmRetry{i}" for i in range(12)]
         async with running(make_settings(servers), servers) as stack:
             for c in customers:
