@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from adapters.inbound.admin_api import AdminApi, _json_body
-from application.admin import ConversationAdmin, StatusReport
+from application.admin import ConversationAdmin, StatusReport, profile_view
 from application.insights import CustomerActivity, Insights
 from domain.messages import CustomerRef
 from domain.session import KnownSession, SessionState
@@ -301,9 +301,13 @@ class ConsoleApi:
             "customer": user,
             "session_owner": self._owner(open_kfid, user),
             "conversation": found[0].conversation.to_dict() if found else None,
+            # Who the customer is and where they came from (WeCom's batchget and enter_session), when known.
+            "profile": profile_view(found[0].profile) if found and found[0].profile is not None else None,
         }
         if activity is not None:
             detail.update({k: v for k, v in activity.to_dict().items() if k not in ("open_kfid", "customer")})
+        if not detail.get("nickname") and detail["profile"] is not None:
+            detail["nickname"] = detail["profile"]["nickname"]
         else:
             detail.update(
                 {"nickname": "", "messages": 0, "last_outcome": "", "outcomes": [], "entered_at": None}
@@ -355,10 +359,11 @@ class ConsoleApi:
 
     async def _row(self, activity: CustomerActivity) -> dict[str, Any]:
         found = await self._conversations.find(activity.customer, activity.open_kfid)
+        profile = found[0].profile if found else None
         return {
             "open_kfid": activity.open_kfid,
             "customer": activity.customer,
-            "nickname": activity.nickname,
+            "nickname": activity.nickname or (profile.nickname if profile is not None else ""),
             "last_message_at": activity.last_message_at,
             "messages": activity.messages,
             "turns": found[0].conversation.turns if found else 0,

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -33,6 +34,12 @@ CONSOLE_ROUTES = [
 async def stack(servers: Servers) -> AsyncIterator[Stack]:
     async with running(make_settings(servers), servers) as s:
         yield s
+
+
+async def _customers(stack: Stack, query: str) -> list[dict[str, object]]:
+    response = await stack.client.get("/admin/customers", params={"q": query}, headers=stack.admin_headers())
+    rows: list[dict[str, object]] = response.json()["customers"]
+    return rows
 
 
 async def _talk(stack: Stack, customer: str, text: str) -> None:
@@ -266,3 +273,25 @@ def test_every_text_of_the_console_is_in_its_one_translation_file() -> None:
     used = set(re.findall(r'data-i18n(?:-placeholder)?="(\w+)"', (CONSOLE_DIR / "index.html").read_text()))
     used |= set(re.findall(r'\bt\("(\w+)"', (CONSOLE_DIR / "console.js").read_text()))
     assert used and used <= set(zh_keys)
+
+
+async def test_a_customers_nickname_and_entry_context_show_in_the_list_and_the_detail(stack: Stack) -> None:
+    stack.wecom.world.add_customer_profile("wmCarol03", nickname="卡罗尔", gender=2)
+    stack.wecom.world.add_enter_session(KF, "wmCarol03", scene="product", scene_param="A-42", welcome=False)
+    await _talk(stack, "wmCarol03", "这个有货吗")
+    headers = stack.admin_headers()
+    # The profile is fetched in the background (batched kf/customer/batchget): wait until it is known.
+    with anyio.fail_after(30):
+        while not (rows := await _customers(stack, "carol"))[0]["nickname"]:
+            await anyio.sleep(0.05)
+
+    (row,) = rows
+    detail = (await stack.client.get(f"/admin/customers/{KF}/wmCarol03", headers=headers)).json()
+
+    assert row["nickname"] == "卡罗尔"
+    assert detail["nickname"] == "卡罗尔"
+    assert detail["profile"]["gender"] == "女"
+    assert (detail["profile"]["entry"]["scene"], detail["profile"]["entry"]["scene_param"]) == (
+        "product",
+        "A-42",
+    )

@@ -271,6 +271,8 @@ async function loadCustomer(kf, customer) {
       node("dt", {}, t("startedAt")), node("dd", {}, conversation ? when(conversation.started_at) : "–"),
       node("dt", {}, t("owner")), node("dd", {}, t(`o_${data.session_owner}`)),
       node("dt", {}, t("entered")), node("dd", {}, when(data.entered_at)),
+      node("dt", {}, t("gender")), node("dd", {}, data.profile ? data.profile.gender || "–" : "–"),
+      node("dt", {}, t("entry")), node("dd", { id: "entry-context" }, entryText(data.profile)),
       node("dt", {}, t("messages")), node("dd", {}, data.messages),
     ),
     node("h3", {}, t("recentOutcomes")),
@@ -282,6 +284,16 @@ async function loadCustomer(kf, customer) {
     node("p", { id: "reset-result", role: "status" }),
   );
   box.hidden = false;
+}
+
+function entryText(profile) {
+  const entry = profile && profile.entry;
+  if (!entry) return "–";
+  const parts = [];
+  if (entry.scene) parts.push(`${t("scene")}: ${entry.scene}`);
+  if (entry.scene_param) parts.push(`${t("sceneParam")}: ${entry.scene_param}`);
+  if (entry.channels_nickname) parts.push(`${t("channels")}: ${entry.channels_nickname}`);
+  return parts.length ? parts.join(" · ") : "–";
 }
 
 async function resetCustomer(kf, customer) {
