@@ -7,11 +7,10 @@ delays or changes an answer, and a failure is only logged.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 
+from application.background import BackgroundTasks
 from application.customer_profile import ProfileBook
 from application.errors import ChatEngineError
 from application.routing import KfRoute
@@ -53,15 +52,13 @@ class ConversationNamer:
     def __init__(self, *, profiles: ProfileBook | None, telemetry: Telemetry) -> None:
         self._profiles = profiles
         self._telemetry = telemetry
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
 
     def started(self, message: InboundMessage, route: KfRoute, answer: Answer) -> None:
         """Dify started a conversation with this answer: name it (in the background)."""
         if not answer.conversation_id or not route.texts.conversation_name:
             return
-        task = asyncio.create_task(self._name(message, route, answer.conversation_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background.start(self._name(message, route, answer.conversation_id))
 
     async def _name(self, message: InboundMessage, route: KfRoute, conversation_id: str) -> None:
         profile = await self._profiles.lookup(message.customer) if self._profiles is not None else None
@@ -82,13 +79,8 @@ class ConversationNamer:
         self._telemetry.count("conversations_named")
 
     async def idle(self) -> None:
-        """Wait until every naming under way has finished (tests)."""
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
+        """Wait until everything started has finished (tests)."""
+        await self._background.idle()
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.aclose()

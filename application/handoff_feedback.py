@@ -8,11 +8,10 @@ and never affects the handoff; each answer is marked at most once.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from dataclasses import replace
 
+from application.background import BackgroundTasks
 from application.errors import ChatEngineError
 from application.ports import Clock, ConversationStore
 from application.routing import KfRoute
@@ -43,15 +42,13 @@ class HandoffFeedback:
         self._telemetry = telemetry
         self._window_s = window_s
         self._enabled = enabled
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
 
     def customer_asked_for_human(self, message: InboundMessage, route: KfRoute) -> None:
         """The customer typed a handoff word: mark the bot's last answer, if it was recent (background)."""
         if not self._enabled or self._window_s <= 0:
             return
-        task = asyncio.create_task(self._record(message, route))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background.start(self._record(message, route))
 
     async def _record(self, message: InboundMessage, route: KfRoute) -> None:
         customer = message.customer
@@ -81,13 +78,8 @@ class HandoffFeedback:
         log.info("recorded dislike feedback: the customer asked for a human right after the answer")
 
     async def idle(self) -> None:
-        """Wait until every recording under way has finished (tests)."""
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
+        """Wait until everything started has finished (tests)."""
+        await self._background.idle()
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.aclose()
