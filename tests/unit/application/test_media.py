@@ -16,6 +16,7 @@ import bootstrap
 from adapters.outbound.audio import FakeAudioConverter
 from adapters.outbound.fake_dify import DEFAULT_TRANSCRIPT, FakeChatEngine, FakeReply
 from adapters.outbound.fake_wecom import KfWorld
+from application.drain_customer import PAIRING_GRACE_S, PAIRING_POLL_S
 from application.errors import AudioConversionError, ChatEngineError
 from application.options import ReplyTexts
 from application.ports import MessageState
@@ -23,7 +24,6 @@ from domain.chat import AnswerFile, AppParameters, Question
 from domain.dedupe import DedupeKey, outbound_msgid
 from domain.messages import CustomerRef
 from tests.support import media_samples
-from application.drain_customer import PAIRING_GRACE_S, PAIRING_POLL_S
 from tests.support.containers import FakeAdapters, FakeClock, fake_application, unit_settings
 
 pytestmark = pytest.mark.anyio
