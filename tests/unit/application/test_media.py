@@ -22,7 +22,7 @@ from application.options import ReplyTexts
 from application.ports import MessageState
 from domain.chat import AnswerFile, AppParameters, Question
 from domain.dedupe import DedupeKey, outbound_msgid
-from domain.messages import CustomerRef
+from domain.messages import CustomerRef, InboundMessage
 from tests.support import media_samples
 from tests.support.containers import FakeAdapters, FakeClock, fake_application, unit_settings
 
@@ -73,11 +73,12 @@ class MediaApp:
         store = self.app.adapters.store()
         read_inbox = store.pending
 
-        async def counted(customer: CustomerRef) -> list[Any]:
+        async def counted(customer: CustomerRef) -> list[InboundMessage]:
             self.inbox_reads += 1
-            return await read_inbox(customer)
+            pending: list[InboundMessage] = await read_inbox(customer)
+            return pending
 
-        store.pending = counted  # type: ignore[method-assign]
+        store.pending = counted
 
     @property
     def clock(self) -> FakeClock:
