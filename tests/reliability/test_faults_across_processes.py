@@ -14,13 +14,14 @@ now and then for exactly that, documented, reason.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from adapters.outbound.memcached_store import MemcachedStateStore
 from tests.support.dify_server import Fault
 from tests.support.memcached import MemcachedProcess
 from tests.support.service_process import ServiceProcess, service_config, signed_callback, wait_for
@@ -30,14 +31,39 @@ pytestmark = [pytest.mark.memcached, pytest.mark.slow]
 FALLBACK = "抱歉，我暂时无法回答您的问题，请稍后再试。"
 
 
+def all_idle(instances: list[ServiceProcess], memcached: MemcachedProcess, prefix: str) -> bool:
+    for service in instances:
+        status = httpx.get(
+            service.url + "/status", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10
+        ).json()
+        if status["in_flight"] or status["store"]["degraded"] or not status["store"]["reachable"]:
+            return False
+    return asyncio.run(nothing_pending(memcached, prefix))
+
+
+async def nothing_pending(memcached: MemcachedProcess, prefix: str) -> bool:
+    store = MemcachedStateStore(servers=[memcached.server], prefix=prefix)
+    try:
+        if await store.customers_with_pending(KF):
+            return False
+        # Taking the pull lease is only possible while no instance pulls; it is given back at once.
+        if not await store.acquire_pull(KF, owner="test-observer", lease_s=5):
+            return False
+        await store.release_pull(KF, owner="test-observer")
+        return not await store.customers_with_pending(KF)
+    finally:
+        await store.aclose()
+
+
 def test_messages_in_equal_replies_out_under_mixed_faults(
     tmp_path: Path, servers: Servers, memcached: MemcachedProcess
 ) -> None:
+    shared_prefix = f"faults{secrets.token_hex(3)}"
     config = service_config(
         tmp_path / "config.ini",
         servers,
         memcached=memcached,
-        prefix=f"faults{secrets.token_hex(3)}",
+        prefix=shared_prefix,
         bot={"RECOVERY_INTERVAL": 1, "MESSAGE_LEASE": 3, "PULL_LEASE": 3, "DIFY_TOTAL_TIMEOUT": 10},
     )
     instances = [ServiceProcess(config).start(), ServiceProcess(config).start()]
@@ -91,7 +117,14 @@ def test_messages_in_equal_replies_out_under_mixed_faults(
                     replies_to_rounds(round_ + 1)
                     every_instance_logged("state store reachable again")
         replies_to_rounds(rounds)
-        time.sleep(3.0)  # a duplicate, if any, would arrive by now
+        # A duplicate could only come from a message still waiting somewhere: wait until nothing is (no answer
+        # in flight, no instance degraded with its own inbox, nothing pending in Memcached, no pull running);
+        # from then on, anything pulled again is marked done and is not answered.
+        wait_for(
+            lambda: all_idle(instances, memcached, shared_prefix),
+            60,
+            what="both instances idle with nothing pending",
+        )
 
         assert statuses == [200] * len(statuses)
         assert len(servers.wecom.world.sent) == len(customers) * rounds

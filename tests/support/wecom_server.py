@@ -90,6 +90,8 @@ class FakeWeComServer:
         self._revoked: dict[str, int] = {}  # token → errcode it now answers
         self._http_failures: dict[str, list[_HttpFailure]] = {}
         self._lock = threading.Lock()
+        self._held: set[str] = set()  # apis whose calls wait until release()
+        self._waiting: dict[str, int] = {}  # api → calls waiting now
         # media/get answers errors as JSON instead of bytes; the exact Content-Type is NOT VERIFIED
         # (docs/wecom-kf.md, media/get), so tests may switch it to text/plain.
         self.media_error_content_type = "application/json; charset=UTF-8"
@@ -168,6 +170,23 @@ class FakeWeComServer:
     def delay_next(self, api: str, seconds: float, *, times: int = 1) -> None:
         """The next `times` calls of `api` are answered normally after `seconds`."""
         self._add_failure(api, times, _HttpFailure(delay_s=seconds))
+
+    def hold(self, api: str) -> None:
+        """Calls of `api` wait (unanswered, connection open) until `release(api)`: a pull stuck at WeCom."""
+        if api not in APIS:
+            raise ValueError(f"unknown api {api!r}; one of {APIS}")
+        with self._lock:
+            self._held.add(api)
+
+    def release(self, api: str) -> None:
+        """The calls held by `hold(api)` go on, and later ones are answered at once."""
+        with self._lock:
+            self._held.discard(api)
+
+    def waiting(self, api: str) -> int:
+        """How many calls of `api` are held right now."""
+        with self._lock:
+            return self._waiting.get(api, 0)
 
     def revoke_tokens(self, errcode: int = 40014) -> None:
         """Every access token issued so far now answers `errcode` (40014 invalid, 42001 expired)."""
@@ -378,6 +397,7 @@ class FakeWeComServer:
             self._http_failures.setdefault(api, []).extend([failure] * times)
 
     async def _injected(self, api: str) -> Response | None:
+        await self._wait_while_held(api)
         with self._lock:
             queue = self._http_failures.get(api)
             failure = queue.pop(0) if queue else None
@@ -388,6 +408,21 @@ class FakeWeComServer:
         if failure.status is None:
             return None
         return Response(failure.body, status_code=failure.status, media_type=failure.content_type)
+
+    async def _wait_while_held(self, api: str) -> None:
+        with self._lock:
+            if api not in self._held:
+                return
+            self._waiting[api] = self._waiting.get(api, 0) + 1
+        try:
+            while True:
+                with self._lock:
+                    if api not in self._held:
+                        return
+                await anyio.sleep(0.01)  # the test releases from its own thread
+        finally:
+            with self._lock:
+                self._waiting[api] -= 1
 
     def _record(
         self, api: str, method: str, token: str | None, body: dict[str, Any] | None, errcode: int | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -15,14 +16,15 @@ import bootstrap
 from adapters.outbound.audio import FakeAudioConverter
 from adapters.outbound.fake_dify import DEFAULT_TRANSCRIPT, FakeChatEngine, FakeReply
 from adapters.outbound.fake_wecom import KfWorld
+from application.drain_customer import PAIRING_GRACE_S, PAIRING_POLL_S
 from application.errors import AudioConversionError, ChatEngineError
 from application.options import ReplyTexts
 from application.ports import MessageState
 from domain.chat import AnswerFile, AppParameters, Question
 from domain.dedupe import DedupeKey, outbound_msgid
-from domain.messages import CustomerRef
+from domain.messages import CustomerRef, InboundMessage
 from tests.support import media_samples
-from tests.support.containers import FakeAdapters, fake_application, unit_settings
+from tests.support.containers import FakeAdapters, FakeClock, fake_application, unit_settings
 
 pytestmark = pytest.mark.anyio
 KF = "wkUnit"
@@ -67,6 +69,21 @@ class MediaApp:
             unit_settings(image_text_window_s=window, interim_after_s=0.0), customize=customize
         )
         self.world: KfWorld = self.app.adapters.world()
+        self.inbox_reads = 0
+        store = self.app.adapters.store()
+        read_inbox = store.pending
+
+        async def counted(customer: CustomerRef) -> list[InboundMessage]:
+            self.inbox_reads += 1
+            pending: list[InboundMessage] = await read_inbox(customer)
+            return pending
+
+        store.pending = counted
+
+    @property
+    def clock(self) -> FakeClock:
+        clock: FakeClock = self.app.adapters.clock()
+        return clock
 
     async def run(self) -> None:
         self.app.dispatcher().notify(KF, "tok")
@@ -131,15 +148,19 @@ async def test_the_bytes_decide_the_image_type_not_the_header() -> None:
 
 
 async def test_without_image_upload_the_customer_gets_the_unsupported_text_at_once() -> None:
-    m = MediaApp(file_upload={}, window=5.0)
+    without_window = MediaApp(file_upload={}, window=0.0)
+    without_window.image()
+    await without_window.run()
+
+    m = MediaApp(file_upload={}, window=3600.0)
     m.image()
+    await m.run()  # the image is not held for the hour the window allows
 
-    started = time.monotonic()
-    await m.run()
-
-    assert m.texts() == [TEXTS.unsupported]
+    assert m.texts() == without_window.texts() == [TEXTS.unsupported]
     assert m.engine.uploads == {} and m.engine.questions == []
-    assert time.monotonic() - started < 2  # no waiting for a text when images cannot be asked about
+    # No waiting for a text when images cannot be asked about: the inbox is not polled for one, it is read
+    # exactly as often as when there is no pairing window at all.
+    assert m.inbox_reads == without_window.inbox_reads
 
 
 async def test_an_expired_image_is_told_and_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -245,14 +266,39 @@ async def test_a_text_that_arrives_while_the_image_waits_joins_it() -> None:
 
 
 async def test_an_image_alone_is_asked_once_the_window_passes() -> None:
-    m = MediaApp(window=0.3)
-    m.image()
+    without_window = MediaApp(window=0.0)
+    without_window.image()
+    await without_window.run()
 
-    started = time.monotonic()
+    window = 0.3
+    m = MediaApp(window=window)
+    sent = int(m.clock.now())
+    m.clock.value = sent  # pulled the moment it was sent: the whole window is still ahead
+    m.world.add_customer_media(KF, WM, "image", media_samples.png(), "image/png", send_time=sent)
     await m.run()
 
     assert [q.query for q in m.engine.questions] == [TEXTS.image_query]
-    assert time.monotonic() - started < 2  # the window (0.3 s) plus as much grace, from the send time
+    # The image waited, polling the inbox for a text, and gave up after the window plus as much grace: each
+    # poll sleeps `PAIRING_POLL_S` (or what is left), so there are at most this many (however slow the loop).
+    polls = m.inbox_reads - without_window.inbox_reads
+    assert 2 <= polls <= math.ceil((window + min(PAIRING_GRACE_S, window)) / PAIRING_POLL_S) + 2, polls
+
+
+async def test_the_window_counts_from_the_send_time_not_from_the_pull() -> None:
+    without_window = MediaApp(window=0.0)
+    without_window.image()
+    await without_window.run()
+
+    window = 5.0
+    m = MediaApp(window=window)
+    sent = int(m.clock.now())
+    m.world.add_customer_media(KF, WM, "image", media_samples.png(), "image/png", send_time=sent)
+    m.clock.advance(window + min(PAIRING_GRACE_S, window))  # pulled only once the window and grace are over
+
+    await m.run()
+
+    assert [q.query for q in m.engine.questions] == [TEXTS.image_query]
+    assert m.inbox_reads == without_window.inbox_reads + 1  # one look for a text, no wait for one
 
 
 async def test_a_text_sent_long_after_the_image_is_its_own_question() -> None:
