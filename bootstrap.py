@@ -12,7 +12,7 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -31,7 +31,8 @@ from adapters.inbound.cli_simulate import (
 )
 from adapters.inbound.command_line import load_for_check, load_or_exit, parse_args
 from adapters.inbound.config_file import Settings
-from adapters.inbound.console_api import Bubble, ConsoleApi, TryChat, TrySessions
+from adapters.inbound.console_api import ConsoleApi, TryChat, TrySessions
+from adapters.inbound.console_try import ConsoleTryChat, EventMessage
 from adapters.inbound.http import create_app, lifespan_for
 from adapters.inbound.log_setup import configure_logging
 from adapters.inbound.metrics import PrometheusMetrics
@@ -41,10 +42,15 @@ from adapters.inbound.wecom_crypto import WeComCrypto
 from adapters.inbound.wecom_webhook import WeComWebhook
 from adapters.inbound.wiring import (
     accepting_flag,
+    build_insights,
     closers_of,
+    drains_per_instance,
     is_persistent,
     merged_sections,
     owner_id,
+    room_when_shared,
+    shared_with_instances,
+    start_then_report,
     started_now,
 )
 from adapters.outbound.audio import FfmpegAudioConverter
@@ -67,11 +73,10 @@ from application.dispatcher import Dispatcher
 from application.drain_customer import DrainCustomer
 from application.handoff import HandOffToHuman
 from application.handoff_feedback import HandoffFeedback
-from application.insights import Insights
 from application.lifecycle import Lifecycle
 from application.media import MediaSupport
 from application.options import BotOptions
-from application.ports import ChatEngine, StateStore
+from application.ports import ChatEngine
 from application.pull_messages import PullMessages
 from application.rate_limiter import CustomerRateLimiter
 from application.rejections import RejectedCustomers
@@ -155,43 +160,6 @@ def build_routing(settings: Settings, default_engine: ChatEngine, options: BotOp
 
 def _route_engine(settings: Settings, base_url: str, api_key: str) -> DifyChatEngine:
     return build_dify(settings, base_url=base_url, api_key=api_key)
-
-
-def shared_with_instances(store: StateStore) -> StateStore | None:
-    """The store, when several instances share it (Memcached): then the rate limit, session owners and
-    refusals are shared through it. None for the in-process store: those stay in this instance's memory."""
-    return store if is_persistent(store.backend) else None
-
-
-def drains_per_instance(options: BotOptions, store_backend: str) -> int:
-    """Customers one instance drains at once when instances share the store: as many as it may ask Dify at
-    once, so a burst pulled by one instance is left for the others beyond that (0: no limit, one instance)."""
-    return options.dify_concurrency if is_persistent(store_backend) else 0
-
-
-def room_when_shared(limiter: AdaptiveLimiter, store_backend: str) -> AdaptiveLimiter | None:
-    """With instances sharing the store, one takes more customers only while its Dify limiter has room, so a
-    burst spreads over all of them; a single instance (in-process store) drains everything it pulls."""
-    return limiter if is_persistent(store_backend) else None
-
-
-def start_then_report(
-    start: Callable[[], Awaitable[None]], app_inputs: AppInputs, routing: Routing
-) -> Callable[[], Awaitable[None]]:
-    """The lifecycle's start, then (in the background) the report of required app variables nobody fills."""
-
-    async def started() -> None:
-        await start()
-        app_inputs.start_report(routing)
-
-    return started
-
-
-def build_insights(telemetry: Telemetry, instance: str) -> Insights:
-    """The console's per-instance history, fed by every counted event (application/insights.py)."""
-    insights = Insights(instance=instance)
-    telemetry.listeners.append(insights)
-    return insights
 
 
 def try_chat_factory(settings: Settings) -> Callable[[str | None], TryChat]:
@@ -504,52 +472,24 @@ def build_simulation(
     )
 
 
-class ConsoleTryChat:
-    """The console's try-it chat (adapters/inbound/console_api.py): `simulate`'s parts, plus the welcome a
-    customer entering the session gets and the suggestion menus, as WeChat would show them."""
-
-    def __init__(self, settings: Settings, open_kfid: str | None) -> None:
-        self._kf = open_kfid or SIMULATED_KF
-        self._channel = FakeKfChannel()
-        self._parts = build_simulation(settings, channel=self._channel, kf=self._kf)
-        own = [r.dify_api_base for r in settings.kf_routes if r.open_kfid == self._kf and r.dify_api_base]
-        self.app_label = own[0] if own else settings.dify_api_base
-
-    def push_text(self, text: str) -> None:
-        self._parts.push_text(text)
-
-    def notify(self) -> None:
-        self._parts.notify()
-
-    async def idle(self) -> None:
-        await self._parts.idle()
-
-    async def start(self) -> None:
-        await self._parts.start()
-        # The customer enters the session first: the welcome (and its suggestion menu) comes before any
-        # answer, as in WeChat.
-        self._channel.world.add_enter_session(self._kf, SIMULATED_CUSTOMER)
-        self._parts.notify()
-        await self._parts.idle()
-
-    async def stop(self) -> None:
-        await self._parts.stop()
-
-    def sent(self) -> list[Bubble]:
-        world = self._channel.world
-        customer = CustomerRef(self._kf, SIMULATED_CUSTOMER)
-        menus = [(e.text, e.menu) for e in world.sent_on_event if e.customer == customer and e.menu]
-        bubbles = []
-        for text in world.texts_sent_to(customer):
-            if menus and menus[0][0] == text:
-                bubbles.append(Bubble("menu", text, menus.pop(0)[1]))
-            else:
-                bubbles.append(Bubble("text", text))
-        return bubbles
-
-
 def build_try_chat(settings: Settings, open_kfid: str | None) -> TryChat:
-    return ConsoleTryChat(settings, open_kfid)
+    """The console's try-it chat: `simulate`'s parts over an in-memory WeCom, for the default app or a kf
+    account's app."""
+    kf = open_kfid or SIMULATED_KF
+    channel = FakeKfChannel()
+    parts = build_simulation(settings, channel=channel, kf=kf)
+    customer = CustomerRef(kf, SIMULATED_CUSTOMER)
+    own = [r.dify_api_base for r in settings.kf_routes if r.open_kfid == kf and r.dify_api_base]
+
+    def event_menus() -> list[EventMessage]:
+        return [(e.text, e.menu) for e in channel.world.sent_on_event if e.customer == customer and e.menu]
+
+    return ConsoleTryChat(
+        parts,
+        enter_session=partial(channel.world.add_enter_session, kf, SIMULATED_CUSTOMER),
+        event_menus=event_menus,
+        app_label=own[0] if own else settings.dify_api_base,
+    )
 
 
 def seed_simulated_customer(

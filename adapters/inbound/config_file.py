@@ -15,8 +15,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
+# The value parsers (config_values.py) under the short private names load_settings reads them by.
+from adapters.inbound.config_values import file_hosts as _file_hosts
+from adapters.inbound.config_values import header_size as _header_size
+from adapters.inbound.config_values import http_url as _url
+from adapters.inbound.config_values import on_off as _on_off
+from adapters.inbound.config_values import port_number as _port
+from adapters.inbound.config_values import positive_float as _positive_float
+from adapters.inbound.config_values import positive_int as _positive_int
+from adapters.inbound.config_values import servers as _servers
+from adapters.inbound.config_values import timeout_s as _timeout
+from adapters.inbound.config_values import words as _words
 from domain.message_text import DEFAULT_MESSAGE_TEMPLATES, template_problem
 
 T = TypeVar("T")
@@ -201,41 +211,6 @@ class _Reader:
             return default
 
 
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if number < 0:
-        raise ValueError(value)
-    return number
-
-
-def _port(value: str) -> int:
-    number = int(value)
-    if not 0 < number < 65536:
-        raise ValueError(value)
-    return number
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError(value)
-    return number
-
-
-def _header_size(value: str) -> int:
-    number = int(value)
-    if not 4096 <= number <= 1024 * 1024:
-        raise ValueError(value)
-    return number
-
-
-def _timeout(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError(value)
-    return number
-
-
 def _admin_port(r: _Reader) -> int | None:
     """[SERVER] ADMIN_PORT: unset = admin endpoints on the main port; else a port other than PORT."""
     port = r.typed("SERVER", "ADMIN_PORT", None, _port, "a port number 1-65535 (other than PORT)")
@@ -246,53 +221,6 @@ def _admin_port(r: _Reader) -> int | None:
         r.problems.append(f"{r.where('SERVER', 'ADMIN_PORT')} = {port}: must differ from PORT")
         return None
     return port
-
-
-_FILE_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?")
-
-
-def _file_hosts(value: str) -> tuple[str, ...]:
-    """[BOT] FILE_HOSTS: `host`, `host:port`, `[v6]` or `[v6]:port`, separated by commas."""
-    hosts = _words(value)
-    for host in hosts:
-        match = _FILE_HOST.fullmatch(host)
-        if match is None or (match.group(1) is not None and not 0 < int(match.group(1)) < 65536):
-            raise ValueError(host)
-    return hosts
-
-
-def _on_off(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("on", "yes", "true", "1"):
-        return True
-    if lowered in ("off", "no", "false", "0"):
-        return False
-    raise ValueError(value)
-
-
-def _words(value: str) -> tuple[str, ...]:
-    return tuple(w.strip() for w in re.split(r"[,，|\n]", value) if w.strip())
-
-
-def _url(value: str) -> str:
-    parsed = urlparse(value)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ValueError(value)
-    return value.rstrip("/")
-
-
-def _servers(value: str) -> tuple[tuple[str, int], ...]:
-    out = []
-    for item in (s.strip() for s in value.split(",")):
-        if not item:
-            continue
-        host, _, port = item.rpartition(":")
-        if not host:
-            raise ValueError(item)
-        out.append((host.strip("[]"), _port(port)))
-    if not out:
-        raise ValueError(value)
-    return tuple(out)
 
 
 _AES_KEY = re.compile(r"^[A-Za-z0-9]{43}$")

@@ -8,9 +8,14 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from application.app_inputs import AppInputs
+from application.concurrency import AdaptiveLimiter
+from application.insights import Insights
 from application.lifecycle import Lifecycle
-from application.ports import Clock
+from application.options import BotOptions
+from application.ports import Clock, StateStore
 from application.routing import Routing
+from application.telemetry import Telemetry
 
 
 def owner_id() -> str:
@@ -58,3 +63,40 @@ def merged_sections(*sections: Callable[[], Mapping[str, Any]]) -> Callable[[], 
         return combined
 
     return merged
+
+
+def shared_with_instances(store: StateStore) -> StateStore | None:
+    """The store, when several instances share it (Memcached): then the rate limit, session owners and
+    refusals are shared through it. None for the in-process store: those stay in this instance's memory."""
+    return store if is_persistent(store.backend) else None
+
+
+def drains_per_instance(options: BotOptions, store_backend: str) -> int:
+    """Customers one instance drains at once when instances share the store: as many as it may ask Dify at
+    once, so a burst pulled by one instance is left for the others beyond that (0: no limit, one instance)."""
+    return options.dify_concurrency if is_persistent(store_backend) else 0
+
+
+def room_when_shared(limiter: AdaptiveLimiter, store_backend: str) -> AdaptiveLimiter | None:
+    """With instances sharing the store, one takes more customers only while its Dify limiter has room, so a
+    burst spreads over all of them; a single instance (in-process store) drains everything it pulls."""
+    return limiter if is_persistent(store_backend) else None
+
+
+def start_then_report(
+    start: Callable[[], Awaitable[None]], app_inputs: AppInputs, routing: Routing
+) -> Callable[[], Awaitable[None]]:
+    """The lifecycle's start, then (in the background) the report of required app variables nobody fills."""
+
+    async def started() -> None:
+        await start()
+        app_inputs.start_report(routing)
+
+    return started
+
+
+def build_insights(telemetry: Telemetry, instance: str) -> Insights:
+    """The console's per-instance history, fed by every counted event (application/insights.py)."""
+    insights = Insights(instance=instance)
+    telemetry.listeners.append(insights)
+    return insights

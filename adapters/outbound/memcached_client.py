@@ -30,33 +30,33 @@ commands may or may not have run.
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache, partial
-from typing import NamedTuple, TypeVar, cast
+from typing import cast
 
 from pymemcache.client.rendezvous import RendezvousHash
 
+from adapters.outbound.memcached_protocol import (
+    CAS,
+    CAS_REPLIES,
+    DELETE,
+    INCR,
+    STORE,
+    STORE_REPLIES,
+    VERSION,
+    Found,
+    Parser,
+    StoreCommand,
+    T,
+    encode_key,
+    parse_statuses_then_values,
+    parse_values,
+    store_request,
+)
 from application.errors import StoreUnavailable
 
-T = TypeVar("T")
-Parser = Callable[[bytearray], "tuple[T, int] | None"]  # (result, bytes used), or None: reply incomplete
-Found = dict[bytes, tuple[bytes, bytes | None]]  # key → (value, cas token or None)
-
-_KEY = re.compile(r"[!-~]{1,250}")  # printable ASCII without space: memcached's rules, at most 250 bytes
-_MAX_LINE = 1024  # longer than any reply line the commands used here can get
-_ERROR_LINES = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
-
-
-class StoreCommand(NamedTuple):
-    """One command for `store_many`: verb "set", "add" or "cas" (with the token `gets` answered)."""
-
-    verb: str
-    key: str
-    value: bytes
-    expire: int = 0
-    cas: bytes | int | None = None
+__all__ = ["MemcacheClient", "StoreCommand"]
 
 
 class _Closed(Exception):
@@ -200,17 +200,17 @@ class MemcacheClient:
         }
 
     async def set(self, key: str, value: bytes, expire: int = 0) -> bool:
-        return await self._store(b"set", key, value, expire, b"", _STORE)
+        return await self._store(b"set", key, value, expire, b"", STORE)
 
     async def add(self, key: str, value: bytes, expire: int = 0) -> bool:
-        return await self._store(b"add", key, value, expire, b"", _STORE)
+        return await self._store(b"add", key, value, expire, b"", STORE)
 
     async def cas(self, key: str, value: bytes, cas: bytes | int | None, expire: int = 0) -> bool | None:
         """`cas`: the token `gets` answered (None, for an absent key, is refused)."""
         token = str(cas).encode() if isinstance(cas, int) else cas
         if not token or not token.isdigit():
             raise StoreUnavailable("invalid cas token")
-        return await self._store(b"cas", key, value, expire, b" " + token, _CAS)
+        return await self._store(b"cas", key, value, expire, b" " + token, CAS)
 
     async def store_many(self, commands: Sequence[StoreCommand]) -> list[bool | None]:
         """Pipelined set/add/cas (see the module docstring); each result as `set`, `add` or `cas` answers."""
@@ -225,17 +225,17 @@ class MemcacheClient:
         for index, command in enumerate(commands):
             batches.setdefault(self.node_for(command.key), ([], []))[0].append(index)
         for key in keys:
-            batches.setdefault(self.node_for(key), ([], []))[1].append(_key(key))
-        requests = [_store_request(command) for command in commands]
+            batches.setdefault(self.node_for(key), ([], []))[1].append(encode_key(key))
+        requests = [store_request(command) for command in commands]
         results: list[bool | None] = [None] * len(commands)
         found: dict[str, bytes] = {}
 
         async def run(node: str, indexes: list[int], wanted: list[bytes]) -> None:
-            replies = [_CAS_REPLIES if commands[i].verb == "cas" else _STORE_REPLIES for i in indexes]
+            replies = [CAS_REPLIES if commands[i].verb == "cas" else STORE_REPLIES for i in indexes]
             request = b"".join(requests[i] for i in indexes)
             if wanted:
                 request += b"get %b\r\n" % b" ".join(wanted)
-            parse = partial(_parse_statuses_then_values, replies, set(wanted) if wanted else None)
+            parse = partial(parse_statuses_then_values, replies, set(wanted) if wanted else None)
             answers, values = await self._call(node, request, parse)
             for index, answer in zip(indexes, answers, strict=True):
                 results[index] = answer
@@ -249,17 +249,17 @@ class MemcacheClient:
         return results, found
 
     async def delete(self, key: str) -> bool:
-        return await self._call(self.node_for(key), b"delete %b\r\n" % _key(key), _DELETE)
+        return await self._call(self.node_for(key), b"delete %b\r\n" % encode_key(key), DELETE)
 
     async def incr(self, key: str, delta: int) -> int | None:
-        return await self._call(self.node_for(key), b"incr %b %d\r\n" % (_key(key), delta), _INCR)
+        return await self._call(self.node_for(key), b"incr %b %d\r\n" % (encode_key(key), delta), INCR)
 
     async def decr(self, key: str, delta: int) -> int | None:
         """Memcached's `decr`: the new value (never below 0), None when the key is absent."""
-        return await self._call(self.node_for(key), b"decr %b %d\r\n" % (_key(key), delta), _INCR)
+        return await self._call(self.node_for(key), b"decr %b %d\r\n" % (encode_key(key), delta), INCR)
 
     async def version(self, node: str) -> str:
-        return await self._call(node, b"version\r\n", _VERSION)
+        return await self._call(node, b"version\r\n", VERSION)
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -276,15 +276,15 @@ class MemcacheClient:
     # --- plumbing -------------------------------------------------------------------------------------
 
     async def _retrieve_one(self, verb: bytes, key: str) -> tuple[bytes, bytes | None] | None:
-        encoded = _key(key)
-        parse = partial(_parse_values, verb == b"gets", (encoded,))
+        encoded = encode_key(key)
+        parse = partial(parse_values, verb == b"gets", (encoded,))
         return (await self._call(self.node_for(key), b"%b %b\r\n" % (verb, encoded), parse)).get(encoded)
 
     async def _retrieve(self, verb: bytes, keys: Iterable[str]) -> dict[str, tuple[bytes, bytes | None]]:
         batches: dict[str, list[bytes]] = {}
         for key in keys:
-            batches.setdefault(self.node_for(key), []).append(_key(key))
-        parse = partial(_parse_values, verb == b"gets")
+            batches.setdefault(self.node_for(key), []).append(encode_key(key))
+        parse = partial(parse_values, verb == b"gets")
         calls = [
             self._call(node, b"%b %b\r\n" % (verb, b" ".join(batch)), partial(parse, set(batch)))
             for node, batch in batches.items()
@@ -297,7 +297,7 @@ class MemcacheClient:
     ) -> T:
         if not isinstance(value, bytes):
             raise StoreUnavailable("memcached values must be bytes")
-        header = b"%b %b 0 %d %d%b\r\n" % (verb, _key(key), expire, len(value), extra)
+        header = b"%b %b 0 %d %d%b\r\n" % (verb, encode_key(key), expire, len(value), extra)
         return await self._call(self.node_for(key), b"".join((header, value, b"\r\n")), parse)
 
     async def _call(self, node: str, request: bytes, parse: Parser[T]) -> T:
@@ -409,148 +409,3 @@ class MemcacheClient:
 
 def _only(node: str, key: str) -> str:
     return node
-
-
-def _key(key: str) -> bytes:
-    if not _KEY.fullmatch(key):
-        raise StoreUnavailable("invalid memcached key (empty, too long, or whitespace/control characters)")
-    return key.encode("ascii")
-
-
-def _line(buffer: bytearray, start: int = 0) -> tuple[bytes, int] | None:
-    """The reply line at `start` without its CRLF, and where the next one starts; None while incomplete."""
-    end = buffer.find(b"\r\n", start)
-    if end < 0:
-        if len(buffer) - start > _MAX_LINE:
-            raise StoreUnavailable("memcached sent an unexpected reply")
-        return None
-    return bytes(buffer[start:end]), end + 2
-
-
-def _unexpected(line: bytes) -> StoreUnavailable:
-    kind = line.split(b" ", 1)[0]
-    if kind in _ERROR_LINES:  # the server's text is left out: it may quote what we sent
-        return StoreUnavailable(f"memcached refused the command ({kind.decode()})")
-    return StoreUnavailable("memcached sent an unexpected reply")
-
-
-def _one_line(convert: Callable[[bytes], T]) -> Parser[T]:
-    """A parser for a one-line reply, which `convert` turns into the result (or raises)."""
-
-    def parse(buffer: bytearray) -> tuple[T, int] | None:
-        read = _line(buffer)
-        return None if read is None else (convert(read[0]), read[1])
-
-    return parse
-
-
-def _status(replies: dict[bytes, T]) -> Parser[T]:
-    def convert(line: bytes) -> T:
-        if line not in replies:
-            raise _unexpected(line)
-        return replies[line]
-
-    return _one_line(convert)
-
-
-def _counter(line: bytes) -> int | None:
-    if line == b"NOT_FOUND":
-        return None
-    if not line.isdigit():
-        raise _unexpected(line)
-    return int(line)
-
-
-def _version(line: bytes) -> str:
-    if not line.startswith(b"VERSION "):
-        raise _unexpected(line)
-    return line[8:].decode("ascii", "replace")
-
-
-_STORE_REPLIES: dict[bytes, bool | None] = {b"STORED": True, b"NOT_STORED": False}
-_CAS_REPLIES: dict[bytes, bool | None] = {b"STORED": True, b"EXISTS": False, b"NOT_FOUND": None}
-_STORE: Parser[bool] = _status({b"STORED": True, b"NOT_STORED": False})
-_CAS: Parser[bool | None] = _status({b"STORED": True, b"EXISTS": False, b"NOT_FOUND": None})
-_DELETE: Parser[bool] = _status({b"DELETED": True, b"NOT_FOUND": False})
-_INCR: Parser[int | None] = _one_line(_counter)
-_VERSION: Parser[str] = _one_line(_version)
-
-
-_STORE_VERBS = {"set": b"set", "add": b"add", "cas": b"cas"}
-
-
-def _store_request(command: StoreCommand) -> bytes:
-    verb = _STORE_VERBS.get(command.verb)
-    if verb is None:
-        raise ValueError(f"store_many takes set, add and cas, not {command.verb!r}")
-    if not isinstance(command.value, bytes):
-        raise StoreUnavailable("memcached values must be bytes")
-    extra = b""
-    if verb == b"cas":
-        token = str(command.cas).encode() if isinstance(command.cas, int) else command.cas
-        if not token or not token.isdigit():
-            raise StoreUnavailable("invalid cas token")
-        extra = b" " + token
-    header = b"%b %b 0 %d %d%b\r\n" % (verb, _key(command.key), command.expire, len(command.value), extra)
-    return b"".join((header, command.value, b"\r\n"))
-
-
-def _parse_statuses(
-    replies: Sequence[dict[bytes, bool | None]], buffer: bytearray
-) -> tuple[list[bool | None], int] | None:
-    """One status line per pipelined command, in order; an error line or an unexpected one raises."""
-    results: list[bool | None] = []
-    position = 0
-    for table in replies:
-        read = _line(buffer, position)
-        if read is None:
-            return None
-        line, position = read
-        if line not in table:
-            raise _unexpected(line)
-        results.append(table[line])
-    return results, position
-
-
-def _parse_statuses_then_values(
-    replies: Sequence[dict[bytes, bool | None]], wanted: Collection[bytes] | None, buffer: bytearray
-) -> tuple[tuple[list[bool | None], Found], int] | None:
-    """The status lines of pipelined store commands, then (when keys were asked for) one `get`'s values."""
-    statuses = _parse_statuses(replies, buffer)
-    if statuses is None:
-        return None
-    results, used = statuses
-    if wanted is None:
-        return (results, {}), used
-    values = _parse_values(False, wanted, buffer[used:])
-    if values is None:
-        return None
-    found, more = values
-    return (results, found), used + more
-
-
-def _parse_values(with_cas: bool, wanted: Collection[bytes], buffer: bytearray) -> tuple[Found, int] | None:
-    """`VALUE <key> <flags> <bytes> [<cas>]` + data blocks up to `END`; only keys that were asked for."""
-    found: Found = {}
-    position = 0
-    while (read := _line(buffer, position)) is not None:
-        line, position = read
-        if line == b"END":
-            return found, position
-        parts = line.split(b" ")
-        if (
-            len(parts) != (5 if with_cas else 4)
-            or parts[0] != b"VALUE"
-            or parts[1] not in wanted
-            or not parts[3].isdigit()
-            or (with_cas and not parts[4].isdigit())
-        ):
-            raise _unexpected(line)
-        end = position + int(parts[3])
-        if len(buffer) < end + 2:
-            return None
-        if buffer[end : end + 2] != b"\r\n":
-            raise StoreUnavailable("memcached sent an unexpected reply")
-        found[parts[1]] = (bytes(buffer[position:end]), parts[4] if with_cas else None)
-        position = end + 2
-    return None

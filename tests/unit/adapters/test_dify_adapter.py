@@ -1069,7 +1069,7 @@ class TestSseLines:
 
     @staticmethod
     async def lines_of(*chunks: bytes) -> list[bytes]:
-        from adapters.outbound.dify import _sse_lines
+        from adapters.outbound.dify_stream import sse_lines as _sse_lines
 
         async def body() -> AsyncIterator[bytes]:
             for chunk in chunks:

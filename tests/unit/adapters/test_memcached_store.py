@@ -18,14 +18,14 @@ from pymemcache.client.base import Client, check_key_helper
 
 from adapters.outbound import memcached_store
 from adapters.outbound import state_codec as codec
-from adapters.outbound.memcached_store import (
-    INBOX_MAX_MESSAGES,
+from adapters.outbound.memcached_inbox import INBOX_MAX_MESSAGES
+from adapters.outbound.memcached_keyspace import (
     MAX_RELATIVE_TTL_S,
-    MemcachedStateStore,
     build_key,
     expire_for,
     lease_expire_for,
 )
+from adapters.outbound.memcached_store import MemcachedStateStore
 from application.errors import StoreUnavailable
 from application.ports import MessageState
 from domain.conversation import Conversation
