@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pymemcache.client.base import Client, check_key_helper
 
-from adapters.outbound import memcached_store
+from adapters.outbound import memcached_keyspace, memcached_store
 from adapters.outbound import state_codec as codec
 from adapters.outbound.memcached_inbox import INBOX_MAX_MESSAGES
 from adapters.outbound.memcached_keyspace import (
@@ -278,6 +278,7 @@ class TestSharedBetweenInstances:
     ) -> None:
         clock = ShiftedTime()
         monkeypatch.setattr(memcached_store, "time", clock)
+        monkeypatch.setattr(memcached_keyspace, "time", clock)  # the generation cache lives there
         shared = prefix()
         a = MemcachedStateStore(servers=[server.server], prefix=shared, **FAST)
         b = MemcachedStateStore(servers=[server.server], prefix=shared, **FAST)
@@ -287,7 +288,7 @@ class TestSharedBetweenInstances:
             assert await a.get_cursor(KF) is None
             # B's generation is at most GENERATION_CACHE_S old: once that much time has passed, B reads the
             # new one on its next command (the clock is the test's, not the wall's).
-            clock.advance(memcached_store.GENERATION_CACHE_S)
+            clock.advance(memcached_keyspace.GENERATION_CACHE_S)
             assert await b.get_cursor(KF) is None
         finally:
             await a.aclose()
