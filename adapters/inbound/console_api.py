@@ -306,12 +306,12 @@ class ConsoleApi:
         }
         if activity is not None:
             detail.update({k: v for k, v in activity.to_dict().items() if k not in ("open_kfid", "customer")})
-        if not detail.get("nickname") and detail["profile"] is not None:
-            detail["nickname"] = detail["profile"]["nickname"]
         else:
             detail.update(
                 {"nickname": "", "messages": 0, "last_outcome": "", "outcomes": [], "entered_at": None}
             )
+        if not detail["nickname"] and detail["profile"] is not None:
+            detail["nickname"] = detail["profile"]["nickname"]
         return _json(detail)
 
     async def problems(self, request: Request) -> Response:
