@@ -27,6 +27,9 @@ MAX_NAME_CHARS = 64
 # Namings under way at once. Naming is background work: during a burst of new conversations it must not take
 # the event loop's time from answers (each naming is a Dify round trip), so the rest wait their turn.
 MAX_NAMINGS_AT_ONCE = 4
+# Namings waiting or under way: beyond this (Dify names slower than conversations start), new conversations
+# stay unnamed (counted as `conversations_not_named`) rather than piling up in memory.
+MAX_NAMINGS_PENDING = 10_000
 
 
 def conversation_name(template: str, message: InboundMessage, profile: CustomerProfile | None) -> str:
@@ -63,6 +66,9 @@ class ConversationNamer:
     def started(self, message: InboundMessage, route: KfRoute, answer: Answer) -> None:
         """Dify started a conversation with this answer: name it (in the background)."""
         if not answer.conversation_id or not route.texts.conversation_name:
+            return
+        if len(self._tasks) >= MAX_NAMINGS_PENDING:
+            self._telemetry.count("conversations_not_named")
             return
         task = asyncio.create_task(self._name(message, route, answer.conversation_id))
         self._tasks.add(task)
