@@ -156,7 +156,7 @@ class SessionStates:
             log.warning("service_state/get answered an unknown state %s", answer.state)
             self._lookup_failed[customer] = now
             return None
-        log.info(
+        log.debug(
             "session state %d%s",
             state,
             f" servicer={answer.servicer_userid}" if answer.servicer_userid else "",
