@@ -16,7 +16,6 @@ from application.app_parameters import AppParametersCache
 from application.ask_dify import AskDify
 from application.errors import ChatEngineError
 from application.handoff import HandOffToHuman
-from application.loop_turns import LoopTurns
 from application.media_port import MediaPreparer, PreparedQuestion
 from application.options import BotOptions
 from application.outcomes import Outcome
@@ -59,7 +58,6 @@ class AnswerCustomerMessage:
         handoff: HandOffToHuman,
         rate_limiter: CustomerRateLimiter,
         rejections: RejectedCustomers,
-        turns: LoopTurns | None = None,
     ) -> None:
         self._ask = ask
         self._channel = channel
@@ -72,8 +70,6 @@ class AnswerCustomerMessage:
         self._handoff = handoff
         self._rate_limiter = rate_limiter
         self._rejections = rejections
-        # Rendering and sending an answer waits its turn on the loop (loop_turns.py): acks go first.
-        self._turns = turns if turns is not None else LoopTurns()
         self._commands = CommandSet.of(reset=options.reset_words, handoff=options.handoff_words)
         # Progressive replies and suggested questions read the app's /parameters (moderation, suggestions).
         parameters = AppParametersCache(
@@ -222,7 +218,6 @@ class AnswerCustomerMessage:
             if progress is not None:
                 progress.abandon()
 
-        await self._turns.take()
         # The handoff marker goes before rendering and splitting: the customer never sees it.
         marked = take_handoff_marker(asked.answer.text, self._options.handoff_markers)
         # Parts already sent while Dify wrote (progressive.py): only the rest of the answer is left.
