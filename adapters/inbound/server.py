@@ -137,6 +137,11 @@ def serve(app: ASGIApp, listeners: Listeners) -> None:
             sys.exit(STARTUP_FAILURE)
         log.info("listening on http://%s:%s (%s)", host, port, role)
     server = uvicorn.Server(uvicorn_config(app, listeners))
-    server.run(sockets=sockets)
+    try:
+        server.run(sockets=sockets)
+    except KeyboardInterrupt:
+        # uvicorn shut down gracefully on Ctrl-C, then re-raised the signal; as uvicorn.run() does, end
+        # quietly instead of printing a traceback for a normal stop.
+        pass
     if not server.started:
         sys.exit(STARTUP_FAILURE)

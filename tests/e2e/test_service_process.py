@@ -84,3 +84,29 @@ def test_bad_configuration_stops_the_process_with_one_clear_message(tmp_path: Pa
     message = str(excinfo.value)
     assert "ENCODING_AES_KEY" in message and "CORP_SECRET" in message and "DIFY_API_KEY" in message
     assert "Traceback" not in message
+
+
+def test_ctrl_c_stops_the_service_gracefully_without_a_traceback(tmp_path: Path) -> None:
+    with fake_servers() as servers:
+        config = write_config(
+            tmp_path / "config.ini",
+            {
+                "CONFIG": {
+                    "CORP_ID": servers.wecom.corp_id,
+                    "CORP_SECRET": servers.wecom.corp_secret,
+                    "TOKEN": TOKEN,
+                    "ENCODING_AES_KEY": AES_KEY,
+                    "DIFY_API_BASE": servers.dify_url,
+                    "DIFY_API_KEY": servers.dify.api_key,
+                    "WECOM_API_BASE": servers.wecom_url,
+                    "ADMIN_TOKEN": ADMIN_TOKEN,
+                },
+            },
+        )
+        service = ServiceProcess(config).start()
+        code = service.stop(signal.SIGINT)
+
+        assert code == 0
+        logs = service.logs()
+        assert "stopped" in logs
+        assert "Traceback" not in logs and "KeyboardInterrupt" not in logs
