@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 
 import bootstrap
-from adapters.inbound.cli_simulate import run_simulate
+from adapters.inbound.cli_simulate import run_parts
 from adapters.inbound.command_line import parse_args
-from adapters.inbound.config_file import Settings
 from tests.support.dify_server import FakeDifyServer
 from tests.support.http_server import serve
+from tests.support.simulation import simulation_settings
 
 FORM = [
     {"text-input": {"variable": "nickname", "label": "昵称", "required": False}},
@@ -21,15 +21,7 @@ FORM = [
 def test_the_simulated_customer_comes_from_the_given_entry() -> None:
     dify = FakeDifyServer(user_input_form=FORM)
     with serve(dify.app) as url:
-        settings = Settings(
-            corp_id="wwsimulation0001",
-            corp_secret="simulation-corp-secret",
-            token="simulationtoken",
-            encoding_aes_key="A" * 43,
-            dify_api_base=f"{url}/v1",
-            dify_api_key=dify.api_key,
-            interim_after_s=0.0,
-        )
+        settings = simulation_settings(url, dify.api_key, interim_after_s=0.0)
         args = parse_args(
             ["simulate", "--scene", "product", "--scene-param", "商品页 A-42", "--nickname", "小李"]
         )
@@ -37,14 +29,8 @@ def test_the_simulated_customer_comes_from_the_given_entry() -> None:
             settings, scene=args.scene, scene_param=args.scene_param, nickname=args.nickname
         )
         out = io.StringIO()
-        code = run_simulate(
-            push_text=parts.push_text,
-            sent_texts=parts.sent_texts,
-            notify=parts.notify,
-            idle=parts.idle,
-            start=parts.start,
-            stop=parts.stop,
-            app_label=parts.app_label,
+        code = run_parts(
+            parts,
             stdin=io.StringIO("你好\n/quit\n"),
             stdout=out,
             entry_note=bootstrap.entry_note(args.scene, args.scene_param, args.nickname),
