@@ -97,8 +97,20 @@ def _hold_from(text: str, start: int, markers: tuple[str, ...]) -> int:
 
 def _open_reasoning(text: str, start: int) -> int | None:
     """Where a reasoning block still open at the end of `text` begins (None when all are closed)."""
+    return _scan_reasoning(text, start, len(text))[1]
+
+
+def _reasoning_spans(text: str, start: int, limit: int) -> list[tuple[int, int]]:
+    """The closed reasoning blocks in `text[start:limit]`, as (begin, end) positions, in order."""
+    return _scan_reasoning(text, start, limit)[0]
+
+
+def _scan_reasoning(text: str, start: int, limit: int) -> tuple[list[tuple[int, int]], int | None]:
+    """One pass over the reasoning tags in `text[start:limit]`: the closed blocks as (begin, end), and where
+    a block still open at `limit` begins (None when all are closed)."""
+    spans: list[tuple[int, int]] = []
     open_name, open_at, depth = "", 0, 0
-    for tag in _REASONING_TAG.finditer(text, start):
+    for tag in _REASONING_TAG.finditer(text, start, limit):
         closing, name = tag.group(1) == "/", tag.group(2).lower()
         if not open_name:
             if not closing:
@@ -112,26 +124,5 @@ def _open_reasoning(text: str, start: int) -> int | None:
             depth = 0
         if depth == 0:
             open_name = ""
-    return open_at if open_name else None
-
-
-def _reasoning_spans(text: str, start: int, limit: int) -> list[tuple[int, int]]:
-    """The closed reasoning blocks in `text[start:limit]`, as (begin, end) positions, in order."""
-    spans: list[tuple[int, int]] = []
-    open_name, open_at, depth = "", 0, 0
-    for tag in _REASONING_TAG.finditer(text, start, limit):
-        closing, name = tag.group(1) == "/", tag.group(2).lower()
-        if not open_name:
-            if not closing:
-                open_name, open_at, depth = name, tag.start(), 1
-            continue
-        if name != open_name:
-            continue
-        if name == "details":
-            depth += -1 if closing else 1
-        elif closing:
-            depth = 0
-        if depth == 0:
-            open_name = ""
             spans.append((open_at, tag.end()))
-    return spans
+    return spans, (open_at if open_name else None)
