@@ -413,17 +413,29 @@ def build_container(settings: Settings, adapters: containers.Container | None = 
 
 
 def serve(settings: Settings) -> None:
+    from adapters.inbound.pipeline_loop import PipelineLoop, front_door, on_pipeline, prefer_short_switches
     from adapters.inbound.server import listeners_from
     from adapters.inbound.server import serve as serve_listeners
 
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
     container = build_container(settings)
-    app = container.app()
+    # The pipeline (lifespan, pulls, answers, admin API) on its own loop and thread; callbacks are
+    # acknowledged on uvicorn's, so a burst's answer work never delays WeCom's acknowledgement.
+    pipeline = PipelineLoop()
+    front = front_door(
+        webhook=container.webhook().handed_off(pipeline.call),
+        pipeline_app=on_pipeline(container.app(), pipeline),
+    )
     # Tens of thousands of import-time objects would otherwise be walked by every full collection, a
     # 40 ms stop of the event loop that shows up as webhook p99 (bench/FINDINGS.md).
     gc.collect()
     gc.freeze()
-    serve_listeners(app, listeners_from(settings))
+    prefer_short_switches()
+    pipeline.start()
+    try:
+        serve_listeners(front, listeners_from(settings))
+    finally:
+        pipeline.stop()
 
 
 def build_simulation(

@@ -30,7 +30,8 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Final
+from functools import partial
+from typing import Any, Final, Protocol
 from urllib.parse import unquote_plus
 
 from starlette.requests import ClientDisconnect, Request
@@ -38,7 +39,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from adapters.inbound.wecom_crypto import MAX_BODY_BYTES, CallbackRejected, WeComCrypto, parse_notice
 from application import telemetry as t
-from application.telemetry import Telemetry, correlation_id
+from application.telemetry import correlation_id
 from domain.messages import CallbackNotice
 
 log = logging.getLogger("kfdify.webhook")
@@ -57,6 +58,36 @@ BODY_TIMEOUT_S = 10.0
 
 class BodyTooLarge(Exception):
     pass
+
+
+class CallbackCounters(Protocol):
+    """What the webhook records (application.telemetry.Telemetry, or that handed to another loop)."""
+
+    def count(self, name: str, n: int = 1) -> None: ...
+
+    def count_labelled(self, name: str, label: str, n: int = 1) -> None: ...
+
+    def observe(self, name: str, seconds: float) -> None: ...
+
+
+HandOff = Callable[..., None]  # `hand_off(fn, *args)`: run fn(*args) on the loop that owns the pipeline
+
+
+class HandedOffCounters:
+    """Counters recorded through `hand_off` on the pipeline's loop (Telemetry is single-loop by design)."""
+
+    def __init__(self, counters: CallbackCounters, hand_off: HandOff) -> None:
+        self._counters = counters
+        self._hand_off = hand_off
+
+    def count(self, name: str, n: int = 1) -> None:
+        self._hand_off(self._counters.count, name, n)
+
+    def count_labelled(self, name: str, label: str, n: int = 1) -> None:
+        self._hand_off(self._counters.count_labelled, name, label, n)
+
+    def observe(self, name: str, seconds: float) -> None:
+        self._hand_off(self._counters.observe, name, seconds)
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -84,7 +115,7 @@ class WeComWebhook:
         *,
         crypto: WeComCrypto,
         on_notice: Callable[[CallbackNotice], None],
-        telemetry: Telemetry,
+        telemetry: CallbackCounters,
         accepting: Callable[[], bool] = lambda: True,
         body_timeout_s: float = BODY_TIMEOUT_S,
     ) -> None:
@@ -98,6 +129,19 @@ class WeComWebhook:
         # Correlation ids: a random prefix per process, then a counter (no syscall per callback).
         self._id_prefix = secrets.token_hex(2)
         self._callbacks = 0
+
+    def handed_off(self, hand_off: HandOff) -> WeComWebhook:
+        """This webhook for another thread's event loop (adapters/inbound/pipeline_loop.py): it acknowledges
+        there, and its notices and counters reach the pipeline through `hand_off`, in the order made."""
+        other = WeComWebhook(
+            crypto=self._crypto,
+            on_notice=partial(hand_off, self._on_notice),
+            telemetry=HandedOffCounters(self._telemetry, hand_off),
+            accepting=self._accepting,
+            body_timeout_s=self._body_timeout_s,
+        )
+        other._id_prefix = self._id_prefix
+        return other
 
     async def verify(self, request: Request) -> Response:
         params = request.query_params
