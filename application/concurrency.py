@@ -380,6 +380,15 @@ class AdaptiveLimiter:
         (application/work_sharing.py)."""
         return all(not app.queue and app.in_flight < app.capacity for app in self._apps.values())
 
+    def room(self) -> int:
+        """How many calls this instance may have open at once now: the largest current limit of the apps it
+        asks (the initial limit before it asked any). Work sharing takes at most this many customers at
+        once (application/work_sharing.py)."""
+        if not self._apps:
+            s = self._settings
+            return min(max(s.initial_limit, s.min_limit), s.max_limit)
+        return max(app.capacity for app in self._apps.values())
+
     def snapshot(self) -> dict[str, AppSnapshot]:
         return {key: app.snapshot() for key, app in self._apps.items()}
 

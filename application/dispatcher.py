@@ -309,10 +309,10 @@ class Dispatcher:
 
     async def _room_to_spare(self, recheck: float | None, linger_until: float) -> None:
         """Wait until a drain of ours finishes (room to spare), a customer busy elsewhere is due again, or the
-        linger time is over, whichever comes first (and at most one second: the answering side's room may
-        free without a drain finishing)."""
+        linger time is over, whichever comes first (and at most SCAN_INTERVAL_S: the answering side's room
+        also grows without a drain finishing, as its limit rises in the first second of a burst)."""
         loop = asyncio.get_running_loop()
-        deadline = min(loop.time() + 1.0, max(linger_until, loop.time()))
+        deadline = min(loop.time() + SCAN_INTERVAL_S, max(linger_until, loop.time()))
         if recheck is not None:
             deadline = min(deadline, recheck)
         self._room_freed.clear()

@@ -31,14 +31,25 @@ ELSEWHERE_MAX_S = 5.0
 
 
 class Capacity(Protocol):
-    """Whether the answering side can take one more question now (e.g. the adaptive Dify limiter)."""
+    """The answering side's room (e.g. the adaptive Dify limiter)."""
 
-    def has_room(self) -> bool: ...
+    def has_room(self) -> bool:
+        """Whether one more question would be asked at once now (nobody waits, a slot is free)."""
+        ...
+
+    def room(self) -> int:
+        """How many questions this instance may have open at once now (the current limit)."""
+        ...
 
 
 class DrainRoom:
-    """How many customers this instance drains at once: at most `max_drains` (0: no limit), and none more
-    while `capacity` says there is no room."""
+    """How many customers this instance drains at once: at most `max_drains` (0: no limit), at most the
+    answering side's current `room()` (its limit grows as the app proves it can take more), and none more
+    while `capacity` says a question would wait.
+
+    Counting drains, not questions in flight, matters when a burst arrives: the customers of a pulled page
+    are offered in one go, before any of them has asked, so a gauge of questions in flight would still say
+    "room" after the thousandth and one instance would take the whole burst."""
 
     def __init__(self, *, max_drains: int = 0, capacity: Capacity | None = None) -> None:
         self._max_drains = max(max_drains, 0)
@@ -54,7 +65,7 @@ class DrainRoom:
         if self._capacity is None:
             return True
         try:
-            return self._capacity.has_room()
+            return draining < self._capacity.room() and self._capacity.has_room()
         except Exception:
             return draining == 0  # a broken gauge must not stop all work
 

@@ -876,3 +876,20 @@ async def test_has_room_until_a_new_call_would_wait_and_again_once_one_ends() ->
     limiter.release(first)
     assert limiter.has_room()
     limiter.release(second)
+
+
+async def test_room_is_the_initial_limit_before_any_call_then_the_largest_current_limit() -> None:
+    limiter = AdaptiveLimiter(
+        clock=VirtualClock(), settings=LimiterSettings(max_limit=100, min_limit=2, initial_limit=8)
+    )
+    assert limiter.room() == 8  # a burst's first page: work sharing takes 8 customers, not all of them
+
+    held = [await limiter.acquire("big", f"wm-{n}") for n in range(8)]
+    held[-1].accepted()  # taken with 8 in flight: slow start lets the app try 16
+    assert limiter.room() == 16
+    small = await limiter.acquire("small", "wm-x")
+    small.overload(Overload.RATE_LIMITED)  # the other app shrinks to its floor; the busiest app's limit counts
+    assert limiter.limit("small") == 2
+    assert limiter.room() == 16
+    for slot in (*held, small):
+        limiter.release(slot)

@@ -105,6 +105,52 @@ async def test_a_burst_is_split_answered_exactly_once_and_in_order() -> None:
     assert not await store.customers_with_pending(KF)
 
 
+class Room:
+    """The answering side's room as the Dify limiter reports it: a current limit that may grow."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def has_room(self) -> bool:
+        return True  # nobody waits for a slot: only the limit holds the instances back
+
+    def room(self) -> int:
+        return self.limit
+
+
+async def test_a_burst_offered_in_one_go_is_taken_only_up_to_the_limit_then_as_it_grows() -> None:
+    """A pulled page offers all its customers before any has asked Dify: the puller must count the drains it
+    starts against its limit, not the calls in flight (still none), or it takes the whole burst."""
+    store, world, gate = MemoryStateStore(), KfWorld(), asyncio.Event()
+    dify = FakeChatEngine()
+    engines = (GatedEngine(gate, dify), GatedEngine(gate, dify))
+    rooms = (Room(5), Room(5))
+    apps = [instance(store, world, engine, max_drains=0, rate_limit=0) for engine in engines]
+    for app, room in zip(apps, rooms, strict=True):
+        app.dispatcher.add_kwargs(capacity=room)
+    dispatchers = [app.dispatcher() for app in apps]
+    customers = 40
+    for c in range(customers):
+        world.add_customer_text(KF, f"wm{c:02d}", "q")
+    dispatchers[0].notify(KF, "t")
+    dispatchers[1].notify(KF, "t")
+    await until(lambda: all(engine.waiting == 5 for engine in engines))
+    assert [d.draining for d in dispatchers] == [5, 5]
+    # The limit grows (as slow start doubles it): each takes more at its next look, none beyond its room.
+    for room in rooms:
+        room.limit = 15
+    await until(lambda: all(engine.waiting == 15 for engine in engines))
+    assert [d.draining for d in dispatchers] == [15, 15]
+
+    gate.set()
+    await until(lambda: len(world.sent) >= customers)
+    for dispatcher in dispatchers:
+        await dispatcher.idle()
+    assert sorted(s.customer.external_userid for s in world.sent) == [f"wm{c:02d}" for c in range(customers)]
+    asked = [len(engine.questions) for engine in engines]
+    assert all(0.25 <= n / customers <= 0.75 for n in asked), asked
+
+
 async def test_the_rate_limit_is_shared_one_limit_one_notice() -> None:
     store, world, gate = MemoryStateStore(), KfWorld(), asyncio.Event()
     gate.set()
