@@ -49,6 +49,9 @@ def dify_app_key(base_url: str, api_key: str) -> str:
 
 # --- Adaptive limiter -------------------------------------------------------------------------------
 
+# While an app is in slow start, an instance that shares a burst takes on this many times its limit.
+SLOW_START_ROOM = 4
+
 
 @dataclass(frozen=True, slots=True)
 class LimiterSettings:
@@ -381,13 +384,19 @@ class AdaptiveLimiter:
         return all(not app.queue and app.in_flight < app.capacity for app in self._apps.values())
 
     def room(self) -> int:
-        """How many calls this instance may have open at once now: the largest current limit of the apps it
-        asks (the initial limit before it asked any). Work sharing takes at most this many customers at
-        once (application/work_sharing.py)."""
+        """How many customers this instance should take on at once now (work sharing,
+        application/work_sharing.py): the largest current limit of the apps it asks (the initial limit before
+        it asked any), and SLOW_START_ROOM times that while in slow start.
+
+        In slow start the limit doubles per round trip only while it is used (someone waits or nearly all
+        slots are busy). A customer taken on spends time before its Dify call (claim, session state) and
+        each look at the shared inbox comes a scan interval apart: taking on the next two doublings' worth
+        keeps customers waiting for slots, so the limit grows as fast as a single instance's, while the
+        other instances take their share of the burst. Once an overload was seen, the limit itself."""
+        s = self._settings
         if not self._apps:
-            s = self._settings
-            return min(max(s.initial_limit, s.min_limit), s.max_limit)
-        return max(app.capacity for app in self._apps.values())
+            return SLOW_START_ROOM * min(max(s.initial_limit, s.min_limit), s.max_limit)
+        return max(app.capacity * (SLOW_START_ROOM if app.slow_start else 1) for app in self._apps.values())
 
     def snapshot(self) -> dict[str, AppSnapshot]:
         return {key: app.snapshot() for key, app in self._apps.items()}

@@ -19,7 +19,14 @@ from typing import Any
 
 import pytest
 
-from application.concurrency import AdaptiveLimiter, AppSnapshot, LimiterSettings, Slot, dify_app_key
+from application.concurrency import (
+    SLOW_START_ROOM,
+    AdaptiveLimiter,
+    AppSnapshot,
+    LimiterSettings,
+    Slot,
+    dify_app_key,
+)
 from application.dify_retry import (
     Overload,
     RetryPolicy,
@@ -882,14 +889,21 @@ async def test_room_is_the_initial_limit_before_any_call_then_the_largest_curren
     limiter = AdaptiveLimiter(
         clock=VirtualClock(), settings=LimiterSettings(max_limit=100, min_limit=2, initial_limit=8)
     )
-    assert limiter.room() == 8  # a burst's first page: work sharing takes 8 customers, not all of them
+    # A burst's first page: work sharing takes 32 customers, not all of them; 8 ask, 24 wait their turn (the
+    # limit is used, so slow start may double it).
+    assert limiter.room() == 8 * SLOW_START_ROOM
 
     held = [await limiter.acquire("big", f"wm-{n}") for n in range(8)]
     held[-1].accepted()  # taken with 8 in flight: slow start lets the app try 16
-    assert limiter.room() == 16
+    assert limiter.room() == 16 * SLOW_START_ROOM
     small = await limiter.acquire("small", "wm-x")
-    small.overload(Overload.RATE_LIMITED)  # the other app shrinks to its floor; the busiest app's limit counts
+    small.overload(
+        Overload.RATE_LIMITED
+    )  # the other app shrinks to its floor; the busiest app's limit counts
     assert limiter.limit("small") == 2
-    assert limiter.room() == 16
-    for slot in (*held, small):
+    assert limiter.room() == 16 * SLOW_START_ROOM
+    more = await limiter.acquire("big", "wm-9")
+    more.overload(Overload.RATE_LIMITED)  # out of slow start: the limit itself, no more
+    assert limiter.room() == limiter.limit("big") == 8
+    for slot in (*held, small, more):
         limiter.release(slot)
