@@ -8,7 +8,6 @@ concrete classes. How settings become options, texts, routes and start notes: ad
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sys
@@ -413,6 +412,7 @@ def build_container(settings: Settings, adapters: containers.Container | None = 
 
 
 def serve(settings: Settings) -> None:
+    from adapters.inbound.gc_policy import GcPolicy
     from adapters.inbound.pipeline_loop import PipelineLoop, front_door, on_pipeline, prefer_short_switches
     from adapters.inbound.server import listeners_from
     from adapters.inbound.server import serve as serve_listeners
@@ -426,16 +426,20 @@ def serve(settings: Settings) -> None:
         webhook=container.webhook().handed_off(pipeline.call),
         pipeline_app=on_pipeline(container.app(), pipeline),
     )
-    # Tens of thousands of import-time objects would otherwise be walked by every full collection, a
-    # 40 ms stop of the event loop that shows up as webhook p99 (bench/FINDINGS.md).
-    gc.collect()
-    gc.freeze()
+    dispatcher = container.dispatcher()
+
+    def quiet() -> bool:
+        return not dispatcher.busy
+
+    # Full collections only when quiet (or overdue): one during a burst held both loops for 50-160 ms.
+    collector = GcPolicy(quiet).start()
     prefer_short_switches()
     pipeline.start()
     try:
         serve_listeners(front, listeners_from(settings))
     finally:
         pipeline.stop()
+        collector.stop()
 
 
 def build_simulation(
