@@ -41,6 +41,11 @@ KEEP_FREE = 2
 MAX_PROGRESSIVE_CHARS = 6 * TEXT_LIMIT_BYTES
 # After Dify could not tell its parameters, ask again after this long (meanwhile answers go out whole).
 PARAMETERS_RETRY_S = 30.0
+# The most rendering for WeChat makes a text grow, in UTF-8 bytes (a thematic break `---` becomes a line of
+# dashes, five times its bytes; tests/unit/adapters/test_wechat_text_properties.py holds the renderer to it).
+# Until the raw text not yet shown could fill a part even grown this much, no part can go out: the stream is
+# not scanned or rendered piece by piece, and a short answer is rendered once, whole, at the end.
+RENDER_GROWTH = 6
 
 
 class ProgressiveReplies:
@@ -144,6 +149,9 @@ class ProgressiveReplies:
                 return
             self._reset()
         text = text[:MAX_PROGRESSIVE_CHARS]
+        unshown = utf8_len(text) - utf8_len(self._shown)
+        if utf8_len(self._pending) + RENDER_GROWTH * unshown <= TEXT_LIMIT_BYTES:
+            return  # not a part's worth yet, however it renders
         boundary = shown_until(text, len(self._shown), self._markers)
         if boundary is not None:
             piece = text[len(self._shown) : boundary]

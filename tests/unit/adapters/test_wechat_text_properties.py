@@ -19,6 +19,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from adapters.outbound.wechat_text import MARKUP_BUDGET, MAX_MARKDOWN_LINES, WeChatTextRenderer, markup_cost
+from application.progressive import RENDER_GROWTH
 
 render = WeChatTextRenderer()
 
@@ -248,3 +249,21 @@ def test_a_generated_document_loses_no_word_and_leaves_no_markup(doc: Doc) -> No
     assert not _leftover_markup(decoded), (
         f"markup {_leftover_markup(decoded)} left in {out!r} from {doc.source!r}"
     )
+
+
+# Markup-dense text as a model may write it: every block and inline marker, short words, few spaces.
+_dense = st.text(alphabet="-*_+>#|:`~[]()!<>/\\\t \n.1234567890aB中&;x=", max_size=400)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.one_of(blocks().map(lambda doc: doc.source), _dense))
+def test_rendering_grows_a_text_at_most_render_growth_times(source: str) -> None:
+    """Progressive replies skip a stream until its raw text could fill a part grown RENDER_GROWTH times
+    (application/progressive.py): the renderer must keep to it."""
+    out = render(source)
+    assert len(out.encode()) <= RENDER_GROWTH * len(source.encode()), (source, out)
+
+
+def test_render_growth_holds_for_the_known_worst_cases() -> None:
+    for source in ("---\n" * 50, "***\n" * 50, "> ---\n" * 50, "- ---\n" * 50, "-\n" * 100, "- - -\n" * 50):
+        assert len(render(source).encode()) <= RENDER_GROWTH * len(source.encode()), source

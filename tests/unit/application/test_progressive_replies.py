@@ -16,6 +16,7 @@ from adapters.outbound.fake_dify import FakeChatEngine
 from adapters.outbound.fake_wecom import KfWorld
 from adapters.outbound.wechat_text import WeChatTextRenderer
 from application.errors import ChatEngineError
+from application.progressive import RENDER_GROWTH
 from domain.chat import AppParameters
 from domain.messages import CustomerRef
 from domain.replies import TEXT_LIMIT_BYTES, split_reply
@@ -111,6 +112,32 @@ async def test_a_short_answer_goes_out_in_one_message() -> None:
     assert texts(world, "wmShort") == [answer]
     assert set(stream.sent_at_chunk) == {0}
     assert "parts_sent_progressively" not in app.telemetry().counters
+
+
+class CountingRenderer(WeChatTextRenderer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __call__(self, markdown: str) -> str:
+        self.calls += 1
+        return super().__call__(markdown)
+
+
+async def test_an_answer_too_short_to_fill_a_part_is_rendered_once_at_the_end() -> None:
+    """Nothing can go out early until the raw text could fill a part (RENDER_GROWTH): no rendering of each
+    paragraph as it streams, one render of the whole answer."""
+    answer = "您好！\n\n**要点**如下。\n\n1. 第一条\n2. 第二条\n\n如有问题，欢迎咨询。"
+    assert len(answer.encode()) * RENDER_GROWTH <= TEXT_LIMIT_BYTES
+    app, world, _, stream = app_with(answer, customer="wmTiny", chunk=4)
+    renderer = CountingRenderer()
+    app.adapters.renderer.override(providers.Object(renderer))
+    world.add_customer_text(KF, "wmTiny", "简单问")
+    await run(app)
+
+    assert len(stream.sent_at_chunk) >= 8  # streamed in many chunks, across several paragraph boundaries
+    assert renderer.calls == 1
+    assert texts(world, "wmTiny") == [WeChatTextRenderer()(answer)]
 
 
 @pytest.mark.parametrize("setting", ["moderation", "blocking"])
