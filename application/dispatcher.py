@@ -83,6 +83,7 @@ class Dispatcher:
         self._room_freed = asyncio.Event()
         self._elsewhere = BusyElsewhere()
         self._scans: dict[str, asyncio.Task[None]] = {}
+        self._pulled_here: set[str] = set()  # kf accounts whose latest pull this instance made
         self._scan_again: set[str] = set()
         self._recovery: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -240,6 +241,7 @@ class Dispatcher:
             not await self._store.renew_pull(open_kfid, owner=self._owner, lease_s=lease)
         ):
             self._telemetry.count("pulls_elsewhere")
+            self._pulled_here.discard(open_kfid)
             # The holder pulls; what it records, any instance may answer: look at what waits.
             self.scan(open_kfid)
             # The holder will see our request when it finishes. Only a local callback that came in while
@@ -248,6 +250,7 @@ class Dispatcher:
                 await asyncio.sleep(0.2)
                 return True
             return False
+        self._pulled_here.add(open_kfid)
         try:
             before, shared_token = await self._store.pull_requests(open_kfid)
             result = await self._pull(open_kfid, token=token or shared_token)
@@ -275,8 +278,12 @@ class Dispatcher:
             except Exception:
                 log.exception("listing pending customers of kf=%s failed", open_kfid)
                 return
-            # Instances scanning at once start from different customers; each customer's order is the drain's.
-            random.shuffle(pending)
+            # Instances sharing a burst take customers from opposite ends of the inbox (oldest first where
+            # this instance pulled, newest first where another did), so they seldom reach for the same
+            # customer: a drain that finds its customer held elsewhere costs store round trips for nothing.
+            # Each customer's own order is the drain's.
+            if open_kfid not in self._pulled_here:
+                pending.reverse()
             now = loop.time()
             left = took = 0
             for customer in pending:
