@@ -429,7 +429,7 @@ def serve(settings: Settings) -> None:
     dispatcher = container.dispatcher()
 
     def quiet() -> bool:
-        return not dispatcher.busy
+        return dispatcher.draining == 0  # no customer being answered (a lingering scan is no work)
 
     # Full collections only when quiet (or overdue): one during a burst held both loops for 50-160 ms.
     collector = GcPolicy(quiet).start()

@@ -8,10 +8,13 @@ holding the interpreter for both event loops. That was the callback acknowledgem
 ~0.3 s of the burst (bench/FINDINGS.md, issue #14).
 
 So `GcPolicy` keeps CPython's young-generation thresholds, switches its automatic full collections off and
-runs them itself, from a thread of its own: every `every_s` (60 s) while the service is quiet (no pull, scan
-or drain running), and at the latest after `max_wait_s` (10 min) of continuous work, so long-lived cyclic
-garbage is still bounded by a few minutes of traffic. At start the objects of the import and wiring are
-frozen (`gc.freeze()`): no collection ever walks them again.
+runs them itself, from a thread of its own that looks every `look_every_s` (0.25 s): a full collection runs
+as soon as the service is quiet (no customer being answered) and anything reached the oldest generation
+since the last one, so garbage left by a burst goes when the burst ends, and at the latest `max_wait_s`
+(30 s) after the last one while the service never quiets down, so long-lived cyclic garbage stays bounded by
+half a minute of traffic (a few MiB per thousand messages). An idle service is not collected again and
+again: without young collections since the last full one there is nothing new to find. At start the
+objects of the import and wiring are frozen (`gc.freeze()`): no collection ever walks them again.
 """
 
 from __future__ import annotations
@@ -25,10 +28,15 @@ from typing import Final
 
 log = logging.getLogger("kfdify.gc")
 
-FULL_EVERY_S: Final = 60.0
-FULL_AT_LATEST_S: Final = 600.0
+LOOK_EVERY_S: Final = 0.25
+FULL_AT_LATEST_S: Final = 30.0
 # A threshold for the oldest generation that is never reached: CPython's automatic full collections off.
 _NEVER: Final = 1 << 30
+
+
+def _promoted_since_last_full() -> bool:
+    """Whether a young collection moved objects toward the oldest generation since the last full one."""
+    return gc.get_count()[2] > 0
 
 
 class GcPolicy:
@@ -36,15 +44,17 @@ class GcPolicy:
         self,
         quiet: Callable[[], bool],
         *,
-        every_s: float = FULL_EVERY_S,
+        look_every_s: float = LOOK_EVERY_S,
         max_wait_s: float = FULL_AT_LATEST_S,
         collect: Callable[[], object] = gc.collect,
         clock: Callable[[], float] = time.monotonic,
+        anything_new: Callable[[], bool] = _promoted_since_last_full,
     ) -> None:
-        if every_s <= 0 or max_wait_s < every_s:
-            raise ValueError("need 0 < every_s <= max_wait_s")
+        if look_every_s <= 0 or max_wait_s < look_every_s:
+            raise ValueError("need 0 < look_every_s <= max_wait_s")
         self._quiet = quiet
-        self._every_s = every_s
+        self._anything_new = anything_new
+        self._every_s = look_every_s
         self._max_wait_s = max_wait_s
         self._collect = collect
         self._clock = clock
@@ -81,7 +91,7 @@ class GcPolicy:
                 quiet = self._quiet()
             except Exception:  # a broken gauge must not stop collections
                 quiet = True
-            if not (quiet or overdue):
+            if not (quiet or overdue) or not self._anything_new():
                 continue
             started = time.perf_counter()
             self._collect()

@@ -34,7 +34,7 @@ class Collections:
 
 def test_takes_over_full_collections_and_gives_them_back() -> None:
     young, middle, oldest = gc.get_threshold()
-    policy = GcPolicy(lambda: False, every_s=3600, max_wait_s=3600).start()
+    policy = GcPolicy(lambda: False, look_every_s=3600, max_wait_s=3600).start()
     try:
         assert gc.get_threshold()[:2] == (young, middle)  # young generations as CPython does them
         assert gc.get_threshold()[2] > 1_000_000  # automatic full collections off
@@ -44,11 +44,32 @@ def test_takes_over_full_collections_and_gives_them_back() -> None:
     assert gc.get_threshold() == (young, middle, oldest)
 
 
-def test_collects_while_quiet() -> None:
+def test_collects_while_quiet_when_young_collections_moved_anything_on() -> None:
     collections = Collections(wanted=3)
-    policy = GcPolicy(lambda: True, every_s=0.001, max_wait_s=3600, collect=collections).start()
+    policy = GcPolicy(
+        lambda: True, look_every_s=0.001, max_wait_s=3600, collect=collections, anything_new=lambda: True
+    ).start()
     try:
         assert collections.done.wait(10)
+    finally:
+        policy.stop()
+
+
+def test_an_idle_service_with_nothing_new_is_not_collected_again_and_again() -> None:
+    looks = threading.Semaphore(0)
+    collections = Collections(wanted=1)
+
+    def nothing_new() -> bool:
+        looks.release()
+        return False
+
+    policy = GcPolicy(
+        lambda: True, look_every_s=0.001, max_wait_s=3600, collect=collections, anything_new=nothing_new
+    ).start()
+    try:
+        for _ in range(5):
+            assert looks.acquire(timeout=10)
+        assert collections.count == 0
     finally:
         policy.stop()
 
@@ -64,7 +85,12 @@ def test_a_busy_service_is_collected_only_when_overdue() -> None:
         return False
 
     policy = GcPolicy(
-        busy, every_s=0.001, max_wait_s=100.0, collect=collections, clock=lambda: now[0]
+        busy,
+        look_every_s=0.001,
+        max_wait_s=100.0,
+        collect=collections,
+        clock=lambda: now[0],
+        anything_new=lambda: True,
     ).start()
     try:
         for _ in range(5):  # the policy looked five times, busy and not overdue: nothing collected
@@ -81,7 +107,9 @@ def test_a_broken_gauge_counts_as_quiet() -> None:
         raise RuntimeError("gauge")
 
     collections = Collections(wanted=1)
-    policy = GcPolicy(broken, every_s=0.001, max_wait_s=3600, collect=collections).start()
+    policy = GcPolicy(
+        broken, look_every_s=0.001, max_wait_s=3600, collect=collections, anything_new=lambda: True
+    ).start()
     try:
         assert collections.done.wait(10)
     finally:
@@ -90,6 +118,15 @@ def test_a_broken_gauge_counts_as_quiet() -> None:
 
 def test_rejects_nonsense_intervals() -> None:
     with pytest.raises(ValueError):
-        GcPolicy(lambda: True, every_s=0)
+        GcPolicy(lambda: True, look_every_s=0)
     with pytest.raises(ValueError):
-        GcPolicy(lambda: True, every_s=10, max_wait_s=5)
+        GcPolicy(lambda: True, look_every_s=10, max_wait_s=5)
+
+
+def test_the_default_signal_sees_promotions_to_the_oldest_generation() -> None:
+    from adapters.inbound.gc_policy import _promoted_since_last_full
+
+    gc.collect()
+    assert not _promoted_since_last_full()
+    gc.collect(1)  # a middle-generation collection moves survivors on
+    assert _promoted_since_last_full()
