@@ -17,7 +17,7 @@ from typing import Any, Self
 import anyio
 import httpx
 
-from adapters.outbound.http_transport import async_client
+from adapters.outbound.http_transport import async_client, direct_transport
 from adapters.outbound.outside_text import escape_outside_text as escape_outside_text
 from adapters.outbound.wecom_paths import (
     CGI_BIN,
@@ -72,6 +72,9 @@ class WeComClient:
         self._client = (
             client if client is not None else async_client(timeout=httpx.Timeout(timeout), limits=pool)
         )
+        # JSON calls skip httpx's request/response layers when the client is our aiohttp one.
+        self._direct = direct_transport(self._client)
+        self._timeouts = self._client.timeout.as_dict()
         self._clock = clock
         self._config_error_backoff_s = config_error_backoff_s
         self._media_timeout_s = media_timeout_s
@@ -211,13 +214,23 @@ class WeComClient:
         params: dict[str, str],
         json: Mapping[str, Any] | None,
         files: Mapping[str, tuple[str, bytes, str]] | None = None,
-    ) -> httpx.Response | str:
+    ) -> httpx.Response | _Answer | str:
         """The response, or the name of the httpx exception class.
 
         httpx exceptions carry the URL, which holds the token or the secret: only the class name leaves this
         method, and the caller raises outside any except block so the original is not chained either.
         """
         try:
+            if self._direct is not None and files is None:
+                body = None if json is None else _json_body(json)
+                status, content = await self._direct.exchange(
+                    method,
+                    self._url(api, params),
+                    body=body,
+                    headers=_JSON_HEADERS if body is not None else (),
+                    timeout=self._timeouts,
+                )
+                return _Answer(status, content)
             return await self._client.request(method, self._url(api, params), json=json, files=files)
         except httpx.HTTPError as exc:
             return type(exc).__name__
@@ -337,3 +350,24 @@ def as_int(value: object) -> int | None:
         return int(float(str(value)))
     except (TypeError, ValueError, OverflowError):
         return None
+
+
+_JSON_HEADERS = (("Content-Type", "application/json"),)
+
+
+def _json_body(value: Mapping[str, Any]) -> bytes:
+    """The body httpx's `json=` sends: compact, UTF-8, not ASCII-escaped."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+class _Answer:
+    """A whole WeCom answer read by `AiohttpTransport.exchange`: what `_request` reads of a response."""
+
+    __slots__ = ("content", "status_code")
+
+    def __init__(self, status_code: int, content: bytes) -> None:
+        self.status_code = status_code
+        self.content = content
+
+    def json(self) -> Any:
+        return json.loads(self.content)

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from adapters.outbound.http_transport import AiohttpTransport, async_client
+from adapters.outbound.http_transport import AiohttpTransport, async_client, direct_transport
 
 pytestmark = pytest.mark.anyio
 
@@ -526,3 +526,79 @@ async def test_the_adapters_client_keeps_no_cookies() -> None:
     assert first.headers["set-cookie"].startswith("sid=")
     assert not http.cookies
     assert all("cookie" not in request.headers for request in server.received)
+
+
+# --- exchange(): a whole answer without httpx's request and response objects (WeCom's JSON calls) ----------
+
+
+def direct(limits: httpx.Limits | None = None) -> tuple[httpx.AsyncClient, AiohttpTransport]:
+    made = async_client(timeout=FAST, limits=limits or httpx.Limits(max_connections=2), trust_env=False)
+    transport = direct_transport(made)
+    assert transport is not None
+    return made, transport
+
+
+async def exchanged(server: RawServer, body: bytes | None = b'{"a":1}') -> tuple[int, bytes]:
+    made, transport = direct()
+    async with made:
+        url = httpx.URL(f"{server.url}/cgi-bin/kf/send_msg", params={"access_token": SECRET})
+        return await transport.exchange(
+            "POST",
+            url,
+            body=body,
+            headers=(("Content-Type", "application/json"),),
+            timeout=made.timeout.as_dict(),
+        )
+
+
+async def test_exchange_sends_the_body_and_returns_status_and_body() -> None:
+    def respond(request: Received) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(request.body), request.body)
+
+    async with serving(respond) as server:
+        assert await exchanged(server, '{"text":"中文"}'.encode()) == (200, '{"text":"中文"}'.encode())
+    request = server.received[0]
+    assert request.headers["content-type"] == "application/json"
+    assert request.line == f"POST /cgi-bin/kf/send_msg?access_token={SECRET} HTTP/1.1"
+
+
+async def test_exchange_errors_are_httpx_classes_without_the_url() -> None:
+    async with on_request(forever) as server:
+        with pytest.raises(httpx.ReadTimeout) as caught:
+            await exchanged(server)
+    assert_clean(caught.value)
+
+    async def close(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+
+    async with on_request(close) as server:
+        with pytest.raises(httpx.RemoteProtocolError) as caught:
+            await exchanged(server)
+    assert_clean(caught.value)
+
+
+async def test_exchange_frees_its_connection_slot_whatever_happens() -> None:
+    answers = iter([None, OK, OK, OK])  # the first connection is closed without an answer
+
+    async with serving(lambda _: next(answers)) as server:
+        made, transport = direct(httpx.Limits(max_connections=1))
+        async with made:
+            url = httpx.URL(server.url)
+            timeout = made.timeout.as_dict()
+            with pytest.raises(httpx.RemoteProtocolError):
+                await transport.exchange("POST", url, body=b"{}", headers=(), timeout=timeout)
+            for _ in range(3):  # one slot: each would wait for a pool timeout if the slot leaked
+                assert await transport.exchange("GET", url, body=None, headers=(), timeout=timeout) == (
+                    200,
+                    b"ok",
+                )
+
+
+async def test_only_the_factory_clients_have_a_direct_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with httpx.AsyncClient() as plain:
+        assert direct_transport(plain) is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    proxied = async_client(timeout=FAST, limits=httpx.Limits())
+    async with proxied:
+        assert direct_transport(proxied) is None  # proxies are httpx's business
