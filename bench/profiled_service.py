@@ -2,9 +2,10 @@
 
     python -m bench.profiled_service OUT.prof --config bench/out/<run>/<name>.ini
 
-Runs `bootstrap.main` in this process and writes the profile when uvicorn stops (SIGTERM/SIGINT). cProfile
-counts CPU-bound Python work (roughly 2x slower while profiling); it attributes CPU better than a wall-clock
-sampler on a 2-core machine, where every process is often waiting for a core.
+Runs `bootstrap.main` in this process and writes the profile when uvicorn stops (SIGTERM/SIGINT): the main
+thread's (uvicorn, callback acknowledgements) to OUT.prof and the pipeline thread's to OUT.prof.pipeline.
+cProfile counts CPU-bound Python work (roughly 2x slower while profiling); it attributes CPU better than a
+wall-clock sampler on a 2-core machine, where every process is often waiting for a core.
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ def main() -> int:
 
     apply(os.environ.get("BENCH_WHATIF", ""))  # python -m bench --profile --what-if ...
     import bootstrap  # ROOT is on PYTHONPATH (bench.common.clean_env)
+    from adapters.inbound import pipeline_loop
+
+    # The pipeline runs on its own thread (adapters/inbound/pipeline_loop.py): profile it too, and write
+    # its profile next to the main thread's (OUT.pipeline); `pstats.Stats(OUT, OUT + ".pipeline")` adds them.
+    run_pipeline = pipeline_loop.PipelineLoop._run
+
+    def profiled_run(self: pipeline_loop.PipelineLoop) -> None:
+        pipeline_profile = cProfile.Profile()
+        pipeline_profile.enable()
+        try:
+            run_pipeline(self)
+        finally:
+            pipeline_profile.disable()
+            pipeline_profile.dump_stats(out + ".pipeline")
+
+    pipeline_loop.PipelineLoop._run = profiled_run  # type: ignore[method-assign]
 
     # uvicorn captures SIGTERM, shuts down gracefully, then re-raises it: exit through SystemExit so the
     # profile is written.

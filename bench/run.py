@@ -941,6 +941,9 @@ def idle_cpu_rate(proc: Proc, seconds: float = 1.0) -> float:
 def summarize_profile(prof: Path, name: str, top: int = 30) -> str:
     """A cProfile dump → Markdown: the functions with the most own time and the most cumulative time."""
     stats = pstats.Stats(str(prof))
+    pipeline = prof.with_name(prof.name + ".pipeline")  # the pipeline thread's (bench/profiled_service.py)
+    if pipeline.exists():
+        stats.add(str(pipeline))
     entries = stats.stats  # type: ignore[attr-defined]
     total = sum(tt for (_, _, tt, _, _) in entries.values())
     idle = sum(tt for (f, _, fn), (_, _, tt, _, _) in entries.items() if "poll" in fn and "epoll" in fn)
