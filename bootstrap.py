@@ -431,15 +431,17 @@ def serve(settings: Settings) -> None:
     def quiet() -> bool:
         return dispatcher.draining == 0  # no customer being answered (a lingering scan is no work)
 
-    # Full collections only when quiet (or overdue): one during a burst held both loops for 50-160 ms.
-    collector = GcPolicy(quiet).start()
+    # Every collection on the pipeline's loop; full ones only when quiet (or overdue): one during a burst
+    # held both loops for 50-160 ms.
+    collector = GcPolicy(quiet).take_over()
     prefer_short_switches()
     pipeline.start()
+    pipeline.background(collector.run)
     try:
         serve_listeners(front, listeners_from(settings))
     finally:
         pipeline.stop()
-        collector.stop()
+        collector.give_back()
 
 
 def build_simulation(

@@ -117,7 +117,7 @@ class _Minute:
 
 
 class Insights:
-    """Thread-unsafe by design, like Telemetry: everything runs on one event loop."""
+    """Thread-unsafe by design, like Telemetry: everything runs on the pipeline's event loop."""
 
     def __init__(
         self,

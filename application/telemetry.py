@@ -76,7 +76,8 @@ class _Series:
 
 
 class Telemetry:
-    """Thread-unsafe by design: everything runs on one event loop."""
+    """Thread-unsafe by design: everything runs on the pipeline's event loop (the webhook, on uvicorn's loop,
+    hands its counts over: adapters/inbound/pipeline_loop.py)."""
 
     def __init__(self) -> None:
         self.started_at = time.time()

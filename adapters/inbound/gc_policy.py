@@ -1,4 +1,4 @@
-"""When the service collects cyclic garbage: young objects as CPython does, the whole heap only when quiet.
+"""When and where the service collects cyclic garbage: on the pipeline's loop, the whole heap only when quiet.
 
 Reference counting frees almost everything the service allocates; the cycle collector is for the rest. Its
 young generations are cheap (they look only at objects allocated since), but a full collection walks every
@@ -7,36 +7,36 @@ tracked object, and a campaign burst holds a thousand customers' drains, streams
 holding the interpreter for both event loops. That was the callback acknowledgement's p99 (110 ms) and
 ~0.3 s of the burst (bench/FINDINGS.md, issue #14).
 
-So `GcPolicy` keeps CPython's young-generation thresholds, switches its automatic full collections off and
-runs them itself, from a thread of its own that looks every `look_every_s` (0.25 s): a full collection runs
-as soon as the service is quiet (no customer being answered) and anything reached the oldest generation
-since the last one, so garbage left by a burst goes when the burst ends, and at the latest `max_wait_s`
-(30 s) after the last one while the service never quiets down, so long-lived cyclic garbage stays bounded by
-half a minute of traffic (a few MiB per thousand messages). An idle service is not collected again and
-again: without young collections since the last full one there is nothing new to find. At start the
-objects of the import and wiring are frozen (`gc.freeze()`): no collection ever walks them again.
+Where: CPython collects on whichever thread happens to allocate past a threshold, and a collection runs the
+finalizers of what it frees there. The service has two event loops on two threads (pipeline_loop.py), and
+some finalizers touch the loop their object belongs to (an aiohttp response never closed hands its
+connection back to its pool, waking the pool's waiters): from the wrong thread that is a race on a loop that
+is not thread-safe. So CPython's automatic collections are off, and `GcPolicy.run`, a task on the pipeline's
+loop, does them all there, as CPython would count them: a young collection once `gc.get_count()` says as
+many objects were allocated as CPython's own threshold allows (looked at every `tick_s`, 50 ms), the middle
+generation every tenth one.
+
+When: a full collection runs as soon as no customer is being answered and young collections moved anything
+on since the last full one (garbage left by a burst goes when the burst ends; an idle service is not
+collected again and again), and at the latest `max_wait_s` (30 s) after the last one while the service never
+quiets down, so long-lived cyclic garbage stays bounded by half a minute of traffic (a few MiB per thousand
+messages). At start the objects of the import and wiring are frozen (`gc.freeze()`): no collection ever
+walks them again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Final
 
 log = logging.getLogger("kfdify.gc")
 
-LOOK_EVERY_S: Final = 0.25
+TICK_S: Final = 0.05
 FULL_AT_LATEST_S: Final = 30.0
-# A threshold for the oldest generation that is never reached: CPython's automatic full collections off.
-_NEVER: Final = 1 << 30
-
-
-def _promoted_since_last_full() -> bool:
-    """Whether a young collection moved objects toward the oldest generation since the last full one."""
-    return gc.get_count()[2] > 0
 
 
 class GcPolicy:
@@ -44,61 +44,72 @@ class GcPolicy:
         self,
         quiet: Callable[[], bool],
         *,
-        look_every_s: float = LOOK_EVERY_S,
+        tick_s: float = TICK_S,
         max_wait_s: float = FULL_AT_LATEST_S,
-        collect: Callable[[], object] = gc.collect,
+        collect: Callable[[int], object] = gc.collect,
+        counts: Callable[[], tuple[int, int, int]] = gc.get_count,
+        thresholds: tuple[int, int, int] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        anything_new: Callable[[], bool] = _promoted_since_last_full,
     ) -> None:
-        if look_every_s <= 0 or max_wait_s < look_every_s:
-            raise ValueError("need 0 < look_every_s <= max_wait_s")
+        if tick_s <= 0 or max_wait_s < tick_s:
+            raise ValueError("need 0 < tick_s <= max_wait_s")
         self._quiet = quiet
-        self._anything_new = anything_new
-        self._every_s = look_every_s
+        self._tick_s = tick_s
         self._max_wait_s = max_wait_s
         self._collect = collect
+        self._counts = counts
+        self._thresholds = thresholds or gc.get_threshold()
         self._clock = clock
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gc-policy", daemon=True)
-        self._previous: tuple[int, int, int] | None = None
-        self.full_collections = 0
+        self._was_enabled: bool | None = None
+        self.collections = [0, 0, 0]  # per generation, by this policy
 
-    def start(self) -> GcPolicy:
-        """Freeze what exists now, take over full collections, start the thread."""
+    def take_over(self) -> GcPolicy:
+        """Freeze what exists now and switch CPython's automatic collections off (call before `run`)."""
         gc.collect()
         gc.freeze()
-        young, middle, _ = gc.get_threshold()
-        self._previous = gc.get_threshold()
-        gc.set_threshold(young, middle, _NEVER)
-        self._thread.start()
+        self._was_enabled = gc.isenabled()
+        gc.disable()
         return self
 
-    def stop(self) -> None:
-        """Stop the thread and give CPython its automatic full collections back."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
-        if self._previous is not None:
-            gc.set_threshold(*self._previous)
-            self._previous = None
+    def give_back(self) -> None:
+        """CPython's automatic collections again, as before `take_over`."""
+        if self._was_enabled:
+            gc.enable()
+        self._was_enabled = None
 
-    def _run(self) -> None:
-        last = self._clock()
-        while not self._stop.wait(self._every_s):
-            now = self._clock()
-            overdue = now - last >= self._max_wait_s
-            try:
-                quiet = self._quiet()
-            except Exception:  # a broken gauge must not stop collections
-                quiet = True
-            if not (quiet or overdue) or not self._anything_new():
-                continue
-            started = time.perf_counter()
-            self._collect()
-            self.full_collections += 1
-            last = self._clock()
-            log.debug(
-                "full garbage collection in %.1f ms%s",
-                (time.perf_counter() - started) * 1000,
-                "" if quiet else " (overdue: the service has been busy)",
-            )
+    async def run(self) -> None:
+        """Collect as described in the module docstring, on the running loop, until cancelled."""
+        last_full = self._clock()
+        while True:
+            await asyncio.sleep(self._tick_s)
+            if self.step(last_full):
+                last_full = self._clock()
+
+    def step(self, last_full: float) -> bool:
+        """One look: a young (or middle) collection when due, then a full one when due. True when a full
+        collection ran."""
+        young, middle, _ = self._thresholds
+        allocated, young_runs, _ = self._counts()
+        if allocated >= young:
+            self._run(1 if young_runs + 1 >= middle else 0)
+        if self._counts()[2] == 0:
+            return False  # nothing moved to the oldest generation since the last full collection
+        try:
+            quiet = self._quiet()
+        except Exception:  # a broken gauge must not stop collections
+            quiet = True
+        overdue = self._clock() - last_full >= self._max_wait_s
+        if not (quiet or overdue):
+            return False
+        started = time.perf_counter()
+        self._run(2)
+        log.debug(
+            "full garbage collection in %.1f ms%s",
+            (time.perf_counter() - started) * 1000,
+            "" if quiet else " (overdue: the service has been busy)",
+        )
+        return True
+
+    def _run(self, generation: int) -> None:
+        self._collect(generation)
+        self.collections[generation] += 1

@@ -27,7 +27,7 @@ import logging
 import sys
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from concurrent.futures import Future
 from typing import Any, Final
 
@@ -63,6 +63,7 @@ class PipelineLoop:
         self._calls: deque[tuple[contextvars.Context, Callable[..., object], tuple[Any, ...]]] = deque()
         self._flush_scheduled = False
         self._stopped = False
+        self._background: set[asyncio.Task[object]] = set()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -97,6 +98,15 @@ class PipelineLoop:
                 context.run(fn, *args)
             except Exception:
                 log.exception("a call handed to the pipeline failed")
+
+    def background(self, fn: Callable[[], Coroutine[Any, Any, object]]) -> None:
+        """Run `fn()` as a task on the pipeline loop until it ends or the loop stops."""
+        self.call(self._start_background, fn)
+
+    def _start_background(self, fn: Callable[[], Coroutine[Any, Any, object]]) -> None:
+        task = self._loop.create_task(fn())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def run(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Future[Any]:
         """Run `await fn(*args)` on the pipeline loop; the returned future is resolved there."""

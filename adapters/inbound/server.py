@@ -1,4 +1,8 @@
-"""Serve the app with uvicorn: one process, one event loop, one lifespan, one or two listeners.
+"""Serve the app with uvicorn: one process, one lifespan, one or two listeners.
+
+uvicorn's event loop (the main thread) runs the sockets and whatever app it is given; `bootstrap.serve`
+gives it the front door of adapters/inbound/pipeline_loop.py, which answers callbacks there and hands
+everything else to the pipeline's own loop and thread.
 
 Without `[SERVER] ADMIN_PORT` everything is on the main port, as always. With it, the app is served on two
 sockets by one `uvicorn.Server` (so startup, graceful shutdown and signal handling are uvicorn's, once) and

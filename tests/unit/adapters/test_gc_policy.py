@@ -1,9 +1,10 @@
-"""Full garbage collections run when the service is quiet, or when overdue; never by CPython's thresholds."""
+"""Garbage collection on the pipeline's loop: young generations as CPython counts them, full collections
+when no customer is being answered or when overdue, never by CPython's own thresholds."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -13,120 +14,116 @@ from adapters.inbound.gc_policy import GcPolicy
 
 @pytest.fixture(autouse=True)
 def restore_gc() -> Iterator[None]:
-    before = gc.get_threshold()
+    enabled = gc.isenabled()
     yield
-    gc.set_threshold(*before)
+    if enabled:
+        gc.enable()
     gc.unfreeze()
 
 
-class Collections:
-    def __init__(self, wanted: int) -> None:
-        self.count = 0
-        self.wanted = wanted
-        self.done = threading.Event()
+class Heap:
+    """gc.get_count() and gc.collect(generation) as CPython keeps them, for a policy under test."""
 
-    def __call__(self) -> int:
-        self.count += 1
-        if self.count >= self.wanted:
-            self.done.set()
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.collected: list[int] = []
+
+    def counts(self) -> tuple[int, int, int]:
+        return self.count[0], self.count[1], self.count[2]
+
+    def collect(self, generation: int) -> int:
+        self.collected.append(generation)
+        for younger in range(generation + 1):
+            self.count[younger] = 0
+        if generation < 2:
+            self.count[generation + 1] += 1
         return 0
 
 
-def test_takes_over_full_collections_and_gives_them_back() -> None:
-    young, middle, oldest = gc.get_threshold()
-    policy = GcPolicy(lambda: False, look_every_s=3600, max_wait_s=3600).start()
-    try:
-        assert gc.get_threshold()[:2] == (young, middle)  # young generations as CPython does them
-        assert gc.get_threshold()[2] > 1_000_000  # automatic full collections off
-        assert gc.get_freeze_count() > 0  # what existed at start is never walked again
-    finally:
-        policy.stop()
-    assert gc.get_threshold() == (young, middle, oldest)
+def policy(heap: Heap, *, quiet: bool = True, now: list[float] | None = None) -> GcPolicy:
+    clock = now or [0.0]
+    return GcPolicy(
+        lambda: quiet,
+        collect=heap.collect,
+        counts=heap.counts,
+        thresholds=(700, 10, 10),
+        clock=lambda: clock[0],
+        max_wait_s=30.0,
+    )
 
 
-def test_collects_while_quiet_when_young_collections_moved_anything_on() -> None:
-    collections = Collections(wanted=3)
-    policy = GcPolicy(
-        lambda: True, look_every_s=0.001, max_wait_s=3600, collect=collections, anything_new=lambda: True
-    ).start()
-    try:
-        assert collections.done.wait(10)
-    finally:
-        policy.stop()
+def test_takes_over_automatic_collection_and_gives_it_back() -> None:
+    gc.enable()
+    taken = GcPolicy(lambda: True).take_over()
+    assert not gc.isenabled()
+    assert gc.get_freeze_count() > 0  # what existed at start is never walked again
+    taken.give_back()
+    assert gc.isenabled()
 
 
-def test_an_idle_service_with_nothing_new_is_not_collected_again_and_again() -> None:
-    looks = threading.Semaphore(0)
-    collections = Collections(wanted=1)
-
-    def nothing_new() -> bool:
-        looks.release()
-        return False
-
-    policy = GcPolicy(
-        lambda: True, look_every_s=0.001, max_wait_s=3600, collect=collections, anything_new=nothing_new
-    ).start()
-    try:
-        for _ in range(5):
-            assert looks.acquire(timeout=10)
-        assert collections.count == 0
-    finally:
-        policy.stop()
+def test_young_collections_as_cpython_counts_them_and_the_middle_one_every_tenth() -> None:
+    heap = Heap()
+    gcp = policy(heap, quiet=False)
+    for _ in range(25):
+        heap.count[0] = 699
+        gcp.step(last_full=0.0)  # not yet
+        heap.count[0] = 700
+        gcp.step(last_full=0.0)
+    assert heap.collected.count(0) == 23 and heap.collected.count(1) == 2
+    assert 2 not in heap.collected  # busy and not overdue: no full collection
 
 
-def test_a_busy_service_is_collected_only_when_overdue() -> None:
-    """While busy, no collection until max_wait_s of the (controlled) clock has passed since the last."""
-    now = [0.0]
-    looks = threading.Semaphore(0)
-    collections = Collections(wanted=1)
+def test_a_full_collection_once_quiet_if_anything_moved_on() -> None:
+    heap = Heap()
+    gcp = policy(heap, quiet=True)
+    assert not gcp.step(last_full=0.0)  # nothing reached the oldest generation: nothing to do
+    heap.count[2] = 1
+    assert gcp.step(last_full=0.0)
+    assert heap.collected == [2]
+    assert not gcp.step(last_full=0.0)  # collected: an idle service is not collected again and again
 
-    def busy() -> bool:
-        looks.release()
-        return False
 
-    policy = GcPolicy(
-        busy,
-        look_every_s=0.001,
-        max_wait_s=100.0,
-        collect=collections,
-        clock=lambda: now[0],
-        anything_new=lambda: True,
-    ).start()
-    try:
-        for _ in range(5):  # the policy looked five times, busy and not overdue: nothing collected
-            assert looks.acquire(timeout=10)
-        assert collections.count == 0
-        now[0] = 100.0
-        assert collections.done.wait(10)
-    finally:
-        policy.stop()
+def test_a_busy_service_is_fully_collected_only_when_overdue() -> None:
+    heap, now = Heap(), [0.0]
+    gcp = policy(heap, quiet=False, now=now)
+    heap.count[2] = 3
+    now[0] = 29.9
+    assert not gcp.step(last_full=0.0)
+    now[0] = 30.0
+    assert gcp.step(last_full=0.0)
+    assert heap.collected == [2]
 
 
 def test_a_broken_gauge_counts_as_quiet() -> None:
     def broken() -> bool:
         raise RuntimeError("gauge")
 
-    collections = Collections(wanted=1)
-    policy = GcPolicy(
-        broken, look_every_s=0.001, max_wait_s=3600, collect=collections, anything_new=lambda: True
-    ).start()
-    try:
-        assert collections.done.wait(10)
-    finally:
-        policy.stop()
+    heap = Heap()
+    heap.count[2] = 1
+    gcp = GcPolicy(broken, collect=heap.collect, counts=heap.counts, thresholds=(700, 10, 10))
+    assert gcp.step(last_full=0.0)
+
+
+@pytest.mark.anyio
+async def test_run_collects_on_the_loop_it_runs_on() -> None:
+    heap = Heap()
+    heap.count[2] = 1
+    done = asyncio.Event()
+
+    def collect(generation: int) -> int:
+        heap.collect(generation)
+        done.set()
+        return 0
+
+    gcp = GcPolicy(lambda: True, tick_s=0.001, collect=collect, counts=heap.counts, thresholds=(700, 10, 10))
+    task = asyncio.create_task(gcp.run())
+    await asyncio.wait_for(done.wait(), 10)
+    task.cancel()
+    assert heap.collected == [2]
 
 
 def test_rejects_nonsense_intervals() -> None:
     with pytest.raises(ValueError):
-        GcPolicy(lambda: True, look_every_s=0)
+        GcPolicy(lambda: True, tick_s=0)
     with pytest.raises(ValueError):
-        GcPolicy(lambda: True, look_every_s=10, max_wait_s=5)
-
-
-def test_the_default_signal_sees_promotions_to_the_oldest_generation() -> None:
-    from adapters.inbound.gc_policy import _promoted_since_last_full
-
-    gc.collect()
-    assert not _promoted_since_last_full()
-    gc.collect(1)  # a middle-generation collection moves survivors on
-    assert _promoted_since_last_full()
+        GcPolicy(lambda: True, tick_s=10, max_wait_s=5)
