@@ -155,16 +155,28 @@ def on_pipeline(app: ASGIApp, pipeline: PipelineLoop) -> ASGIApp:
 
     async def handed_over(scope: Scope, receive: Receive, send: Send) -> None:
         http_loop = asyncio.get_running_loop()
+        ended: list[str] = []  # the lifespan's last message, once sent
 
         async def receive_here() -> Message:
             return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_call(receive), http_loop))
 
         async def send_here(message: Message) -> None:
+            if message["type"] in _LIFESPAN_ENDS:  # noted first: uvicorn may stop as soon as it has it
+                ended.append(message["type"])
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_call(send, message), http_loop))
 
-        await asyncio.wrap_future(pipeline.run(app, scope, receive_here, send_here))
+        try:
+            await asyncio.wrap_future(pipeline.run(app, scope, receive_here, send_here))
+        except asyncio.CancelledError:
+            # uvicorn closes its loop as soon as the shutdown is complete, before the app's return crosses
+            # back from the pipeline thread: that is the lifespan's normal end, not a failure to report.
+            if not ended:
+                raise
 
     return handed_over
+
+
+_LIFESPAN_ENDS: Final = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
 
 async def _call(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:

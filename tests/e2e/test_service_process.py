@@ -66,6 +66,9 @@ def test_the_service_process_answers_a_callback_and_stops_cleanly(tmp_path: Path
         assert code in (0, -signal.SIGTERM)
         logs = service.logs()
         assert "stopped" in logs
+        # The lifespan ran on the pipeline's loop and ended normally (not "appears unsupported").
+        assert "Application startup complete" in logs and "Application shutdown complete" in logs
+        assert "lifespan" not in logs
         assert "callback received" in logs and "reply sent" in logs
         for secret in (servers.wecom.corp_secret, TOKEN, AES_KEY, servers.dify.api_key, ADMIN_TOKEN):
             assert secret not in logs
@@ -110,3 +113,4 @@ def test_ctrl_c_stops_the_service_gracefully_without_a_traceback(tmp_path: Path)
         logs = service.logs()
         assert "stopped" in logs
         assert "Traceback" not in logs and "KeyboardInterrupt" not in logs
+        assert "lifespan" not in logs  # not "ASGI 'lifespan' protocol appears unsupported" at the end
