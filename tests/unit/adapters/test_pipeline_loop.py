@@ -144,6 +144,7 @@ def test_an_app_handed_over_runs_its_lifespan_and_requests_on_the_pipeline_threa
     async def scenario() -> tuple[int, bytes]:
         lifespan_in: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         lifespan_out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
         async def put(message: Any) -> None:
             await lifespan_out.put(message)
 
