@@ -149,7 +149,7 @@ class ProgressiveReplies:
                 return
             self._reset()
         text = text[:MAX_PROGRESSIVE_CHARS]
-        unshown = utf8_len(text) - utf8_len(self._shown)
+        unshown = utf8_len(text[len(self._shown) :])
         if utf8_len(self._pending) + RENDER_GROWTH * unshown <= TEXT_LIMIT_BYTES:
             return  # not a part's worth yet, however it renders
         boundary = shown_until(text, len(self._shown), self._markers)
