@@ -71,12 +71,32 @@ class MemcachedInbox(MemcachedKeyspace):
                 writes.append((customer, command))
         if not writes:
             return
-        stored = await self._client.store_many([command for _, command in writes])
+        # A scan between the indexing above and these writes sees the new inboxes still empty and may unindex
+        # their customers (customers_with_pending prunes what looks stale and re-indexes only what is refilled
+        # by then): nobody would ever look at them again. So the index is read again after the writes, in the
+        # same round trip when it lives on the same server (the server runs them in order), and whoever
+        # went missing is indexed again.
+        commands = [command for _, command in writes]
+        nodes = {self._client.node_for(key) for key in index_keys.values()}
+        nodes.update(self._client.node_for(command.key) for command in commands)
+        recheck = list(index_keys.values()) if len(nodes) == 1 else []
+        stored, index_after = await self._client.store_then_get(commands, recheck)
+        late: set[str] = set()  # kf accounts with an inbox written after that read
         for (customer, command), done in zip(writes, stored, strict=True):
             if not done:
+                late.add(customer.open_kfid)
                 await self._cas_update(
                     command.key, partial(_merged_inbox, customer, by_customer[customer], expire)
                 )
+        for open_kfid, index_key in index_keys.items():
+            written = [c.external_userid for c, _ in writes if c.open_kfid == open_kfid]
+            if not written:
+                continue
+            if recheck and open_kfid not in late:
+                indexed = set(id_list(index_after.get(index_key)))
+                if all(user in indexed for user in written):
+                    continue
+            await self._index_add(open_kfid, written)
 
     async def pending(self, customer: CustomerRef) -> list[InboundMessage]:
         key = await self._key("inbox", customer.open_kfid, customer.external_userid)

@@ -451,8 +451,9 @@ class TestStoredValues:
         trips = self.count_round_trips(store, monkeypatch)
         assert await store.states([DedupeKey.for_message(m) for m in batch]) == [MessageState.NEW] * 20
         await store.record(batch)
-        # The marks; every index and inbox; the index; every new inbox at once.
-        assert trips == [[b"get"], [b"gets"], [b"cas"], [b"add"] * 19]
+        # The marks; every index and inbox; the index; every new inbox at once, then the index again (a scan
+        # may have unindexed a customer whose inbox it saw still empty) in the same round trip.
+        assert trips == [[b"get"], [b"gets"], [b"cas"], [b"add"] * 19 + [b"get"]]
         for c in customers:
             assert len(await store.pending(c)) == 1
 
@@ -680,3 +681,32 @@ async def test_many_customers_recording_and_removing_at_once_never_exhaust_cas(
     finally:
         for store in stores:
             await store.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.memcached
+async def test_a_scan_between_indexing_and_writing_an_inbox_does_not_lose_the_customer(
+    server: MemcachedProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """record() indexes new customers, then writes their inboxes. Another instance's scan in between sees the
+    inbox still empty and prunes the customer from the index; found in a two-instance burst, where 60
+    customers were never answered. The customer must still be listed once record() returns."""
+    shared = prefix()
+    puller = MemcachedStateStore(servers=[server.server], prefix=shared, **FAST)
+    scanner = MemcachedStateStore(servers=[server.server], prefix=shared, **FAST)
+    seen_by_scan: list[list[CustomerRef]] = []
+    store_then_get = puller._client.store_then_get  # noqa: SLF001  (the inbox writes of record())
+
+    async def scan_then_store(commands: Any, keys: Any) -> Any:
+        seen_by_scan.append(await scanner.customers_with_pending(KF))  # lands in the window
+        return await store_then_get(commands, keys)
+
+    monkeypatch.setattr(puller._client, "store_then_get", scan_then_store)  # noqa: SLF001
+    try:
+        await puller.record([message("m1")])
+        assert seen_by_scan == [[]]  # the scan saw an empty inbox (and pruned the index)
+        assert await scanner.customers_with_pending(KF) == [ALICE]
+        assert [m.msgid for m in await scanner.pending(ALICE)] == ["m1"]
+    finally:
+        await puller.aclose()
+        await scanner.aclose()
