@@ -61,7 +61,6 @@ class GcPolicy:
         self._thresholds = thresholds or gc.get_threshold()
         self._clock = clock
         self._was_enabled: bool | None = None
-        self.collections = [0, 0, 0]  # per generation, by this policy
 
     def take_over(self) -> GcPolicy:
         """Freeze what exists now and switch CPython's automatic collections off (call before `run`)."""
@@ -91,7 +90,7 @@ class GcPolicy:
         young, middle, _ = self._thresholds
         allocated, young_runs, _ = self._counts()
         if allocated >= young:
-            self._run(1 if young_runs + 1 >= middle else 0)
+            self._collect(1 if young_runs + 1 >= middle else 0)
         if self._counts()[2] == 0:
             return False  # nothing moved to the oldest generation since the last full collection
         try:
@@ -102,14 +101,10 @@ class GcPolicy:
         if not (quiet or overdue):
             return False
         started = time.perf_counter()
-        self._run(2)
+        self._collect(2)
         log.debug(
             "full garbage collection in %.1f ms%s",
             (time.perf_counter() - started) * 1000,
             "" if quiet else " (overdue: the service has been busy)",
         )
         return True
-
-    def _run(self, generation: int) -> None:
-        self._collect(generation)
-        self.collections[generation] += 1
