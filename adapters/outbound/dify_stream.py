@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urljoin
 
 import httpx
@@ -57,8 +57,29 @@ _PAUSE_EVENTS = frozenset({"human_input_required", "workflow_paused"})
 _MAX_NODE_NAME = 100
 
 
+class ChatResponse(Protocol):
+    """What the Dify adapter reads of a response: an httpx.Response, or the direct transport's
+    StreamedResponse (adapters/outbound/http_transport.py), which keeps httpx's names."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def reason_phrase(self) -> str: ...
+
+    @property
+    def is_success(self) -> bool: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]: ...
+
+    async def aread(self) -> bytes: ...
+
+
 async def read_answer_stream(
-    response: httpx.Response,
+    response: ChatResponse,
     question: Question,
     progress: AnswerProgress | None,
     *,
@@ -275,7 +296,7 @@ def _paused_node(event: Mapping[str, Any]) -> str:
     return name[:_MAX_NODE_NAME] or "human_input"
 
 
-async def sse_lines(response: httpx.Response) -> AsyncIterator[list[bytes]]:
+async def sse_lines(response: ChatResponse) -> AsyncIterator[list[bytes]]:
     """The body's `data:` lines, a list per chunk received (one await per chunk, not per line, and no text
     decoding: the JSON parser reads UTF-8 bytes). Lines end at LF, CRLF or a lone CR, as SSE allows."""
     rest = b""
@@ -308,12 +329,12 @@ def sse_event(line: bytes) -> Mapping[str, Any] | None:
     return event
 
 
-def is_event_stream(response: httpx.Response) -> bool:
+def is_event_stream(response: ChatResponse) -> bool:
     content_type: str = response.headers.get("content-type", "")
     return content_type.lower().startswith("text/event-stream")
 
 
-async def read_capped(response: httpx.Response) -> bytes:
+async def read_capped(response: ChatResponse) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async with closing(response.aiter_bytes()) as stream:

@@ -23,6 +23,9 @@ How httpx's settings map:
   Messages never carry the URL (it may hold an access_token) and aiohttp's exception is not chained.
 - httpx decodes Content-Encoding (auto_decompress=False), follows redirects and keeps cookies (aiohttp's jar
   is a DummyCookieJar); aiohttp adds no headers of its own.
+- Two calls skip httpx's request and response objects (about half the client CPU of a request, issue #14):
+  `exchange` (a whole answer: WeCom's JSON API) and `stream` (an answer read as it arrives: Dify's
+  stream). Same pool, limits, timeouts and error classes; no redirects, and no Accept-Encoding is sent.
 - Proxies: httpx reads HTTP(S)_PROXY / ALL_PROXY / NO_PROXY only for a client without a transport, so when
   one of them is set `async_client` returns a plain httpx client: proxied deployments keep httpcore exactly
   as before (and its CPU cost).
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import ssl
@@ -173,6 +177,24 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         httpx's request and response objects around them (bench/FINDINGS.md, issue #14: httpx's layers
         were about half the client CPU of a WeCom call). The same connections, limits, timeouts and errors
         (httpx classes, no URL in them) as `handle_async_request`; `url` is sent as httpx encoded it."""
+        async with self.stream(method, url, body=body, headers=headers, timeout=timeout) as response:
+            return response.status_code, await response.aread()
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        url: httpx.URL,
+        *,
+        body: bytes | None,
+        headers: Sequence[tuple[str, str]],
+        timeout: Mapping[str, float | None],
+    ) -> AsyncIterator[StreamedResponse]:
+        """One request whose answer is read as it arrives (Dify's answer stream), without httpx's request
+        and response objects (bench/FINDINGS.md, issue #14): the same connections, limits, timeouts and
+        errors as `exchange`. Leaving the block frees the connection: back to the pool when the body was
+        read to its end, else closed. No Accept-Encoding is sent, so servers answer uncompressed; one that
+        compresses anyway is decoded."""
         if url.scheme not in ("http", "https") or not url.host:
             raise httpx.UnsupportedProtocol("Request URL has an unsupported protocol or no host.")
         session = self._session or self._open()
@@ -180,19 +202,24 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if slots is not None:
             await _acquire(slots, timeout.get("pool"))
         try:
-            async with session.request(
-                method,
-                URL(str(url), encoded=True),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=self._client_timeout(timeout),
-            ) as response:
-                return response.status, await response.read()
-        except aiohttp.ClientError as exc:
-            raise _translate(exc) from None
-        except ValueError as exc:  # aiohttp refuses the request as given (a header with CR/LF, …)
-            raise httpx.LocalProtocolError(f"invalid request ({type(exc).__name__})") from None
+            try:
+                response = await session.request(
+                    method,
+                    URL(str(url), encoded=True),
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    timeout=self._client_timeout(timeout),
+                    auto_decompress=True,
+                )
+            except aiohttp.ClientError as exc:
+                raise _translate(exc) from None
+            except ValueError as exc:  # aiohttp refuses the request as given (a header with CR/LF, …)
+                raise httpx.LocalProtocolError(f"invalid request ({type(exc).__name__})") from None
+            try:
+                yield StreamedResponse(response)
+            finally:
+                response.close()  # a no-op once the body was read to its end (aiohttp released it then)
         finally:
             if slots is not None:
                 slots.release()
@@ -208,6 +235,56 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return found
 
 
+class StreamedResponse:
+    """What `AiohttpTransport.stream` yields: the parts of an httpx.Response the Dify adapter reads, under
+    httpx's names; body errors are httpx classes, as they are through httpx."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    @property
+    def status_code(self) -> int:
+        return self._response.status
+
+    @property
+    def reason_phrase(self) -> str:
+        return self._response.reason or ""
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self._response.status < 300
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        return _chunks(self._response)
+
+    async def aread(self) -> bytes:
+        try:
+            return await self._response.read()
+        except aiohttp.ClientError as exc:
+            raise _translate(exc) from None
+
+
+async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The body as it arrives; its errors as httpx classes."""
+    read = response.content.readany
+    try:
+        while chunk := await read():
+            yield chunk
+    except aiohttp.ClientError as exc:
+        raise _translate(exc) from None
+
+
+def json_body(value: Mapping[str, object]) -> bytes:
+    """The body httpx's `json=` sends: compact, UTF-8, not ASCII-escaped."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
 class _ResponseBody(httpx.AsyncByteStream):
     """The aiohttp response body for httpx; closing it frees the connection slot."""
 
@@ -215,13 +292,8 @@ class _ResponseBody(httpx.AsyncByteStream):
         self._response = response
         self._slots = slots
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        read = self._response.content.readany
-        try:
-            while chunk := await read():
-                yield chunk
-        except aiohttp.ClientError as exc:
-            raise _translate(exc) from None
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _chunks(self._response)
 
     async def aclose(self) -> None:
         # A fully read body already went back to the pool (aiohttp releases it at EOF, so close() is then a

@@ -17,7 +17,7 @@ from typing import Any, Self
 import anyio
 import httpx
 
-from adapters.outbound.http_transport import async_client, direct_transport
+from adapters.outbound.http_transport import async_client, direct_transport, json_body
 from adapters.outbound.outside_text import escape_outside_text as escape_outside_text
 from adapters.outbound.wecom_paths import (
     CGI_BIN,
@@ -222,7 +222,7 @@ class WeComClient:
         """
         try:
             if self._direct is not None and files is None:
-                body = None if json is None else _json_body(json)
+                body = None if json is None else json_body(json)
                 status, content = await self._direct.exchange(
                     method,
                     self._url(api, params),
@@ -353,11 +353,6 @@ def as_int(value: object) -> int | None:
 
 
 _JSON_HEADERS = (("Content-Type", "application/json"),)
-
-
-def _json_body(value: Mapping[str, Any]) -> bytes:
-    """The body httpx's `json=` sends: compact, UTF-8, not ASCII-escaped."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 class _Answer:

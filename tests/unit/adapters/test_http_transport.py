@@ -602,3 +602,115 @@ async def test_only_the_factory_clients_have_a_direct_transport(monkeypatch: pyt
     proxied = async_client(timeout=FAST, limits=httpx.Limits())
     async with proxied:
         assert direct_transport(proxied) is None  # proxies are httpx's business
+
+
+# --- stream(): an answer read as it arrives without httpx's objects (Dify's answer stream) ----------------
+
+
+async def test_stream_sends_the_request_as_given_and_yields_the_body_as_it_arrives() -> None:
+    async def answer(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Type: text/event-stream\r\nX-Rate: 7\r\n")
+        writer.write(b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b"data: 1\n\n"))
+        await writer.drain()
+        await server.closed.wait()  # the second part only once the first was read
+        writer.write(chunk("data: 中文\n\n".encode()) + b"0\r\n\r\n")
+
+    server = on_request(answer)
+    made, transport = direct()
+    async with server, made:
+        url = httpx.URL(f"{server.url}/v1/chat-messages")
+        headers = (("Authorization", f"Bearer {SECRET}"), ("Content-Type", "application/json"))
+        opened = transport.stream("POST", url, body=b'{"q":1}', headers=headers, timeout=FAST.as_dict())
+        async with opened as response:
+            assert (response.status_code, response.reason_phrase, response.is_success) == (
+                201,
+                "Created",
+                True,
+            )
+            assert response.headers["content-type"] == response.headers["CONTENT-TYPE"] == "text/event-stream"
+            assert response.headers.get("x-rate") == "7"
+            parts = response.aiter_bytes()
+            assert await anext(parts) == b"data: 1\n\n"
+            server.closed.set()
+            assert b"".join([part async for part in parts]) == "data: 中文\n\n".encode()
+
+    request = server.received[0]
+    assert request.line == "POST /v1/chat-messages HTTP/1.1"
+    assert request.body == b'{"q":1}'
+    assert request.headers["authorization"] == f"Bearer {SECRET}"
+    assert request.headers["content-type"] == "application/json"
+    assert "accept-encoding" not in request.headers  # so servers answer uncompressed
+
+
+async def test_stream_decodes_a_body_compressed_all_the_same_and_reads_a_whole_one() -> None:
+    packed = gzip.compress("出错了".encode() * 100)
+    answer = b"HTTP/1.1 429 Too Many Requests\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(packed),
+        packed,
+    )
+    async with serving(lambda _: answer) as server:
+        made, transport = direct()
+        async with (
+            made,
+            transport.stream(
+                "GET", httpx.URL(server.url), body=None, headers=(), timeout=FAST.as_dict()
+            ) as response,
+        ):
+            assert (response.status_code, response.is_success) == (429, False)
+            assert await response.aread() == "出错了".encode() * 100
+
+
+async def test_stream_errors_are_httpx_classes_without_the_url() -> None:
+    async def stall(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD + chunk(b"part"))
+        await forever()
+
+    async def cut(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD + chunk(b"data: 1\n\n") + b"5\r\nab")
+        await writer.drain()
+
+    for script, expected in ((stall, httpx.ReadTimeout), (cut, httpx.RemoteProtocolError)):
+        made, transport = direct()
+        async with on_request(script) as server, made:
+            url = httpx.URL(f"{server.url}/s", params={"access_token": SECRET})
+            async with transport.stream(
+                "GET", url, body=None, headers=(), timeout=FAST.as_dict()
+            ) as response:
+                with pytest.raises(httpx.HTTPError) as caught:
+                    async for _ in response.aiter_bytes():
+                        pass
+        assert type(caught.value) is expected
+        assert_clean(caught.value)
+
+    made, transport = direct()
+    async with on_request(forever) as server, made:
+        url = httpx.URL(f"{server.url}/s", params={"access_token": SECRET})
+        with pytest.raises(httpx.ReadTimeout) as before_the_head:
+            async with transport.stream("GET", url, body=None, headers=(), timeout=FAST.as_dict()):
+                pass
+    assert_clean(before_the_head.value)
+
+
+async def test_stream_left_early_closes_its_connection_and_frees_the_slot_read_to_the_end_reuses_it() -> None:
+    async def endless(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
+        await server.wait_for_eof(reader)
+
+    made, transport = direct(httpx.Limits(max_connections=1))
+    async with on_request(endless) as server, made:
+        for _ in range(2):  # the second one needs the only slot back
+            async with transport.stream(
+                "GET", httpx.URL(server.url), body=None, headers=(), timeout=FAST.as_dict()
+            ) as response:
+                assert await anext(response.aiter_bytes()) == b"data: 1\n\n"
+        await asyncio.wait_for(server.closed.wait(), 1)
+    assert server.connections == 2
+
+    made, transport = direct(httpx.Limits(max_connections=1))
+    async with serving(lambda _: OK) as server, made:
+        for _ in range(3):
+            async with transport.stream(
+                "GET", httpx.URL(server.url), body=None, headers=(), timeout=FAST.as_dict()
+            ) as response:
+                assert b"".join([part async for part in response.aiter_bytes()]) == b"ok"
+    assert (server.connections, len(server.received)) == (1, 3)
