@@ -273,8 +273,16 @@ class Dispatcher:
         while not self._closing:
             self._scan_again.discard(open_kfid)
             started = loop.time()
+            if self._room.limited and not self._room.has_room(len(self._drains)):
+                # No room here: a scan would offer nobody. Read the inbox once a drain of ours finishes or the
+                # room grows (during a burst, scans that offered nobody were most of their CPU).
+                await self._room_to_spare(None, started + SCAN_INTERVAL_S)
+                continue
+            # Customers this scan would skip anyway are not read: drained here already, or busy elsewhere.
+            unread = [c for c in self._drains if c.open_kfid == open_kfid and _running(self._drains[c])]
+            unread += self._elsewhere.skipped(open_kfid, now=started)
             try:
-                pending = await self._store.customers_with_pending(open_kfid)
+                pending = await self._store.customers_with_pending(open_kfid, unread=unread)
             except Exception:
                 log.exception("listing pending customers of kf=%s failed", open_kfid)
                 return

@@ -43,7 +43,7 @@ After recovery the fallback is still consulted, so nothing done during the outag
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TypeVar
 
 from application.errors import StoreUnavailable
@@ -205,13 +205,17 @@ class FailoverStateStore(FailoverMode):
 
         return await self._route(on_primary, on_fallback)
 
-    async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]:
+    async def customers_with_pending(
+        self, open_kfid: str, *, unread: Collection[CustomerRef] = ()
+    ) -> list[CustomerRef]:
         async def on_primary() -> list[CustomerRef]:
-            shared = await self._primary.customers_with_pending(open_kfid)
-            local = await self._fallback.customers_with_pending(open_kfid)
+            shared = await self._primary.customers_with_pending(open_kfid, unread=unread)
+            local = await self._fallback.customers_with_pending(open_kfid, unread=unread)
             return list(dict.fromkeys([*shared, *local]))
 
-        return await self._route(on_primary, lambda: self._fallback.customers_with_pending(open_kfid))
+        return await self._route(
+            on_primary, lambda: self._fallback.customers_with_pending(open_kfid, unread=unread)
+        )
 
     # --- CursorStore ----------------------------------------------------------------------------------
 

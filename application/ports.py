@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -95,7 +95,14 @@ class Inbox(Protocol):
         pending for the customer, oldest first, as `pending()` would right after the removal."""
         ...
 
-    async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]: ...
+    async def customers_with_pending(
+        self, open_kfid: str, *, unread: Collection[CustomerRef] = ()
+    ) -> list[CustomerRef]:
+        """Every customer of the kf account with pending messages. A
+        customer in `unread` (the caller will not take them now: drained here already, or busy elsewhere)
+        may be listed without their inbox being looked at, so possibly with nothing pending any more: a
+        scan during a burst need not read the inboxes it would skip anyway."""
+        ...
 
 
 class CursorStore(Protocol):

@@ -92,6 +92,10 @@ class BusyElsewhere:
         entry = self._until.get(customer)
         return entry is not None and entry[0] > now
 
+    def skipped(self, open_kfid: str, *, now: float) -> list[CustomerRef]:
+        """This kf account's customers that `skips` now."""
+        return [c for c, (at, _) in self._until.items() if c.open_kfid == open_kfid and at > now]
+
     def next_recheck(self, open_kfid: str, pending: set[CustomerRef]) -> float | None:
         """The earliest recheck time among this kf account's customers still pending; forgets the others."""
         earliest: float | None = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from application.ports import MessageState
@@ -250,7 +250,10 @@ class MemoryStateStore:
         await self.finish(DedupeKey.for_message(message))
         return await self.remove(message.customer, message.msgid)
 
-    async def customers_with_pending(self, open_kfid: str) -> list[CustomerRef]:
+    async def customers_with_pending(
+        self, open_kfid: str, *, unread: Collection[CustomerRef] = ()
+    ) -> list[CustomerRef]:
+        # Reading an inbox here costs nothing: `unread` changes nothing, the answer is exact.
         return [c for c, box in self._inbox.items() if c.open_kfid == open_kfid and box]
 
     # --- CustomerCounters -----------------------------------------------------------------------------

@@ -455,6 +455,21 @@ class TestInbox:
         await store.record([message("a3")])
         assert sorted(await store.customers_with_pending(KF), key=str) == sorted([ALICE, BOB], key=str)
 
+    async def test_customers_named_unread_are_listed_while_pending_and_the_rest_exactly(
+        self, store: Inbox
+    ) -> None:
+        carol = CustomerRef(KF, "wmCarol")
+        await store.record([message("a1"), message("b1", customer=BOB), message("c1", customer=carol)])
+        await store.remove(carol, "c1")
+        listed = await store.customers_with_pending(KF, unread=[ALICE])
+        assert sorted(listed, key=str) == sorted([ALICE, BOB], key=str)
+        await store.remove(BOB, "b1")
+        assert await store.customers_with_pending(KF, unread=[ALICE, CustomerRef("wkOTHER", "wmBob")]) == [
+            ALICE
+        ]
+        await store.remove(ALICE, "a1")
+        assert await store.customers_with_pending(KF) == []
+
     async def test_concurrent_records_and_removes_lose_nothing(self, store: Inbox) -> None:
         customers = [CustomerRef(KF, f"wm{i}") for i in range(4)]
         await store.record([message("seed", customer=c) for c in customers])

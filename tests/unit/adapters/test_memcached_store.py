@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -517,6 +518,31 @@ class TestStoredValues:
         assert trips == [[b"set", b"cas"], [b"gets"], [b"cas"]]
         assert await store.state(DedupeKey.for_message(first)) is MessageState.DONE
         assert await store.pending(ALICE) == [second]
+
+    async def test_a_scan_reads_no_inbox_of_a_customer_named_unread_and_keeps_them_indexed(
+        self, store: MemcachedStateStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        bob, carol = CustomerRef(KF, "wmBob"), CustomerRef(KF, "wmCarol")
+        await store.record([message("a1"), replace(message("b1"), external_userid="wmBob")])
+        await store.record([replace(message("c1"), external_userid="wmCarol")])
+        await store.remove(ALICE, "a1")  # Alice's inbox is empty now; she stays indexed until a scan reads it
+        requests: list[bytes] = []
+        call = store._client._call
+
+        async def recorded(node: str, request: bytes, parse: Any) -> Any:
+            if b":gen\r\n" not in request:
+                requests.append(request)
+            return await call(node, request, parse)
+
+        monkeypatch.setattr(store._client, "_call", recorded)
+        listed = await store.customers_with_pending(KF, unread=[ALICE, bob])
+        # Alice and Bob as the index has them (Alice without her empty inbox being seen), Carol as read.
+        assert listed == [ALICE, bob, carol]
+        index_read, inboxes_read = (request.split(b"\r\n")[0].split(b" ") for request in requests)
+        assert (len(index_read), len(inboxes_read)) == (2, 2)  # the index; one inbox: Carol's
+        # Read at last, Alice's empty inbox takes her out of the index.
+        assert await store.customers_with_pending(KF) == [bob, carol]
+        assert await store.customers_with_pending(KF, unread=[ALICE]) == [bob, carol]
 
 
 @pytest.mark.anyio

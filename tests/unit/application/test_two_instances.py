@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import pytest
@@ -37,8 +37,10 @@ class GatedEngine(FakeChatEngine):
         self.conversations = app.conversations
         self.gate = gate
         self.waiting = 0
+        self.held: list[str] = []  # the customers asked, in the order they reached the gate
 
     async def ask(self, question: Question, progress: AnswerProgress | None = None) -> Answer:
+        self.held.append(question.user)
         self.waiting += 1
         try:
             await self.gate.wait()
@@ -197,3 +199,61 @@ async def test_what_one_instance_learns_about_a_session_the_other_knows() -> Non
     assert writer is not None
     await writer.flush()
     assert await store.get_notes(alice, ["refused"]) == {}
+
+
+class ScanRecordingStore(MemoryStateStore):
+    """The in-process store, recording what each scan asked not to read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scans: list[set[CustomerRef]] = []
+
+    async def customers_with_pending(
+        self, open_kfid: str, *, unread: Collection[CustomerRef] = ()
+    ) -> list[CustomerRef]:
+        self.scans.append(set(unread))
+        return await super().customers_with_pending(open_kfid, unread=unread)
+
+
+class CountedRoom(Room):
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.looks = 0
+
+    def room(self) -> int:
+        self.looks += 1
+        return super().room()
+
+
+async def test_scans_read_no_inbox_without_room_and_not_those_of_customers_drained_here() -> None:
+    """During a burst a scan read every waiting customer's inbox every 0.2 s, most of them to offer nobody
+    (no room) or customers it was draining already: reads that were most of a scan's CPU."""
+    store, world, gate = ScanRecordingStore(), KfWorld(), asyncio.Event()
+    engine = GatedEngine(gate, FakeChatEngine())
+    room = CountedRoom(5)
+    app = instance(store, world, engine, max_drains=0, rate_limit=0)
+    app.dispatcher.add_kwargs(capacity=room)
+    dispatcher = app.dispatcher()
+    customers = 20
+    for c in range(customers):
+        world.add_customer_text(KF, f"wm{c:02d}", "q")
+    dispatcher.notify(KF, "t")
+    await until(lambda: engine.waiting == 5)
+
+    # No room: the scan looks at its room again and again, and reads nobody's inbox meanwhile.
+    reads, looks = len(store.scans), room.looks
+    dispatcher.scan(KF)
+    await until(lambda: room.looks >= looks + 3)
+    assert len(store.scans) == reads
+
+    # Room for five more: the next scan reads the inboxes of all but the five customers being answered.
+    held = {CustomerRef(KF, user.removeprefix(f"kf-{KF}-")) for user in engine.held}
+    assert len(held) == 5
+    room.limit = 10
+    await until(lambda: engine.waiting == 10)
+    assert any(held <= unread for unread in store.scans[reads:])
+
+    gate.set()
+    await until(lambda: len(world.sent) >= customers)
+    await dispatcher.idle()
+    assert sorted(s.customer.external_userid for s in world.sent) == [f"wm{c:02d}" for c in range(customers)]
