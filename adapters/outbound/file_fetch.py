@@ -37,7 +37,7 @@ import anyio
 import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from adapters.outbound.http_transport import AiohttpTransport
+from adapters.outbound.http_transport import AiohttpTransport, shared_ssl_context
 from application.errors import ChatEngineError, MediaTooLarge
 from domain.media import MediaBlob, filename_from_disposition
 
@@ -175,7 +175,7 @@ class _GuardedTransport(AiohttpTransport):
     addresses are checked when it is made."""
 
     def __init__(self, *, limits: httpx.Limits, resolver: _GuardedResolver) -> None:
-        super().__init__(limits=limits, trust_env=False)
+        super().__init__(limits=limits, ssl_context=shared_ssl_context(trust_env=True))
         self._resolver = resolver
 
     def _open(self) -> aiohttp.ClientSession:
@@ -184,7 +184,7 @@ class _GuardedTransport(AiohttpTransport):
             limit=limit,
             limit_per_host=0,
             keepalive_timeout=self._limits.keepalive_expiry,
-            ssl=httpx.create_ssl_context(trust_env=True),  # SSL_CERT_FILE / SSL_CERT_DIR; no proxies
+            ssl=self._ssl_context,  # SSL_CERT_FILE / SSL_CERT_DIR; no proxies
             resolver=self._resolver,
             use_dns_cache=False,
         )

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -67,8 +68,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         trust_env: bool = True,
     ) -> None:
         self._limits = limits or httpx.Limits()
-        self._ssl_context = ssl_context
-        self._trust_env = trust_env  # SSL_CERT_FILE / SSL_CERT_DIR, as httpx does
+        # Made here, at wiring, not at the first request: loading the CA bundle took ~80 ms of the event loop
+        # in the middle of a burst's first pull (bench/FINDINGS.md, issue #14).
+        self._ssl_context = ssl_context or shared_ssl_context(trust_env=trust_env)
         self._session: aiohttp.ClientSession | None = None
         self._slots: asyncio.Semaphore | None = None
         self._timeouts: dict[_TimeoutKey, aiohttp.ClientTimeout] = {}
@@ -79,7 +81,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             limit=limit,
             limit_per_host=0,
             keepalive_timeout=self._limits.keepalive_expiry,
-            ssl=self._ssl_context or httpx.create_ssl_context(trust_env=self._trust_env),
+            ssl=self._ssl_context,
         )
         self._slots = asyncio.Semaphore(limit) if limit else None
         self._session = aiohttp.ClientSession(
@@ -278,6 +280,13 @@ async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
             yield chunk
     except aiohttp.ClientError as exc:
         raise _translate(exc) from None
+
+
+@functools.cache
+def shared_ssl_context(*, trust_env: bool) -> ssl.SSLContext:
+    """The verifying TLS context httpx would make (SSL_CERT_FILE / SSL_CERT_DIR with `trust_env`), made once
+    per process and shared by every client's connections: each made its own, tens of ms apiece."""
+    return httpx.create_ssl_context(trust_env=trust_env)
 
 
 def json_body(value: Mapping[str, object]) -> bytes:
