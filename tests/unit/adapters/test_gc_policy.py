@@ -61,15 +61,28 @@ def test_takes_over_automatic_collection_and_gives_it_back() -> None:
     assert gc.isenabled()
 
 
-def test_young_collections_as_cpython_counts_them_and_the_middle_one_every_tenth() -> None:
-    heap = Heap()
-    gcp = policy(heap, quiet=False)
-    for _ in range(25):
+def allocate_and_step(heap: Heap, gcp: GcPolicy, rounds: int) -> None:
+    for _ in range(rounds):
         heap.count[0] = 699
         gcp.step(last_full=0.0)  # not yet
         heap.count[0] = 700
         gcp.step(last_full=0.0)
-    assert heap.collected.count(0) == 23 and heap.collected.count(1) == 2
+
+
+def test_young_collections_as_cpython_counts_them_and_the_middle_one_every_tenth_when_quiet() -> None:
+    heap = Heap()
+    gcp = policy(heap, quiet=True)
+    allocate_and_step(heap, gcp, 25)
+    # Every tenth young collection is a middle one, and what it moves on is then fully collected (quiet).
+    assert heap.collected == ([0] * 9 + [1, 2]) * 2 + [0] * 5
+
+
+def test_while_busy_the_middle_generation_waits_ten_times_longer() -> None:
+    heap = Heap()
+    gcp = policy(heap, quiet=False)
+    allocate_and_step(heap, gcp, 250)
+    assert heap.collected.count(0) == 248 and heap.collected.count(1) == 2
+    assert heap.collected.index(1) == 99
     assert 2 not in heap.collected  # busy and not overdue: no full collection
 
 
