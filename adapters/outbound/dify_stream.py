@@ -12,6 +12,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urljoin
 
 import httpx
+import orjson
 
 from adapters.outbound.dify_errors import MAX_ERROR_BODY, DifyErrors, as_text
 from adapters.outbound.outside_text import escape_outside_text
@@ -321,9 +322,12 @@ def sse_event(line: bytes) -> Mapping[str, Any] | None:
     if not payload.strip():
         return None
     try:
-        event = json.loads(payload)
+        event = orjson.loads(payload)  # a quarter of json's CPU, on every event of every answer
     except ValueError:
-        raise ChatEngineError("bad_response", "stream event is not JSON") from None
+        try:  # what orjson refuses and Python reads: NaN, escaped lone surrogates, integers past 64 bits
+            event = json.loads(payload)
+        except ValueError:
+            raise ChatEngineError("bad_response", "stream event is not JSON") from None
     if not isinstance(event, dict):
         raise ChatEngineError("bad_response", "stream event is not a JSON object")
     return event

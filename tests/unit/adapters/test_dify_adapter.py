@@ -1003,6 +1003,22 @@ class TestSseParsing:
 
         assert error.code == "bad_response"
 
+    async def test_events_only_pythons_json_reads_are_still_read(self) -> None:
+        # A split emoji's escaped half, NaN and an integer past 64 bits: the fast parser refuses all three.
+        odd = b'{"event": "message", "answer": "\\ud83d\xe5\xa5\xbd", "score": NaN, '
+        odd += b'"n": 123456789012345678901234567890'
+        body = (
+            b"data: "
+            + odd
+            + b', "conversation_id": "c-1", "message_id": "m-1"}\n\n'
+            + sse({"event": "message_end", **COMMON})
+        )
+        engine, client = mock_engine(stream_of(body))
+        async with client:
+            answer = await engine.ask(QUESTION)
+
+        assert answer.text == "\ud83d好"
+
     async def test_a_stream_without_conversation_id_is_bad_response(self) -> None:
         body = sse({"event": "message", "answer": "好"}) + sse({"event": "message_end"})
         engine, client = mock_engine(stream_of(body))
