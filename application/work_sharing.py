@@ -6,7 +6,10 @@ hog a burst: what it cannot start yet stays visible in the inbox for the others.
 inbox (`Inbox.customers_with_pending`) after its own pull, when a callback arrives while another instance
 pulls, and at the recovery pass; while customers are left that it had no room for, it looks again as its
 drains finish (at most every `SCAN_INTERVAL_S`), and it lingers `SCAN_LINGER_S` after the last customer it
-took, because the puller may still be recording pages.
+took, because the puller may still be recording pages. A look reads nothing while the instance has no room,
+and it does not read the inboxes of the customers it would skip anyway (drained here already, or busy
+elsewhere): during a burst, reading every waiting customer's inbox every 0.2 s to take a handful was most of
+a look's cost.
 
 Exactly once and order need nothing new: a drain claims a customer's messages one at a time in send order
 (`application/drain_customer.py`), and a claim succeeds on exactly one instance. A drain that finds the
