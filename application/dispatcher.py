@@ -35,6 +35,7 @@ from application.work_sharing import (
     BusyElsewhere,
     Capacity,
     DrainRoom,
+    OtherInstances,
 )
 from domain.messages import CallbackNotice, CustomerRef
 
@@ -84,6 +85,7 @@ class Dispatcher:
         self._elsewhere = BusyElsewhere()
         self._scans: dict[str, asyncio.Task[None]] = {}
         self._pulled_here: set[str] = set()  # kf accounts whose latest pull this instance made
+        self._others = OtherInstances()
         self._scan_again: set[str] = set()
         self._recovery: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -242,6 +244,7 @@ class Dispatcher:
         ):
             self._telemetry.count("pulls_elsewhere")
             self._pulled_here.discard(open_kfid)
+            self._others.seen(open_kfid, now=asyncio.get_running_loop().time())
             # The holder pulls; what it records, any instance may answer: look at what waits.
             self.scan(open_kfid)
             # The holder will see our request when it finishes. Only a local callback that came in while
@@ -257,10 +260,14 @@ class Dispatcher:
         finally:
             await self._store.release_pull(open_kfid, owner=self._owner)
         self._telemetry.count("pulls")
-        left = [customer for customer in result.customers if not self._offer(customer)]
+        after, _ = await self._store.pull_requests(open_kfid)
+        now = asyncio.get_running_loop().time()
+        if after != before:  # asked by another instance while this one pulled
+            self._others.seen(open_kfid, now=now)
+        share = self._others.share(open_kfid, len(result.customers), now=now)
+        left = [c for i, c in enumerate(result.customers) if i >= share or not self._offer(c)]
         if left or self._room.limited:
             self.scan(open_kfid)  # the rest as room frees (or for another instance), and pages recorded since
-        after, _ = await self._store.pull_requests(open_kfid)
         return after != before or open_kfid in self._pull_again
 
     async def _drain_recorded(self, open_kfid: str) -> None:
@@ -293,11 +300,15 @@ class Dispatcher:
             if open_kfid not in self._pulled_here:
                 pending.reverse()
             now = loop.time()
+            candidates = [
+                customer
+                for customer in pending
+                if not (_running(self._drains.get(customer)) or self._elsewhere.skips(customer, now=now))
+            ]
+            share = self._others.share(open_kfid, len(candidates), now=now)
             left = took = 0
-            for customer in pending:
-                if _running(self._drains.get(customer)) or self._elsewhere.skips(customer, now=now):
-                    continue
-                if self._offer(customer):
+            for customer in candidates:
+                if took < share and self._offer(customer):
                     took += 1
                 else:
                     left += 1
@@ -352,7 +363,9 @@ class Dispatcher:
                 if self._room.limited:
                     # Another instance holds the customer's oldest message and goes on with the rest: stop and
                     # free the room; a scan looks again after a back-off, in case that instance died.
-                    self._elsewhere.note(customer, now=asyncio.get_running_loop().time())
+                    now = asyncio.get_running_loop().time()
+                    self._elsewhere.note(customer, now=now)
+                    self._others.seen(customer.open_kfid, now=now)
                     self.scan(customer.open_kfid)
                     return
                 await asyncio.sleep(wait * (1 + random.random() / 2))

@@ -29,8 +29,15 @@ SCAN_INTERVAL_S = 0.2
 # After a scan that found nothing to take, keep looking this long: the puller may still be recording pages.
 SCAN_LINGER_S = 1.0
 # A customer whose oldest message another instance holds is looked at again after this back-off (growing).
-ELSEWHERE_FIRST_S = 0.5
+# That instance goes on with the customer's next messages itself; looking again only matters if it died, and
+# its claim's lease outlasts this anyway. Shorter (0.5 s) made each customer in a burst cost the other
+# instance two or three drains that found them busy (store round trips for nothing) while Dify answered.
+ELSEWHERE_FIRST_S = 2.0
 ELSEWHERE_MAX_S = 5.0
+# Another instance seen this recently answers the same kf account: a look takes at most half of what waits.
+OTHERS_SEEN_S = 5.0
+# ... but never fewer than this many customers at once (a burst's tail is not split into crumbs).
+FAIR_SHARE_FLOOR = 64
 
 
 class Capacity(Protocol):
@@ -71,6 +78,27 @@ class DrainRoom:
             return draining < self._capacity.room() and self._capacity.has_room()
         except Exception:
             return draining == 0  # a broken gauge must not stop all work
+
+
+class OtherInstances:
+    """Whether other instances answer a kf account's customers too, and so what share of the customers waiting
+    one look takes. An instance that leads a burst (its limiter grew first, because its pull came first)
+    would otherwise take nearly all of it: while another instance was seen in the last `OTHERS_SEEN_S`
+    (holding the pull lease, asking for a pull while this one pulled, or holding a customer's message), a
+    look takes at most half of the customers it could take, and never fewer than `FAIR_SHARE_FLOOR`. Alone,
+    an instance takes all it has room for."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+
+    def seen(self, open_kfid: str, *, now: float) -> None:
+        self._seen[open_kfid] = now
+
+    def share(self, open_kfid: str, waiting: int, *, now: float) -> int:
+        seen = self._seen.get(open_kfid)
+        if seen is None or now - seen > OTHERS_SEEN_S:
+            return waiting
+        return max(-(-waiting // 2), FAIR_SHARE_FLOOR)
 
 
 class BusyElsewhere:

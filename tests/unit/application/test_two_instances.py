@@ -19,6 +19,7 @@ from adapters.outbound.fake_dify import FakeChatEngine
 from adapters.outbound.fake_wecom import KfWorld
 from adapters.outbound.memory_store import MemoryStateStore
 from application.ports import AnswerProgress
+from application.work_sharing import FAIR_SHARE_FLOOR
 from domain.chat import Answer, Question
 from domain.messages import CustomerRef
 from domain.session import SessionState
@@ -257,3 +258,45 @@ async def test_scans_read_no_inbox_without_room_and_not_those_of_customers_drain
     await until(lambda: len(world.sent) >= customers)
     await dispatcher.idle()
     assert sorted(s.customer.external_userid for s in world.sent) == [f"wm{c:02d}" for c in range(customers)]
+
+
+class DrainingAtEachScan(MemoryStateStore):
+    """The in-process store, noting how many customers the dispatcher was draining at each scan."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dispatcher: Any = None
+        self.draining: list[int] = []
+
+    async def customers_with_pending(
+        self, open_kfid: str, *, unread: Collection[CustomerRef] = ()
+    ) -> list[CustomerRef]:
+        self.draining.append(self.dispatcher.draining)
+        return await super().customers_with_pending(open_kfid, unread=unread)
+
+
+async def test_while_another_instance_answers_too_a_look_takes_half_of_those_waiting() -> None:
+    """An instance whose limiter grew first (its pull came first) took nearly a whole burst: 66 % / 34 %."""
+    store, world, gate = DrainingAtEachScan(), KfWorld(), asyncio.Event()
+    engine = GatedEngine(gate, FakeChatEngine())
+    app = instance(store, world, engine, max_drains=0, rate_limit=0)
+    app.dispatcher.add_kwargs(capacity=Room(1000))  # room for everyone: only the share holds it back
+    dispatcher = store.dispatcher = app.dispatcher()
+    customers = 200
+    for c in range(customers):
+        world.add_customer_text(KF, f"wm{c:03d}", "q")
+    # Another instance holds the pull lease and has recorded the burst in the shared inbox.
+    assert await store.acquire_pull(KF, owner="the-other-instance", lease_s=60)
+    other = app.pull()
+    await other(KF, token="")
+    dispatcher.notify(KF, "t")  # this instance finds the lease held: another instance is at work
+
+    await until(lambda: engine.waiting == customers)
+    # Half of the 200 at the first look, half of the other 100 (but at least FAIR_SHARE_FLOOR) at the next,
+    # then the rest.
+    assert store.draining[:3] == [0, 100, 100 + FAIR_SHARE_FLOOR]
+
+    gate.set()
+    await until(lambda: len(world.sent) >= customers)
+    await dispatcher.idle()
+    assert len(world.sent) == customers
