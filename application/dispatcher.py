@@ -305,7 +305,8 @@ class Dispatcher:
                 for customer in pending
                 if not (_running(self._drains.get(customer)) or self._elsewhere.skips(customer, now=now))
             ]
-            share = self._others.share(open_kfid, len(candidates), now=now)
+            mine = sum(1 for c in pending if _running(self._drains.get(c)))
+            share = self._others.share(open_kfid, len(candidates), now=now, pending=len(pending), mine=mine)
             left = took = 0
             for customer in candidates:
                 if took < share and self._offer(customer):

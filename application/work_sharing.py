@@ -85,8 +85,9 @@ class OtherInstances:
     one look takes. An instance that leads a burst (its limiter grew first, because its pull came first)
     would otherwise take nearly all of it: while another instance was seen in the last `OTHERS_SEEN_S`
     (holding the pull lease, asking for a pull while this one pulled, or holding a customer's message), a
-    look takes at most half of the customers it could take, and never fewer than `FAIR_SHARE_FLOOR`. Alone,
-    an instance takes all it has room for."""
+    look takes at most half of the customers it could take, and no more than brings this instance to half of
+    all the customers pending (as if the others were one), but never fewer than `FAIR_SHARE_FLOOR`, so a
+    burst's tail is not held back. Alone, an instance takes all it has room for."""
 
     def __init__(self) -> None:
         self._seen: dict[str, float] = {}
@@ -94,11 +95,14 @@ class OtherInstances:
     def seen(self, open_kfid: str, *, now: float) -> None:
         self._seen[open_kfid] = now
 
-    def share(self, open_kfid: str, waiting: int, *, now: float) -> int:
+    def share(self, open_kfid: str, waiting: int, *, now: float, pending: int = 0, mine: int = 0) -> int:
+        """How many of `waiting` customers to take. `pending`: all the kf account's customers with messages
+        (waiting, or being answered here or elsewhere), `mine`: those being answered here; beyond half of
+        `pending`, this instance leaves the rest to the others."""
         seen = self._seen.get(open_kfid)
         if seen is None or now - seen > OTHERS_SEEN_S:
             return waiting
-        return max(-(-waiting // 2), FAIR_SHARE_FLOOR)
+        return max(min(-(-waiting // 2), -(-pending // 2) - mine if pending else waiting), FAIR_SHARE_FLOOR)
 
 
 class BusyElsewhere:

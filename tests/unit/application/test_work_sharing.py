@@ -35,6 +35,18 @@ def test_with_another_instance_seen_lately_a_look_takes_half_but_never_crumbs() 
     assert others.share(KF, 1000, now=10.0 + OTHERS_SEEN_S + 0.1) == 1000  # not seen for a while: alone
 
 
+def test_an_instance_answering_half_of_those_pending_leaves_the_rest_to_the_others() -> None:
+    others = OtherInstances()
+    others.seen(KF, now=0.0)
+    # 1,000 pending: 300 answered here, 200 elsewhere, 500 waiting. Half of those waiting would be 250;
+    # half of all pending less this instance's 300 is 200.
+    assert others.share(KF, 500, now=0.0, pending=1000, mine=300) == 200
+    # Already answering its half: it takes only the floor, the others take the rest.
+    assert others.share(KF, 400, now=0.0, pending=1000, mine=600) == FAIR_SHARE_FLOOR
+    # Alone, all of them.
+    assert OtherInstances().share(KF, 400, now=0.0, pending=1000, mine=600) == 400
+
+
 def test_customers_busy_elsewhere_are_skipped_with_a_growing_back_off_and_listed() -> None:
     busy = BusyElsewhere()
     busy.note(ALICE, now=0.0)
