@@ -233,14 +233,21 @@ async function confirmClear(event) {
 
 // --- customers ---------------------------------------------------------------------------------------
 
+// Each list or detail request is numbered: an answer that arrives after a newer request was made (the tab's
+// first list overtaking a search) is dropped, so what is shown always matches the last thing asked for.
+let customersAsked = 0;
+let customerAsked = 0;
+
 async function loadCustomers() {
   const q = $("search").value.trim();
+  const asked = ++customersAsked;
   const data = await api(`/admin/customers?q=${encodeURIComponent(q)}`);
+  if (asked !== customersAsked) return;
   if (!data.customers.length) {
-    $("customers").replaceChildren(node("p", { className: "muted" }, t("noCustomers")));
+    $("customers").replaceChildren(node("p", { className: "muted", dataset: { query: q } }, t("noCustomers")));
     return;
   }
-  $("customers").replaceChildren(node("table", { className: "list" },
+  $("customers").replaceChildren(node("table", { className: "list", dataset: { query: q } },
     node("thead", {}, node("tr", {}, [t("kf"), t("customer"), t("lastMessage"), t("turns"), t("owner"), t("lastOutcome")].map((h) => node("th", {}, h)))),
     node("tbody", {}, data.customers.map((row) => node("tr", {
       className: "clickable", tabindex: 0, dataset: { customer: row.customer, kf: row.open_kfid },
@@ -257,7 +264,9 @@ async function loadCustomers() {
 }
 
 async function loadCustomer(kf, customer) {
+  const asked = ++customerAsked;
   const data = await api(`/admin/customers/${encodeURIComponent(kf)}/${encodeURIComponent(customer)}`);
+  if (asked !== customerAsked) return;
   const conversation = data.conversation;
   const box = $("customer-detail");
   box.replaceChildren(
