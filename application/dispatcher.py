@@ -300,13 +300,11 @@ class Dispatcher:
             if open_kfid not in self._pulled_here:
                 pending.reverse()
             now = loop.time()
-            candidates = [
-                customer
-                for customer in pending
-                if not (_running(self._drains.get(customer)) or self._elsewhere.skips(customer, now=now))
-            ]
-            mine = sum(1 for c in pending if _running(self._drains.get(c)))
-            share = self._others.share(open_kfid, len(candidates), now=now, pending=len(pending), mine=mine)
+            here = {c for c in pending if _running(self._drains.get(c))}
+            candidates = [c for c in pending if c not in here and not self._elsewhere.skips(c, now=now)]
+            share = self._others.share(
+                open_kfid, len(candidates), now=now, pending=len(pending), mine=len(here)
+            )
             left = took = 0
             for customer in candidates:
                 if took < share and self._offer(customer):

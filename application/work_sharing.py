@@ -20,6 +20,7 @@ died and its lease expires.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from domain.messages import CustomerRef
@@ -102,7 +103,10 @@ class OtherInstances:
         seen = self._seen.get(open_kfid)
         if seen is None or now - seen > OTHERS_SEEN_S:
             return waiting
-        return max(min(-(-waiting // 2), -(-pending // 2) - mine if pending else waiting), FAIR_SHARE_FLOOR)
+        share = math.ceil(waiting / 2)
+        if pending:
+            share = min(share, math.ceil(pending / 2) - mine)
+        return max(share, FAIR_SHARE_FLOOR)
 
 
 class BusyElsewhere:

@@ -35,6 +35,7 @@ _RESPONSE_MODE_SETTING = "[CONFIG] DIFY_RESPONSE_MODE"
 # Ids this adapter puts into URL paths (message and conversation ids are UUIDs; docs/dify.md).
 _PATH_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 _MAX_CACHED_URLS = 32
+_USER_AGENT = "kf-dify"
 
 
 class DifyChatEngine:
@@ -80,7 +81,7 @@ class DifyChatEngine:
         # timeouts.
         self._client = client or async_client(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            headers={"User-Agent": "kf-dify"},
+            headers={"User-Agent": _USER_AGENT},
             # A streaming answer holds its connection for the whole answer: the pool must be at least as
             # large as the number of answers allowed at once, or questions queue behind httpx's default 100.
             limits=httpx.Limits(
@@ -90,7 +91,8 @@ class DifyChatEngine:
         # The aiohttp transport behind our own client (None for an injected or proxied one); the headers
         # httpx would add from the client's defaults, for requests sent past httpx.
         self._direct = direct_transport(self._client)
-        self._fixed_headers = (("User-Agent", "kf-dify"), ("Content-Type", "application/json"))
+        self._fixed_headers = (("User-Agent", _USER_AGENT), ("Content-Type", "application/json"))
+        self._timeout_maps = {streaming: timeout.as_dict() for streaming, timeout in self._timeouts.items()}
         # Answer files: their own small pool and their own rules (origin allowlist, address check).
         self._files = AnswerFileFetcher(
             dify_base_url=self._base_url,
@@ -280,7 +282,6 @@ class DifyChatEngine:
         """POST /chat-messages, its answer read as it arrives. Streaming: pings arrive every 10 s, so the
         read timer only fires when the server is silent; the idle guard in read_answer_stream is what
         catches ping-only hangs."""
-        timeout = self._timeouts[streaming]
         payload = self._chat_payload(question, streaming=streaming)
         headers = self._headers(question.trace_id)
         if self._direct is not None:
@@ -290,10 +291,14 @@ class DifyChatEngine:
                 self._url("/chat-messages"),
                 body=json_body(payload),
                 headers=(*self._fixed_headers, *headers.items()),
-                timeout=timeout.as_dict(),
+                timeout=self._timeout_maps[streaming],
             )
         return self._client.stream(
-            "POST", self._url("/chat-messages"), json=payload, headers=headers, timeout=timeout
+            "POST",
+            self._url("/chat-messages"),
+            json=payload,
+            headers=headers,
+            timeout=self._timeouts[streaming],
         )
 
     def _headers(self, trace_id: str = "") -> dict[str, str]:
